@@ -1,0 +1,92 @@
+"""Export a linear router ``scores = W q + b`` to ONNX, with the metadata serving needs.
+
+The graph is built with :mod:`onnx` directly from numpy arrays, so exporting
+needs no torch, and the centroid scorer can be exported the same way.
+Input ``query`` float32 ``[batch, dim]``; output ``scores`` float32 ``[batch, L]``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 17
+IR_VERSION = 8   # old enough for any onnxruntime >= 1.14
+
+
+def router_metadata(layout, collection: str, metrics: dict | None = None,
+                    nprobe: int | None = None, **extra) -> dict[str, str]:
+    """The ``metadata_props`` a router carries; :class:`~.router.Router` reads them back."""
+    from . import __version__
+    meta = {
+        "partition_names": json.dumps(list(layout.partition_names)),
+        "dim": str(layout.dim),
+        "metric": layout.metric,
+        "layout_id": layout.layout_id,
+        "collection": collection,
+        "metrics": json.dumps(metrics or {}),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "package_version": __version__,
+    }
+    if nprobe:
+        meta["nprobe"] = str(int(nprobe))
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta
+
+
+def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: dict[str, str]):
+    """An :class:`onnx.ModelProto` computing ``query @ weight.T + bias``; checked."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.asarray(weight, dtype=np.float32)
+    n_parts, dim = weight.shape
+    if str(dim) != metadata.get("dim", str(dim)):
+        raise ValueError(f"weight dim {dim} != metadata dim {metadata['dim']}")
+    names = json.loads(metadata.get("partition_names", "[]"))
+    if names and len(names) != n_parts:
+        raise ValueError(f"weight has {n_parts} rows but metadata names {len(names)} partitions")
+    inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "W_T")]
+    nodes = [helper.make_node("MatMul", ["query", "W_T"], ["scores" if bias is None else "qw"])]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32).reshape(n_parts), "b"))
+        nodes.append(helper.make_node("Add", ["qw", "b"], ["scores"]))
+    graph = helper.make_graph(
+        nodes, "linear_router",
+        [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_parts])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="milvus-ltr-router")
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, metadata)
+    onnx.checker.check_model(model)
+    return model
+
+
+def save_model(model, path: str | os.PathLike) -> Path:
+    """Write atomically (temp file then rename): a reader never sees half a model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_router(weight, bias, layout, collection: str, path, metrics: dict | None = None,
+                  nprobe: int | None = None, **extra) -> Path:
+    """Export and save a linear router for ``layout``; returns the written path."""
+    meta = router_metadata(layout, collection, metrics=metrics, nprobe=nprobe, **extra)
+    return save_model(linear_router_model(weight, bias, meta), path)

@@ -1,0 +1,143 @@
+"""Exact maximum-inner-product neighbours over a streamed collection, and routing labels.
+
+Modelled on faiss's ``contrib.exhaustive_search.knn_ground_truth``: the
+collection arrives as an iterator of blocks, each block is one BLAS matmul
+against the queries, and a running top-k is merged in. Memory is bounded by
+the block size and the number of queries, never by the collection size.
+
+The paper's label for a query is the partition that holds its exact top-1
+neighbour; the partitions of the top-k are kept too (multi-label training).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRICS = ("IP", "COSINE", "L2")
+
+
+@dataclass
+class Neighbours:
+    """Exact top-k neighbours of each query, best first."""
+
+    ids: np.ndarray         # [Q, k] int64 primary keys (-1 where the collection ran out)
+    scores: np.ndarray      # [Q, k] float32, larger is better (L2: -squared distance)
+    partitions: np.ndarray  # [Q, k] int64 partition index of each neighbour (-1 if none)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The paper's label: the partition of each query's top-1 neighbour."""
+        return self.partitions[:, 0]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+Block = tuple[np.ndarray, np.ndarray, np.ndarray]   # (ids [b], vectors [b, d], partition [b])
+
+
+def check_metric(metric: str) -> str:
+    metric = metric.upper()
+    if metric not in METRICS:
+        raise ValueError(f"unsupported metric {metric!r}; choose one of {METRICS}")
+    return metric
+
+
+def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric: str = "IP",
+              query_chunk: int = 4096) -> Neighbours:
+    """Exact top-``k`` neighbours of ``queries`` over all rows that ``blocks`` yields.
+
+    ``blocks`` yields ``(ids, vectors, partition)`` triples: a block of primary
+    keys, their vectors and the partition index of each row (a scalar or an
+    array). Scores: inner product (IP), cosine (COSINE) or negative squared L2.
+    """
+    metric = check_metric(metric)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be 2-D [Q, d], got shape {queries.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if metric == "COSINE":
+        from .clustering import normalize_rows
+        queries = normalize_rows(queries)
+    n_q, dim = queries.shape
+    best_s = np.full((n_q, k), -np.inf, dtype=np.float32)
+    best_i = np.full((n_q, k), -1, dtype=np.int64)
+    best_p = np.full((n_q, k), -1, dtype=np.int64)
+    q_sq = np.einsum("ij,ij->i", queries, queries) if metric == "L2" else None
+    for ids, vecs, parts in blocks:
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        if len(vecs) == 0:
+            continue
+        if vecs.ndim != 2 or vecs.shape[1] != dim:
+            raise ValueError(f"block of shape {vecs.shape} does not match query dimension {dim}")
+        ids = np.asarray(ids, dtype=np.int64)
+        parts = np.broadcast_to(np.asarray(parts, dtype=np.int64), ids.shape)
+        if metric == "COSINE":
+            from .clustering import normalize_rows
+            vecs = normalize_rows(vecs)
+        x_sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "L2" else None
+        for q0 in range(0, n_q, query_chunk):
+            q1 = min(n_q, q0 + query_chunk)
+            scores = queries[q0:q1] @ vecs.T
+            if metric == "L2":
+                scores *= 2
+                scores -= x_sq
+                scores -= q_sq[q0:q1, None]
+            _merge_topk(scores, ids, parts, best_s[q0:q1], best_i[q0:q1], best_p[q0:q1], k)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    take = np.take_along_axis
+    return Neighbours(ids=take(best_i, order, 1), scores=take(best_s, order, 1),
+                      partitions=take(best_p, order, 1))
+
+
+def _merge_topk(scores, ids, parts, best_s, best_i, best_p, k) -> None:
+    """Fold one block's scores into the running top-k (in place)."""
+    n_b = scores.shape[1]
+    if n_b > k:   # block's own top-k first: the big argpartition touches only [q, n_b]
+        cand = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        cand_s = np.take_along_axis(scores, cand, 1)
+    else:
+        cand = np.broadcast_to(np.arange(n_b), scores.shape)
+        cand_s = scores
+    all_s = np.concatenate([best_s, cand_s], axis=1)
+    all_i = np.concatenate([best_i, ids[cand]], axis=1)
+    all_p = np.concatenate([best_p, parts[cand]], axis=1)
+    keep = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+    best_s[:] = np.take_along_axis(all_s, keep, 1)
+    best_i[:] = np.take_along_axis(all_i, keep, 1)
+    best_p[:] = np.take_along_axis(all_p, keep, 1)
+
+
+def array_blocks(vectors: np.ndarray, partitions: np.ndarray, ids: np.ndarray | None = None,
+                 block_rows: int = 65536) -> Iterator[Block]:
+    """Blocks over in-memory arrays: for tests, benchmarks and small data."""
+    ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids)
+    for start in range(0, len(vectors), block_rows):
+        sl = slice(start, start + block_rows)
+        yield ids[sl], vectors[sl], partitions[sl]
+
+
+def clean_queries(queries: np.ndarray, dim: int | None = None, name: str = "queries") -> np.ndarray:
+    """Validate a query matrix at the boundary: 2-D, numeric, right dimension; drop NaN/inf rows.
+
+    Returns float32 rows; logs how many non-finite rows were dropped.
+    """
+    arr = np.asarray(queries)
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array [n, dim], got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name}: dimension {arr.shape[1]} does not match the collection's {dim}")
+    arr = arr.astype(np.float32, copy=False)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        log.warning("%s: dropped %d rows with NaN or inf", name, int((~finite).sum()))
+        arr = arr[finite]
+    return arr

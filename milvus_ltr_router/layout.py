@@ -1,0 +1,439 @@
+"""IVF layouts on Milvus: one partition per cluster, centroids stored in Milvus.
+
+Milvus builds its IVF per segment and exposes no centroids, so the plugin owns
+the clustering. A layout is a collection whose partitions are the clusters
+plus a companion collection ``<collection>__ltr_layout`` holding one row per
+cluster (centroid, partition name, size) and the layout's metadata, so every
+process that can reach Milvus (clients, the cron job) reads the same layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterator, Sequence
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from .clustering import assign_clusters, check_algorithm, default_n_clusters, fit_centroids, normalize_rows
+from .labels import Block, check_metric
+from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, CollectionInfo,
+                        clone_schema, count_rows, describe, is_milvus_lite, iter_rows, rows_to_arrays,
+                        vector_index_params)
+from .progress import ProgressCounter
+
+log = logging.getLogger(__name__)
+
+LAYOUT_SUFFIX = "__ltr_layout"
+META_VERSION = 1
+
+
+class LayoutError(RuntimeError):
+    """A layout that cannot be built, read or trusted."""
+
+
+@dataclass
+class Layout:
+    """A clustered collection: what routing needs, read back from Milvus."""
+
+    collection: str
+    centroids: np.ndarray            # [L, d] float32
+    partition_names: list[str]       # row order == cluster order
+    sizes: np.ndarray                # [L] rows per partition when the layout was written
+    metric: str                      # IP, COSINE or L2 (the collection's search metric)
+    algorithm: str                   # spherical or kmeans (the assignment rule)
+    dim: int
+    layout_id: str
+    vector_field: str = "vector"
+    primary_field: str = "id"
+    seed: int = 0
+    created_at: str = ""
+    source: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_partitions(self) -> int:
+        return len(self.partition_names)
+
+    def meta(self) -> dict:
+        return {"version": META_VERSION, "collection": self.collection, "metric": self.metric,
+                "algorithm": self.algorithm, "dim": self.dim, "layout_id": self.layout_id,
+                "vector_field": self.vector_field, "primary_field": self.primary_field,
+                "seed": self.seed, "created_at": self.created_at, "source": self.source,
+                "n_partitions": self.n_partitions, **self.extra}
+
+
+@dataclass
+class BuildReport:
+    layout: Layout
+    rows: int
+    empty_partitions: list[str]
+    seconds: dict[str, float]        # read / cluster / write / index_load / verify
+
+    def rows_per_second(self) -> dict[str, float]:
+        return {k: self.rows / v for k, v in self.seconds.items() if v > 0}
+
+
+def new_layout_id() -> str:
+    """Sortable and unique: creation time plus a random suffix."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def layout_collection_name(collection: str) -> str:
+    return f"{collection}{LAYOUT_SUFFIX}"
+
+
+def partition_names_for(n_clusters: int) -> list[str]:
+    """``c0000, c0001, ...``: names that sort in cluster order."""
+    width = max(4, len(str(n_clusters - 1)))
+    return [f"c{i:0{width}d}" for i in range(n_clusters)]
+
+
+def assign(layout: Layout, vectors) -> list[str]:
+    """Partition name of each vector under the layout's own rule (for routed inserts)."""
+    vecs = np.asarray(vectors, dtype=np.float32)
+    if vecs.ndim == 1:
+        vecs = vecs[None, :]
+    if vecs.ndim != 2 or vecs.shape[1] != layout.dim:
+        raise ValueError(f"vector dimension {vecs.shape[-1]} does not match layout "
+                         f"{layout.layout_id} dim={layout.dim}")
+    idx = assign_clusters(vecs, layout.centroids, layout.algorithm)
+    return [layout.partition_names[i] for i in idx]
+
+
+# --------------------------------------------------------------------------- storage
+def _write_layout_meta(client: MilvusClient, layout: Layout) -> None:
+    """Store centroids and metadata in ``<collection>__ltr_layout`` (replacing any old one)."""
+    name = layout_collection_name(layout.collection)
+    if client.has_collection(name):
+        client.drop_collection(name)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("cluster", DataType.INT64, is_primary=True)
+    schema.add_field("centroid", DataType.FLOAT_VECTOR, dim=layout.dim)
+    schema.add_field("partition_name", DataType.VARCHAR, max_length=255)
+    schema.add_field("size", DataType.INT64)
+    schema.add_field("meta", DataType.VARCHAR, max_length=65535)
+    index = vector_index_params(client, "centroid", "IP" if layout.metric == "L2" else layout.metric)
+    client.create_collection(name, schema=schema, index_params=index)
+    meta = json.dumps(layout.meta())
+    rows = [{"cluster": i, "centroid": layout.centroids[i].tolist(), "partition_name": p,
+             "size": int(layout.sizes[i]), "meta": meta if i == 0 else ""}
+            for i, p in enumerate(layout.partition_names)]
+    for start in range(0, len(rows), 1000):
+        client.insert(name, rows[start:start + 1000])
+    client.flush(name)
+    client.load_collection(name)
+
+
+def resolve_collection(client: MilvusClient, collection: str) -> str:
+    """The real collection name behind ``collection`` (which may be an alias)."""
+    if not client.has_collection(collection):
+        raise CollectionError(f"unknown collection {collection!r}")
+    return client.describe_collection(collection)["collection_name"]
+
+
+def has_layout(client: MilvusClient, collection: str) -> bool:
+    try:
+        name = resolve_collection(client, collection)
+    except CollectionError:
+        return False
+    return client.has_collection(layout_collection_name(name))
+
+
+def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False) -> Layout:
+    """The layout of ``collection`` (or of the collection an alias points at).
+
+    Checks that every partition exists; with ``check_sizes`` also that live row
+    counts equal the stored sizes (they drift once routed inserts arrive).
+    """
+    name = resolve_collection(client, collection)
+    meta_name = layout_collection_name(name)
+    if not client.has_collection(meta_name):
+        raise LayoutError(f"collection {name!r} has no layout (no {meta_name!r}); build one with "
+                          f"'milvus-ltr-router build-layout' or adopt its partitions with "
+                          f"'milvus-ltr-router adopt-layout'")
+    client.load_collection(meta_name)
+    rows = client.query(meta_name, filter="cluster >= 0",
+                        output_fields=["cluster", "centroid", "partition_name", "size", "meta"])
+    if not rows:
+        raise LayoutError(f"layout collection {meta_name!r} is empty")
+    rows.sort(key=lambda r: r["cluster"])
+    if [r["cluster"] for r in rows] != list(range(len(rows))):
+        raise LayoutError(f"layout collection {meta_name!r} has gaps in its cluster numbers")
+    meta_text = next((r["meta"] for r in rows if r["meta"]), None)
+    if meta_text is None:
+        raise LayoutError(f"layout collection {meta_name!r} has no metadata row")
+    meta = json.loads(meta_text)
+    known = {"version", "collection", "metric", "algorithm", "dim", "layout_id", "vector_field",
+             "primary_field", "seed", "created_at", "source", "n_partitions"}
+    layout = Layout(
+        collection=name,
+        centroids=np.asarray([r["centroid"] for r in rows], dtype=np.float32),
+        partition_names=[r["partition_name"] for r in rows],
+        sizes=np.asarray([r["size"] for r in rows], dtype=np.int64),
+        metric=meta["metric"], algorithm=meta["algorithm"], dim=int(meta["dim"]),
+        layout_id=meta["layout_id"], vector_field=meta["vector_field"],
+        primary_field=meta["primary_field"], seed=int(meta.get("seed", 0)),
+        created_at=meta.get("created_at", ""), source=meta.get("source"),
+        extra={k: v for k, v in meta.items() if k not in known})
+    if layout.centroids.shape != (len(rows), layout.dim):
+        raise LayoutError(f"stored centroids have shape {layout.centroids.shape}, "
+                          f"expected ({len(rows)}, {layout.dim})")
+    live = set(client.list_partitions(name))
+    missing = [p for p in layout.partition_names if p not in live]
+    if missing:
+        raise LayoutError(f"layout {layout.layout_id} of {name!r} names partitions that do not "
+                          f"exist: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if check_sizes:
+        live_sizes = partition_sizes(client, name, layout.partition_names)
+        diff = np.flatnonzero(live_sizes != layout.sizes)
+        if len(diff):
+            raise LayoutError(f"{len(diff)} partitions of {name!r} hold a different number of rows "
+                              f"than the layout recorded (first: {layout.partition_names[diff[0]]} "
+                              f"{live_sizes[diff[0]]} vs {layout.sizes[diff[0]]})")
+    return layout
+
+
+def partition_sizes(client: MilvusClient, collection: str, names: Sequence[str]) -> np.ndarray:
+    """Live row count of each partition (server statistics; flush first for exact counts).
+
+    Not ``count(*)`` with ``partition_names``: milvus-lite ignores the partition there.
+    """
+    return np.asarray([int(client.get_partition_stats(collection, p)["row_count"]) for p in names],
+                      dtype=np.int64)
+
+
+def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = 4096,
+                       progress: ProgressCounter | None = None) -> Iterator[Block]:
+    """``(ids, vectors, partition index)`` blocks over the whole laid-out collection.
+
+    Reads partition by partition, because Milvus does not report which
+    partition a row sits in: the partition we asked is the membership.
+    """
+    fields = [layout.primary_field, layout.vector_field]
+    for index, name in enumerate(layout.partition_names):
+        for batch in iter_rows(client, layout.collection, fields, batch_size, partition_names=[name]):
+            ids, vecs = rows_to_arrays(batch, layout.primary_field, layout.vector_field)
+            if progress is not None:
+                progress.update(len(ids))
+            yield ids, vecs, index
+
+
+# --------------------------------------------------------------------------- build
+def _reservoir_sample(client, info: CollectionInfo, size: int, seed: int, batch_size: int,
+                      n_rows: int) -> np.ndarray:
+    """A uniform sample of ``size`` vectors in one streamed pass (Algorithm R, blockwise)."""
+    rng = np.random.default_rng(seed)
+    sample = np.empty((size, info.dim), dtype=np.float32)
+    seen = 0
+    with ProgressCounter(n_rows, "sample", "rows") as bar:
+        for batch in iter_rows(client, info.name, [info.primary_field, info.vector_field], batch_size):
+            _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
+            take = min(len(vecs), max(0, size - seen))
+            sample[seen:seen + take] = vecs[:take]
+            rest = vecs[take:]
+            if len(rest):
+                pos = seen + take + np.arange(len(rest))        # global positions of `rest`
+                slots = (rng.random(len(rest)) * (pos + 1)).astype(np.int64)
+                keep = slots < size
+                sample[slots[keep]] = rest[keep]                # later rows overwrite earlier: fine
+            seen += len(vecs)
+            bar.update(len(vecs))
+    return sample[:min(size, seen)]
+
+
+def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int | None = None,
+                 algorithm: str = "spherical", sample_size: int | None = None, seed: int = 0,
+                 metric: str | None = None, vector_field: str | None = None,
+                 index: dict | None = None, alias: str | None = None, overwrite: bool = False,
+                 batch_size: int = 4096, max_partitions: int | None = None,
+                 max_iter: int = 25) -> BuildReport:
+    """Cluster ``source`` into a new partitioned collection ``target`` and store its layout.
+
+    The source is streamed twice (a reservoir sample for k-means, then every
+    row with all its fields) and never modified. ``n_clusters`` defaults to
+    round(sqrt(N)) clipped to the server's partition limit; ``sample_size`` to
+    39 rows per cluster as in faiss. ``alias``, when given, is pointed at the
+    new collection once it is verified, so applications switch atomically.
+    """
+    algorithm = check_algorithm(algorithm)
+    info = describe(client, source, vector_field)
+    metric = check_metric(metric or info.metric or "IP")
+    if source == target or info.name == target:
+        raise LayoutError("target must differ from source: the source is never modified")
+    if client.has_collection(target) and not overwrite:
+        raise LayoutError(f"target collection {target!r} already exists; choose another name or "
+                          f"pass overwrite=True (--overwrite) to replace it")
+    client.load_collection(info.name)
+    n_rows = count_rows(client, info.name)
+    if n_rows == 0:
+        raise LayoutError(f"source collection {source!r} is empty")
+    lite = is_milvus_lite(client)
+    limit = max_partitions or (None if lite else SERVER_PARTITION_LIMIT)
+    if n_clusters is None:
+        n_clusters = default_n_clusters(n_rows)
+        if limit is not None:
+            n_clusters = min(n_clusters, limit - 1)
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    if limit is not None and n_clusters > limit - 1:
+        raise LayoutError(f"{n_clusters} clusters need {n_clusters + 1} partitions (with _default) "
+                          f"but the server allows {limit} (rootCoord.maxPartitionNum, default 1024); "
+                          f"raise rootCoord.maxPartitionNum on the server and pass max_partitions / "
+                          f"--max-partitions, or use fewer clusters")
+    if n_rows < n_clusters:
+        raise LayoutError(f"source has {n_rows} rows, fewer than the {n_clusters} clusters asked for")
+    sample_size = min(n_rows, sample_size or 39 * n_clusters)
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    sample = _reservoir_sample(client, info, sample_size, seed, batch_size, n_rows)
+    seconds["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    log.info("clustering %d sampled rows into %d clusters (%s)", len(sample), n_clusters, algorithm)
+    centroids = fit_centroids(sample, n_clusters, algorithm, seed=seed, max_iter=max_iter)
+    del sample
+    seconds["cluster"] = time.perf_counter() - t0
+
+    names = partition_names_for(n_clusters)
+    layout = Layout(collection=target, centroids=centroids, partition_names=names,
+                    sizes=np.zeros(n_clusters, dtype=np.int64), metric=metric, algorithm=algorithm,
+                    dim=info.dim, layout_id=new_layout_id(),
+                    vector_field=info.vector_field, primary_field=info.primary_field, seed=seed,
+                    created_at=utc_now(),
+                    source=info.name)
+    try:
+        seconds.update(_write_target(client, info, layout, n_rows, overwrite, index, batch_size))
+        t0 = time.perf_counter()
+        _write_layout_meta(client, layout)
+        empty = _verify(client, layout, n_rows)
+        seconds["verify"] = time.perf_counter() - t0
+    except Exception as exc:
+        raise LayoutError(
+            f"building layout {target!r} failed: {exc}. The source {source!r} is untouched; remove "
+            f"the partial target with: milvus-ltr-router drop-layout --collection {target} "
+            f"(drops {target!r} and {layout_collection_name(target)!r})") from exc
+    if alias:
+        point_alias(client, alias, target)
+    log.info("layout %s: %d rows in %d partitions of %r (%d empty)", layout.layout_id, n_rows,
+             n_clusters, target, len(empty))
+    return BuildReport(layout=layout, rows=n_rows, empty_partitions=empty, seconds=seconds)
+
+
+def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, overwrite: bool,
+                  index: dict | None, batch_size: int) -> dict[str, float]:
+    target = layout.collection
+    if client.has_collection(target) and overwrite:
+        drop_layout(client, target)
+    client.create_collection(target, schema=clone_schema(info))
+    for name in layout.partition_names:
+        try:
+            client.create_partition(target, name)
+        except Exception as exc:
+            if "partition" in str(exc).lower() and ("max" in str(exc).lower() or "limit" in str(exc).lower()):
+                raise LayoutError(f"server refused partition {name}: {exc}; raise "
+                                  f"rootCoord.maxPartitionNum (default 1024)") from exc
+            raise
+    t0 = time.perf_counter()
+    out_fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
+    with ProgressCounter(n_rows, "write", "rows") as bar:
+        for batch in iter_rows(client, info.name, out_fields, batch_size):
+            _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
+            cluster = assign_clusters(vecs, layout.centroids, layout.algorithm)
+            layout.sizes += np.bincount(cluster, minlength=layout.n_partitions)
+            for c in np.unique(cluster):
+                rows = [batch[i] for i in np.flatnonzero(cluster == c)]
+                client.insert(target, rows, partition_name=layout.partition_names[c])
+            bar.update(len(batch))
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    client.flush(target)
+    client.create_index(target, vector_index_params(client, info.vector_field, layout.metric, index))
+    client.load_collection(target)
+    return {"write": write_s, "index_load": time.perf_counter() - t0}
+
+
+def _verify(client, layout: Layout, n_rows: int) -> list[str]:
+    got = count_rows(client, layout.collection)
+    if got != n_rows:
+        raise LayoutError(f"target holds {got} rows but the source has {n_rows}")
+    if int(layout.sizes.sum()) != n_rows:
+        raise LayoutError(f"assigned {int(layout.sizes.sum())} rows but the source has {n_rows}")
+    empty = [p for p, s in zip(layout.partition_names, layout.sizes) if s == 0]
+    if empty:
+        log.warning("%d of %d partitions are empty: %s", len(empty), layout.n_partitions, empty[:10])
+    return empty
+
+
+def point_alias(client: MilvusClient, alias: str, collection: str) -> None:
+    """Create ``alias`` or move it to ``collection`` (one atomic switch for applications)."""
+    try:
+        existing = client.describe_alias(alias)
+    except Exception:
+        existing = None
+    if existing:
+        client.alter_alias(collection, alias)
+    else:
+        client.create_alias(collection, alias)
+    log.info("alias %r now points at %r", alias, collection)
+
+
+def drop_layout(client: MilvusClient, collection: str) -> None:
+    """Drop a laid-out collection and its layout metadata (never called on a source)."""
+    for name in (collection, layout_collection_name(collection)):
+        if client.has_collection(name):
+            client.drop_collection(name)
+
+
+# --------------------------------------------------------------------------- adopt
+def adopt_layout(client: MilvusClient, collection: str, algorithm: str = "kmeans",
+                 metric: str | None = None, vector_field: str | None = None,
+                 batch_size: int = 4096, overwrite: bool = False) -> Layout:
+    """Store a layout for a collection already partitioned by cluster (no centroids yet).
+
+    Centroids are the per-partition means, streamed; for ``spherical`` they are
+    normalised to unit length. Empty partitions (and an empty ``_default``) are left out.
+    """
+    algorithm = check_algorithm(algorithm)
+    info = describe(client, collection, vector_field)
+    metric = check_metric(metric or info.metric or "IP")
+    if client.has_collection(layout_collection_name(info.name)) and not overwrite:
+        raise LayoutError(f"{info.name!r} already has a layout; pass overwrite=True to replace it")
+    client.load_collection(info.name)
+    names, sums, sizes = [], [], []
+    for name in sorted(client.list_partitions(info.name)):
+        total = np.zeros(info.dim, dtype=np.float64)
+        n = 0
+        for batch in iter_rows(client, info.name, [info.primary_field, info.vector_field],
+                               batch_size, partition_names=[name]):
+            _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
+            total += vecs.sum(axis=0, dtype=np.float64)
+            n += len(vecs)
+        if n == 0:
+            if name != DEFAULT_PARTITION:
+                log.warning("partition %r is empty; left out of the adopted layout", name)
+            continue
+        names.append(name)
+        sums.append(total / n)
+        sizes.append(n)
+    if not names:
+        raise LayoutError(f"collection {info.name!r} has no non-empty partitions to adopt")
+    centroids = np.asarray(sums, dtype=np.float32)
+    if algorithm == "spherical":
+        centroids = normalize_rows(centroids)
+    layout = Layout(collection=info.name, centroids=centroids, partition_names=names,
+                    sizes=np.asarray(sizes, dtype=np.int64), metric=metric, algorithm=algorithm,
+                    dim=info.dim, layout_id=new_layout_id(),
+                    vector_field=info.vector_field, primary_field=info.primary_field,
+                    created_at=utc_now(),
+                    extra={"adopted": True})
+    _write_layout_meta(client, layout)
+    return layout

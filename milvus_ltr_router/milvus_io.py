@@ -1,0 +1,150 @@
+"""Small helpers over pymilvus's ``MilvusClient``: schema facts and streamed read-out.
+
+Everything that reads a collection goes through :func:`iter_rows`, built on
+``query_iterator`` (paging by primary key loses rows on partitioned
+milvus-lite collections), so memory is bounded by ``batch_size``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARTITION = "_default"
+SERVER_PARTITION_LIMIT = 1024   # rootCoord.maxPartitionNum's default on Milvus servers
+
+
+class CollectionError(ValueError):
+    """A collection that is missing or does not have the shape an operation needs."""
+
+
+@dataclass
+class CollectionInfo:
+    name: str                 # the real name (aliases resolved)
+    primary_field: str
+    vector_field: str
+    dim: int
+    fields: list[dict]        # describe_collection's field dicts
+    enable_dynamic_field: bool
+    metric: str | None        # of the vector index, when there is one
+
+    @property
+    def field_names(self) -> list[str]:
+        return [f["name"] for f in self.fields]
+
+
+def is_lite_uri(uri: str) -> bool:
+    """A milvus-lite local file (``./x.db``) rather than a server URI."""
+    return not uri.startswith(("http://", "https://", "tcp://", "unix:", "grpc://"))
+
+
+def is_milvus_lite(client: MilvusClient) -> bool:
+    try:
+        return str(client.get_server_version()).startswith("milvus_lite")
+    except Exception:  # pragma: no cover - very old servers
+        return False
+
+
+def open_client(uri: str, token: str = "", **kwargs) -> MilvusClient:
+    """A ``MilvusClient``; for a milvus-lite path, make sure its directory exists."""
+    if is_lite_uri(uri):
+        parent = os.path.dirname(os.path.abspath(uri))
+        os.makedirs(parent, exist_ok=True)
+    return MilvusClient(uri=uri, token=token, **kwargs)
+
+
+def describe(client: MilvusClient, collection: str, vector_field: str | None = None) -> CollectionInfo:
+    """Schema facts of ``collection`` with a clear error for what is missing or ambiguous."""
+    if not client.has_collection(collection):
+        raise CollectionError(f"unknown collection {collection!r}")
+    desc = client.describe_collection(collection)
+    fields = desc["fields"]
+    vectors = [f for f in fields if f["type"] == DataType.FLOAT_VECTOR]
+    if vector_field is not None:
+        vectors = [f for f in vectors if f["name"] == vector_field]
+        if not vectors:
+            raise CollectionError(f"collection {collection!r} has no float-vector field "
+                                  f"named {vector_field!r}")
+    if not vectors:
+        raise CollectionError(f"collection {collection!r} has no float-vector field")
+    if len(vectors) > 1:
+        names = ", ".join(f["name"] for f in vectors)
+        raise CollectionError(f"collection {collection!r} has several float-vector fields "
+                              f"({names}); choose one with --field / vector_field=")
+    primary = next(f for f in fields if f.get("is_primary"))
+    vec = vectors[0]
+    metric = None
+    try:
+        idx = client.describe_index(desc["collection_name"], vec["name"]) or {}
+        metric = idx.get("metric_type")
+    except Exception:   # no index yet
+        pass
+    return CollectionInfo(name=desc["collection_name"], primary_field=primary["name"],
+                          vector_field=vec["name"], dim=int(vec["params"]["dim"]), fields=fields,
+                          enable_dynamic_field=bool(desc.get("enable_dynamic_field")), metric=metric)
+
+
+def count_rows(client: MilvusClient, collection: str, partition_names: list[str] | None = None) -> int:
+    res = client.query(collection, filter="", output_fields=["count(*)"],
+                       partition_names=partition_names)
+    return int(res[0]["count(*)"])
+
+
+def iter_rows(client: MilvusClient, collection: str, output_fields: list[str],
+              batch_size: int = 4096, partition_names: list[str] | None = None,
+              filter: str = "") -> Iterator[list[dict]]:
+    """Batches of row dicts from ``query_iterator``; memory bounded by ``batch_size``."""
+    it = client.query_iterator(collection, batch_size=batch_size, filter=filter,
+                               output_fields=output_fields, partition_names=partition_names)
+    try:
+        while True:
+            batch = it.next()
+            if not batch:
+                return
+            yield batch
+    finally:
+        it.close()
+
+
+def rows_to_arrays(batch: list[dict], primary: str, vector: str) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array([r[primary] for r in batch])
+    vecs = np.asarray([r[vector] for r in batch], dtype=np.float32)
+    return ids, vecs
+
+
+def clone_schema(info: CollectionInfo):
+    """A new schema with the same fields, keeping primary keys as given (auto_id off)."""
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=info.enable_dynamic_field)
+    for f in info.fields:
+        params = dict(f.get("params") or {})
+        extra = {}
+        for key in ("max_length", "dim", "max_capacity"):
+            if key in params:
+                extra[key] = int(params[key])
+        if f.get("element_type") is not None and f["type"] == DataType.ARRAY:
+            extra["element_type"] = f["element_type"]
+        if f.get("nullable"):
+            extra["nullable"] = True
+        schema.add_field(f["name"], f["type"], is_primary=bool(f.get("is_primary")),
+                         description=f.get("description", ""), **extra)
+    return schema
+
+
+def vector_index_params(client: MilvusClient, field: str, metric: str, index: dict | None = None):
+    """Index params for ``field``: ``index`` like ``{"index_type": "IVF_FLAT", "params": {...}}``.
+
+    The default, FLAT, suits partitions of about sqrt(N) rows: each probed
+    partition is small enough that brute force is the fastest exact scan.
+    """
+    index = dict(index or {})
+    params = client.prepare_index_params()
+    params.add_index(field_name=field, index_type=index.pop("index_type", "FLAT"),
+                     metric_type=index.pop("metric_type", metric), params=index.pop("params", {}),
+                     **index)
+    return params

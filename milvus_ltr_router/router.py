@@ -1,0 +1,184 @@
+"""Routers: score the partitions of a layout for each query and pick the best ``nprobe``.
+
+Serving uses onnxruntime only (no torch). :class:`Router` loads a published
+ONNX model; :class:`CentroidRouter` ranks the layout's centroids, which is both
+the baseline the learned router must beat and the fallback when no usable
+model exists.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class RouterError(ValueError):
+    """A router file that is missing, corrupt, or made for another layout."""
+
+
+class BaseRouter:
+    """Ranking logic shared by every router; subclasses provide :meth:`scores`."""
+
+    partition_names: list[str]
+    dim: int
+    layout_id: str
+    kind: str = "base"
+
+    @property
+    def n_partitions(self) -> int:
+        return len(self.partition_names)
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_queries(self, queries) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"query dimension {q.shape[-1] if q.ndim else '?'} does not match "
+                             f"the router's dim={self.dim}")
+        return np.ascontiguousarray(q)
+
+    def _check_nprobe(self, nprobe: int) -> int:
+        if not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.n_partitions:
+            raise ValueError(f"nprobe must be an integer in [1, {self.n_partitions}], got {nprobe!r}")
+        return int(nprobe)
+
+    def rank(self, queries, nprobe: int) -> np.ndarray:
+        """Indices ``[Q, nprobe]`` into :attr:`partition_names`, best first."""
+        nprobe = self._check_nprobe(nprobe)
+        s = self.scores(self._check_queries(queries))
+        if nprobe < s.shape[1]:
+            top = np.argpartition(-s, nprobe - 1, axis=1)[:, :nprobe]
+        else:
+            top = np.broadcast_to(np.arange(s.shape[1]), s.shape)
+        order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
+        return np.take_along_axis(top, order, 1)
+
+    route = rank  # the name the issue and README use
+
+    def partitions(self, queries, nprobe: int) -> list[list[str]]:
+        """Partition names to search for each query, best first."""
+        names = self.partition_names
+        return [[names[i] for i in row] for row in self.rank(queries, nprobe)]
+
+    def check_layout(self, layout) -> None:
+        """Refuse to serve a layout other than the one this router was made for."""
+        if layout.layout_id != self.layout_id:
+            raise RouterError(f"router was trained for layout {self.layout_id!r} but the collection "
+                              f"has layout {layout.layout_id!r}; retrain the router")
+        if layout.dim != self.dim:
+            raise RouterError(f"router dim={self.dim} does not match layout dim={layout.dim}")
+        if list(layout.partition_names) != list(self.partition_names):
+            raise RouterError("router partition names differ from the layout's partitions")
+
+
+def linear_centroid_scorer(centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` so that ``W q + b`` ranks centroids as centroid routing does.
+
+    IP and COSINE rank by ``<q, c>`` (the paper's MIPS routing); L2 ranks by
+    ``-||q - c||^2``, which up to a per-query constant is ``2<q, c> - ||c||^2``.
+    """
+    c = np.asarray(centroids, dtype=np.float32)
+    if metric.upper() == "L2":
+        return 2 * c, -np.einsum("ij,ij->i", c, c).astype(np.float32)
+    return c.copy(), np.zeros(len(c), dtype=np.float32)
+
+
+class CentroidRouter(BaseRouter):
+    """Rank partitions by their centroid: classic IVF routing, from a layout."""
+
+    kind = "centroid"
+
+    def __init__(self, layout):
+        self.partition_names = list(layout.partition_names)
+        self.dim = int(layout.dim)
+        self.layout_id = layout.layout_id
+        self.metadata = {"metric": layout.metric, "layout_id": layout.layout_id}
+        w, b = linear_centroid_scorer(layout.centroids, layout.metric)
+        self._wt = np.ascontiguousarray(w.T)
+        self._b = b
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        s = queries @ self._wt
+        s += self._b
+        return s
+
+
+class Router(BaseRouter):
+    """A learned linear router served by onnxruntime."""
+
+    kind = "learned"
+
+    def __init__(self, session, metadata: dict, path: str | None = None):
+        self._session = session
+        self.metadata = metadata
+        self.path = path
+        try:
+            self.partition_names = list(json.loads(metadata["partition_names"]))
+            self.dim = int(metadata["dim"])
+            self.layout_id = str(metadata["layout_id"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise RouterError(f"router {path or ''} lacks valid metadata ({exc}); "
+                              "was it exported by milvus-ltr-router?") from exc
+        inputs = session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != "query":
+            raise RouterError(f"router {path or ''}: expected one input named 'query'")
+        self._input = inputs[0].name
+        self._output = ["scores"]
+        if "scores" not in [o.name for o in session.get_outputs()]:
+            raise RouterError(f"router {path or ''}: no output named 'scores'")
+        if inputs[0].shape[1] != self.dim:
+            raise RouterError(f"router {path or ''}: graph input dim {inputs[0].shape[1]} "
+                              f"!= metadata dim {self.dim}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, layout=None, num_threads: int = 1) -> "Router":
+        """Load an ONNX router; with ``layout``, refuse one made for another layout."""
+        import onnxruntime as ort
+        path = Path(path)
+        if not path.is_file():
+            raise RouterError(f"router file not found: {path}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises several private exception types
+            raise RouterError(f"router file {path} is not a loadable ONNX model: {exc}") from exc
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        router = cls(session, meta, str(path))
+        if layout is not None:
+            router.check_layout(layout)
+        return router
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        return self._session.run(self._output, {self._input: queries})[0]
+
+    @property
+    def metrics(self) -> dict:
+        try:
+            return json.loads(self.metadata.get("metrics", "{}"))
+        except ValueError:
+            return {}
+
+    @property
+    def default_nprobe(self) -> int | None:
+        value = self.metadata.get("nprobe")
+        return int(value) if value else None
+
+
+def validate_nprobes(nprobes: Sequence[int], n_partitions: int) -> list[int]:
+    bad = [n for n in nprobes if not 1 <= int(n) <= n_partitions]
+    if bad:
+        raise ValueError(f"nprobe values {bad} out of range [1, {n_partitions}]")
+    return sorted({int(n) for n in nprobes})
