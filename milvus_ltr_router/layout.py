@@ -22,9 +22,10 @@ from pymilvus import DataType, MilvusClient
 from .clustering import assign_clusters, check_algorithm, default_n_clusters, fit_centroids, normalize_rows
 from .labels import Block, check_metric
 from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, CollectionInfo,
-                        clone_schema, count_rows, describe, is_milvus_lite, iter_rows, rows_to_arrays,
+                        clone_schema, count_rows, describe, ensure_loaded, is_milvus_lite, iter_rows, rows_to_arrays,
                         vector_index_params)
 from .progress import ProgressCounter
+from .sampling import reservoir_sample
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,9 @@ def has_layout(client: MilvusClient, collection: str) -> bool:
 def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False) -> Layout:
     """The layout of ``collection`` (or of the collection an alias points at).
 
-    Checks that every partition exists; with ``check_sizes`` also that live row
-    counts equal the stored sizes (they drift once routed inserts arrive).
+    Checks that every partition exists and loads the collection if it is not
+    loaded; with ``check_sizes`` also that live row counts equal the stored
+    sizes (they drift once routed inserts arrive).
     """
     name = resolve_collection(client, collection)
     meta_name = layout_collection_name(name)
@@ -160,7 +162,7 @@ def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False
         raise LayoutError(f"collection {name!r} has no layout (no {meta_name!r}); build one with "
                           f"'milvus-ltr-router build-layout' or adopt its partitions with "
                           f"'milvus-ltr-router adopt-layout'")
-    client.load_collection(meta_name)
+    ensure_loaded(client, meta_name)
     rows = client.query(meta_name, filter="cluster >= 0",
                         output_fields=["cluster", "centroid", "partition_name", "size", "meta"])
     if not rows:
@@ -192,6 +194,7 @@ def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False
     if missing:
         raise LayoutError(f"layout {layout.layout_id} of {name!r} names partitions that do not "
                           f"exist: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    ensure_loaded(client, name)
     if check_sizes:
         live_sizes = partition_sizes(client, name, layout.partition_names)
         diff = np.flatnonzero(live_sizes != layout.sizes)
@@ -228,26 +231,10 @@ def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = 4
 
 
 # --------------------------------------------------------------------------- build
-def _reservoir_sample(client, info: CollectionInfo, size: int, seed: int, batch_size: int,
-                      n_rows: int) -> np.ndarray:
-    """A uniform sample of ``size`` vectors in one streamed pass (Algorithm R, blockwise)."""
-    rng = np.random.default_rng(seed)
-    sample = np.empty((size, info.dim), dtype=np.float32)
-    seen = 0
-    with ProgressCounter(n_rows, "sample", "rows") as bar:
-        for batch in iter_rows(client, info.name, [info.primary_field, info.vector_field], batch_size):
-            _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
-            take = min(len(vecs), max(0, size - seen))
-            sample[seen:seen + take] = vecs[:take]
-            rest = vecs[take:]
-            if len(rest):
-                pos = seen + take + np.arange(len(rest))        # global positions of `rest`
-                slots = (rng.random(len(rest)) * (pos + 1)).astype(np.int64)
-                keep = slots < size
-                sample[slots[keep]] = rest[keep]                # later rows overwrite earlier: fine
-            seen += len(vecs)
-            bar.update(len(vecs))
-    return sample[:min(size, seen)]
+def _vector_blocks(client, info: CollectionInfo, batch_size: int, bar: ProgressCounter):
+    for batch in iter_rows(client, info.name, [info.primary_field, info.vector_field], batch_size):
+        bar.update(len(batch))
+        yield rows_to_arrays(batch, info.primary_field, info.vector_field)[1]
 
 
 def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int | None = None,
@@ -295,7 +282,8 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    sample = _reservoir_sample(client, info, sample_size, seed, batch_size, n_rows)
+    with ProgressCounter(n_rows, "sample", "rows") as bar:
+        sample = reservoir_sample(_vector_blocks(client, info, batch_size, bar), sample_size, seed)
     seconds["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     log.info("clustering %d sampled rows into %d clusters (%s)", len(sample), n_clusters, algorithm)

@@ -148,3 +148,25 @@ def vector_index_params(client: MilvusClient, field: str, metric: str, index: di
                      metric_type=index.pop("metric_type", metric), params=index.pop("params", {}),
                      **index)
     return params
+
+
+def release_lite(uri: str) -> None:
+    """Free a milvus-lite file for another process.
+
+    ``client.close()`` alone keeps milvus-lite 3.x's in-process server (and the
+    file lock) alive; this stops it. A no-op for server URIs.
+    """
+    if not is_lite_uri(uri):
+        return
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # older milvus-lite: closing the client was enough
+        return
+    server_manager_instance.release_server(uri)
+
+
+def ensure_loaded(client: MilvusClient, collection: str) -> None:
+    """Load ``collection`` unless it is loaded (a reopened milvus-lite file forgets load state)."""
+    state = client.get_load_state(collection).get("state")
+    if getattr(state, "name", str(state)) != "Loaded":
+        client.load_collection(collection)

@@ -1,0 +1,347 @@
+"""Command line: ``milvus-ltr-router <command>`` and ``retrain-router`` (the cron job).
+
+Exit codes: 0 success (for retrain: published, kept the current router, or
+dry run); 1 operational failure (Milvus unreachable, layout or router
+problem, training failed); 2 bad arguments or input; 3 another retrain of the
+same collection holds the lock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+
+
+def _parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d`` (or plain seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    text = text.strip().lower()
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 3600, 12h, 7d)")
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uri", default="./milvus_ltr.db",
+                   help="Milvus URI (http://host:19530) or a milvus-lite file (default ./milvus_ltr.db)")
+    p.add_argument("--token", default="", help="Milvus token (user:password or API key)")
+
+
+def _retrain_args(p: argparse.ArgumentParser) -> None:
+    _connection_args(p)
+    p.add_argument("--collection", required=True, help="laid-out collection (or an alias of one)")
+    p.add_argument("--model-dir", default="onnx_models", help="router registry directory")
+    p.add_argument("--queries", help="bootstrap from a .npy query matrix instead of the query log")
+    p.add_argument("--sample", type=int, default=50_000, help="queries to sample (default 50000)")
+    p.add_argument("--since", type=_parse_duration, help="only logged queries this recent (e.g. 7d)")
+    p.add_argument("--nprobe", type=int, default=8, help="partitions probed per query (default 8)")
+    p.add_argument("--min-gain", type=float, default=0.0,
+                   help="publish only if at least this much better than the live router")
+    p.add_argument("--metric", choices=["top1", "recall"], default="top1",
+                   help="what decides publishing: top-1 accuracy or recall@k at --nprobe")
+    p.add_argument("--k", type=int, default=10, help="k of recall@k (default 10)")
+    p.add_argument("--label-k", type=int, default=1,
+                   help="train on the partitions of the top-k neighbours (1 = the paper)")
+    p.add_argument("--min-queries", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--init", choices=["auto", "centroids", "random"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=int, default=5, help="published versions to keep")
+    p.add_argument("--dry-run", action="store_true", help="train and evaluate, publish nothing")
+    p.add_argument("--report", metavar="DIR", help="write a JSON and PNG report here")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="milvus-ltr-router",
+        description="Learned partition routing for Milvus (learning-to-rank IVF routing).",
+        epilog="Exit codes: 0 ok, 1 operational failure, 2 bad input, 3 retrain already running.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build-layout", help="cluster a collection into one partition per cluster")
+    _connection_args(p)
+    p.add_argument("--source", required=True, help="collection to read (never modified)")
+    p.add_argument("--target", required=True, help="new partitioned collection to write")
+    p.add_argument("--clusters", type=int, help="number of clusters (default round(sqrt(N)))")
+    p.add_argument("--algorithm", choices=["spherical", "kmeans"], default="spherical")
+    p.add_argument("--metric", choices=["IP", "COSINE", "L2"],
+                   help="search metric (default: the source index's, else IP)")
+    p.add_argument("--field", help="vector field (needed when there are several)")
+    p.add_argument("--sample-size", type=int, help="k-means sample (default 39 rows per cluster)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index-type", default="FLAT", help="vector index per partition (default FLAT)")
+    p.add_argument("--index-params", default="{}", help='index params as JSON, e.g. \'{"nlist": 16}\'')
+    p.add_argument("--alias", help="point this alias at the new collection when done")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    p.add_argument("--max-partitions", type=int,
+                   help="server's rootCoord.maxPartitionNum if raised above 1024")
+
+    p = sub.add_parser("adopt-layout", help="store centroids for a collection already partitioned by cluster")
+    _connection_args(p)
+    p.add_argument("--collection", required=True)
+    p.add_argument("--algorithm", choices=["spherical", "kmeans"], default="kmeans")
+    p.add_argument("--metric", choices=["IP", "COSINE", "L2"])
+    p.add_argument("--field")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("drop-layout", help="drop a laid-out collection and its layout metadata")
+    _connection_args(p)
+    p.add_argument("--collection", required=True)
+
+    p = sub.add_parser("status", help="show a collection's layout, live router and query log")
+    _connection_args(p)
+    p.add_argument("--collection", required=True)
+    p.add_argument("--model-dir", default="onnx_models")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("retrain", help="the cron job (same as the retrain-router command)")
+    _retrain_args(p)
+
+    p = sub.add_parser("evaluate", help="centroid vs published router on a query file")
+    _connection_args(p)
+    p.add_argument("--collection", required=True)
+    p.add_argument("--queries", required=True, help=".npy query matrix")
+    p.add_argument("--model-dir", default="onnx_models")
+    p.add_argument("--nprobe", type=int, nargs="*", help="nprobe values (default 0.1%%..10%% of L)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+
+    p = sub.add_parser("rollback", help="point a collection back at its previous router")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--model-dir", default="onnx_models")
+
+    p = sub.add_parser("demo", help="end-to-end demo on milvus-lite with real MiniLM vectors")
+    p.add_argument("--db", default="./demo_output/demo.db", help="milvus-lite file to create")
+    p.add_argument("--out", default="./demo_output", help="where routers and plots go")
+    p.add_argument("--clusters", type=int, default=None)
+    p.add_argument("--nprobe", type=int, default=2)
+    return parser
+
+
+def retrain_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retrain-router",
+        description="Retrain a collection's router from its query log (or a query file); publish "
+                    "it only if it beats the live router and centroid routing. Meant for cron.",
+        epilog="Exit codes: 0 published / kept current router / dry run, 1 operational failure, "
+               "2 bad input, 3 another retrain of the collection is running.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    _retrain_args(parser)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_third_party(verbose)
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """milvus-lite logs every unimplemented RPC (AllocTimestamp) as an ERROR: noise, not news."""
+    for noisy in ("milvus_lite", "pymilvus", "faiss", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+
+
+def _client(args):
+    from .milvus_io import open_client
+    return open_client(args.uri, args.token)
+
+
+def _cmd_build_layout(args) -> int:
+    from .layout import build_layout
+    index = {"index_type": args.index_type, "params": json.loads(args.index_params)}
+    client = _client(args)
+    try:
+        report = build_layout(client, args.source, args.target, n_clusters=args.clusters,
+                              algorithm=args.algorithm, sample_size=args.sample_size, seed=args.seed,
+                              metric=args.metric, vector_field=args.field, index=index,
+                              alias=args.alias, overwrite=args.overwrite,
+                              max_partitions=args.max_partitions)
+    finally:
+        client.close()
+    lay = report.layout
+    print(f"layout {lay.layout_id}: {report.rows} rows of {args.source!r} -> {lay.n_partitions} "
+          f"partitions of {lay.collection!r} ({lay.algorithm}, {lay.metric}); "
+          f"{len(report.empty_partitions)} empty")
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    return EXIT_OK
+
+
+def _cmd_adopt_layout(args) -> int:
+    from .layout import adopt_layout
+    client = _client(args)
+    try:
+        lay = adopt_layout(client, args.collection, algorithm=args.algorithm, metric=args.metric,
+                           vector_field=args.field, overwrite=args.overwrite)
+    finally:
+        client.close()
+    print(f"adopted {lay.n_partitions} partitions of {lay.collection!r} as layout {lay.layout_id}")
+    return EXIT_OK
+
+
+def _cmd_drop_layout(args) -> int:
+    from .layout import drop_layout, has_layout
+    client = _client(args)
+    try:
+        if not has_layout(client, args.collection):
+            print(f"{args.collection!r} has no layout; refusing to drop it", file=sys.stderr)
+            return EXIT_USAGE
+        drop_layout(client, args.collection)
+    finally:
+        client.close()
+    print(f"dropped {args.collection!r} and its layout")
+    return EXIT_OK
+
+
+def _cmd_status(args) -> int:
+    from .layout import read_layout
+    from .querylog import log_size
+    from .registry import ModelRegistry
+    from .router import Router, RouterError
+    client = _client(args)
+    try:
+        lay = read_layout(client, args.collection)
+        n_logged = log_size(client, lay.collection)
+    finally:
+        client.close()
+    registry = ModelRegistry(args.model_dir)
+    current = registry.current(lay.collection)
+    router_info: dict = {"version": None}
+    if current is not None:
+        router_info = {"version": current.version, "published_at": current.published_at,
+                       "metrics": current.metrics}
+        try:
+            Router.load(current.path, layout=lay)
+            router_info["usable"] = True
+        except RouterError as exc:
+            router_info.update(usable=False, error=str(exc))
+    status = {"collection": lay.collection, "layout_id": lay.layout_id, "partitions": lay.n_partitions,
+              "rows": int(lay.sizes.sum()), "algorithm": lay.algorithm, "metric": lay.metric,
+              "dim": lay.dim, "created_at": lay.created_at, "source": lay.source,
+              "smallest_partition": int(lay.sizes.min()), "largest_partition": int(lay.sizes.max()),
+              "router": router_info, "logged_queries": n_logged,
+              "versions": registry.versions(lay.collection)}
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        for key, value in status.items():
+            print(f"{key:>20}: {value}")
+    return EXIT_OK
+
+
+def _cmd_retrain(args) -> int:
+    from .registry import LockedError
+    from .retrain import RetrainConfig, format_table, retrain
+    cfg = RetrainConfig(collection=args.collection, model_dir=args.model_dir,
+                        queries_file=args.queries, sample=args.sample, since_seconds=args.since,
+                        nprobe=args.nprobe, min_gain=args.min_gain, metric=args.metric, k=args.k,
+                        label_k=args.label_k, min_queries=args.min_queries, max_epochs=args.epochs,
+                        init=args.init, seed=args.seed, dry_run=args.dry_run,
+                        report_dir=args.report, keep=args.keep)
+    client = _client(args)
+    try:
+        result = retrain(client, cfg)
+    except LockedError as exc:
+        logging.getLogger("retrain-router").error("%s", exc)
+        return EXIT_LOCKED
+    finally:
+        client.close()
+    if args.json:
+        print(result.to_json())
+    else:
+        print(format_table(result.table, cfg.k))
+        print(result.reason)
+        for path in result.report_paths:
+            print(f"report: {path}")
+    return EXIT_OK
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_router, nprobe_grid, to_json
+    from .layout import read_layout
+    from .registry import ModelRegistry
+    from .retrain import format_table, label_queries, load_query_file
+    from .router import CentroidRouter, Router, validate_nprobes
+    from dataclasses import asdict
+    client = _client(args)
+    try:
+        lay = read_layout(client, args.collection)
+        queries = load_query_file(args.queries, lay.dim)
+        nprobes = validate_nprobes(args.nprobe or nprobe_grid(lay.n_partitions), lay.n_partitions)
+        neighbours = label_queries(client, lay, queries, args.k)
+    finally:
+        client.close()
+    routers = {"centroid": CentroidRouter(lay)}
+    current = ModelRegistry(args.model_dir).current(lay.collection)
+    if current is not None:
+        routers["learned"] = Router.load(current.path, layout=lay)
+    results = {name: evaluate_router(r, queries, neighbours, nprobes, args.k)
+               for name, r in routers.items()}
+    print(format_table({n: [asdict(q) for q in rows] for n, rows in results.items()}, args.k))
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(to_json(results))
+    return EXIT_OK
+
+
+def _cmd_rollback(args) -> int:
+    from .registry import ModelRegistry
+    pub = ModelRegistry(args.model_dir).rollback(args.collection)
+    print(f"{args.collection!r} now serves router {pub.version}")
+    return EXIT_OK
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(db=args.db, out=args.out, n_clusters=args.clusters, nprobe=args.nprobe)
+    return EXIT_OK
+
+
+COMMANDS = {"build-layout": _cmd_build_layout, "adopt-layout": _cmd_adopt_layout,
+            "drop-layout": _cmd_drop_layout, "status": _cmd_status, "retrain": _cmd_retrain,
+            "evaluate": _cmd_evaluate, "rollback": _cmd_rollback, "demo": _cmd_demo}
+
+
+def _run(handler, args) -> int:
+    from pymilvus.exceptions import MilvusException
+    from .layout import LayoutError
+    from .milvus_io import CollectionError
+    from .registry import RegistryError
+    from .retrain import RetrainError
+    from .router import RouterError
+    _setup_logging(args.verbose)
+    log = logging.getLogger("milvus-ltr-router")
+    try:
+        return handler(args)
+    except (CollectionError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except (LayoutError, RetrainError, RouterError, RegistryError, MilvusException) as exc:
+        log.error("%s", exc)
+        return EXIT_FAIL
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        log.error("cannot reach Milvus at %s: %s", getattr(args, "uri", "?"), exc)
+        return EXIT_FAIL
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(COMMANDS[args.command], args)
+
+
+def retrain_main(argv: list[str] | None = None) -> int:
+    args = retrain_parser().parse_args(argv)
+    return _run(_cmd_retrain, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
