@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def fixture_data():
+    """The committed real-data fixture: 20k WordNet glosses, 4k real questions, MiniLM."""
+    from milvus_ltr_router.datasets import load_fixture
+    return load_fixture()
+
+
+@pytest.fixture(scope="session")
+def small_layout_arrays(fixture_data):
+    """A 5k-document slice clustered into 32 spherical clusters, with exact neighbours."""
+    from milvus_ltr_router.clustering import assign_clusters, fit_centroids
+    from milvus_ltr_router.labels import array_blocks, exact_knn
+    docs = fixture_data.docs[:5000]
+    queries = fixture_data.queries
+    centroids = fit_centroids(docs, 32, "spherical", seed=0)
+    parts = assign_clusters(docs, centroids, "spherical")
+    nb = exact_knn(queries, array_blocks(docs, parts, block_rows=1000), k=10)
+    return docs, queries, centroids, parts, nb
+
+
+@pytest.fixture
+def lite_uri(tmp_path):
+    """A fresh milvus-lite file; its in-process server is released afterwards."""
+    from milvus_ltr_router.milvus_io import release_lite
+    uri = str(tmp_path / "test.db")
+    yield uri
+    release_lite(uri)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

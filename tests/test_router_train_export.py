@@ -1,0 +1,141 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from milvus_ltr_router.export import export_router, linear_router_model, router_metadata
+from milvus_ltr_router.layout import Layout, partition_names_for
+from milvus_ltr_router.router import CentroidRouter, Router, RouterError
+from milvus_ltr_router.train import LinearRouterTrainer, multilabel_targets, split_indices
+
+
+def make_layout(centroids, layout_id="L1", metric="IP"):
+    n = len(centroids)
+    return Layout(collection="docs", centroids=centroids, partition_names=partition_names_for(n),
+                  sizes=np.ones(n, np.int64), metric=metric, algorithm="spherical",
+                  dim=centroids.shape[1], layout_id=layout_id)
+
+
+@pytest.fixture(scope="module")
+def trained(small_layout_arrays):
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    tr, va, te = split_indices(len(queries), seed=0)
+    model = LinearRouterTrainer(max_epochs=60, patience=8).fit(
+        queries[tr], nb.labels[tr], queries[va], nb.labels[va], len(centroids), centroids=centroids)
+    return model, (tr, va, te)
+
+
+def test_split_is_64_16_20_and_seeded():
+    tr, va, te = split_indices(1000, seed=1)
+    assert (len(tr), len(va), len(te)) == (640, 160, 200)
+    assert len(np.unique(np.concatenate([tr, va, te]))) == 1000
+    np.testing.assert_array_equal(tr, split_indices(1000, seed=1)[0])
+
+
+def test_learned_router_beats_centroids_on_held_out_real_queries(small_layout_arrays, trained):
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    model, (tr, va, te) = trained
+    layout = make_layout(centroids)
+    centroid = CentroidRouter(layout)
+    learned_top1 = (np.argmax(model.decision_function(queries[te]), 1) == nb.labels[te]).mean()
+    centroid_top1 = (centroid.rank(queries[te], 1)[:, 0] == nb.labels[te]).mean()
+    assert model.init_ in ("centroids", "random")
+    assert model.coef_.shape == (32, queries.shape[1])
+    assert learned_top1 > centroid_top1, (learned_top1, centroid_top1)
+
+
+def test_centroid_init_starts_at_centroid_routing(small_layout_arrays):
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    tr, va, _ = split_indices(len(queries))
+    m = LinearRouterTrainer(max_epochs=0, init="centroids").fit(
+        queries[tr], nb.labels[tr], queries[va], nb.labels[va], 32, centroids=centroids)
+    got = np.argsort(-m.decision_function(queries[:50]), 1)[:, :5]
+    want = CentroidRouter(make_layout(centroids)).rank(queries[:50], 5)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_multilabel_targets():
+    t = multilabel_targets(np.array([[0, 0, 2], [1, -1, 1]]), 3)
+    np.testing.assert_allclose(t, [[2 / 3, 0, 1 / 3], [0, 1, 0]])
+
+
+def test_onnx_export_round_trip(tmp_path, small_layout_arrays, trained):
+    import onnx
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    model, _ = trained
+    layout = make_layout(centroids)
+    path = export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "r.onnx",
+                         metrics={"top1": 0.5}, nprobe=4)
+    onnx.checker.check_model(onnx.load(str(path)))
+    router = Router.load(path, layout=layout)
+    np.testing.assert_allclose(router.scores(queries[:100]), model.decision_function(queries[:100]),
+                               rtol=1e-4, atol=1e-4)
+    assert router.partition_names == layout.partition_names
+    assert router.metadata["metric"] == "IP" and router.default_nprobe == 4
+    assert router.metrics == {"top1": 0.5}
+    order = router.rank(queries[:10], 3)
+    assert order.shape == (10, 3)
+    s = router.scores(queries[:10])
+    assert (np.take_along_axis(s, order, 1)[:, 0] == s.max(1)).all()
+    assert router.partitions(queries[0], 2)[0] == [layout.partition_names[i] for i in order[0, :2]]
+
+
+def test_router_refuses_bad_input(tmp_path, small_layout_arrays, trained):
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    model, _ = trained
+    layout = make_layout(centroids)
+    path = export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "r.onnx")
+    router = Router.load(path)
+    with pytest.raises(ValueError, match=r"nprobe must be an integer in \[1, 32\]"):
+        router.rank(queries[:2], 0)
+    with pytest.raises(ValueError, match="nprobe"):
+        router.rank(queries[:2], 33)
+    with pytest.raises(ValueError, match="query dimension 10 does not match"):
+        router.rank(np.ones((2, 10)), 1)
+    with pytest.raises(RouterError, match="trained for layout 'L1'.*'L2'"):
+        Router.load(path, layout=make_layout(centroids, layout_id="L2"))
+    with pytest.raises(RouterError, match="not found"):
+        Router.load(tmp_path / "missing.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(RouterError, match="not a loadable ONNX model"):
+        Router.load(corrupt)
+
+
+def test_router_refuses_foreign_onnx(tmp_path):
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    (tmp_path / "foreign.onnx").write_bytes(m.SerializeToString())
+    with pytest.raises(RouterError, match="metadata"):
+        Router.load(tmp_path / "foreign.onnx")
+
+
+def test_l2_centroid_routing_is_nearest_centroid(rng):
+    c = rng.standard_normal((20, 6)).astype(np.float32)
+    q = rng.standard_normal((30, 6)).astype(np.float32)
+    router = CentroidRouter(make_layout(c, metric="L2"))
+    want = np.argsort(((q[:, None] - c[None]) ** 2).sum(-1), axis=1)[:, :4]
+    np.testing.assert_array_equal(router.rank(q, 4), want)
+
+
+def test_export_checks_shapes(small_layout_arrays):
+    _, _, centroids, _, _ = small_layout_arrays
+    meta = router_metadata(make_layout(centroids), "docs")
+    assert json.loads(meta["partition_names"])[0] == "c0000"
+    with pytest.raises(ValueError, match="rows"):
+        linear_router_model(centroids[:5], None, meta)
+
+
+def test_serving_imports_no_torch():
+    code = ("import sys, milvus_ltr_router.client, milvus_ltr_router.router, "
+            "milvus_ltr_router.layout, milvus_ltr_router.cli, milvus_ltr_router.evaluate; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
