@@ -11,6 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 MILVUS_IMAGE = os.environ.get("MILVUS_IMAGE", "milvusdb/milvus:v2.5.14")
@@ -123,3 +124,40 @@ def unique_name():
     def make(prefix: str) -> str:
         return f"{prefix}_{uuid.uuid4().hex[:8]}"
     return make
+
+
+@pytest.fixture(scope="session")
+def fixture_data():
+    from milvus_ltr_router.datasets import load_fixture
+    return load_fixture()
+
+
+@pytest.fixture(scope="session")
+def wordnet_source(milvus_server, fixture_data):
+    """20,000 real MiniLM vectors with scalar fields, in an unpartitioned collection."""
+    from pymilvus import MilvusClient
+    from milvus_ltr_router.milvus_io import create_vector_collection
+    client = MilvusClient(uri=milvus_server.uri, token=milvus_server.token)
+    name = f"wordnet_src_{uuid.uuid4().hex[:6]}"
+    n = len(fixture_data.docs)
+    create_vector_collection(client, name, fixture_data.docs, ids=np.arange(n) * 7 + 3,
+                             scalars={"title": [f"gloss {i}" for i in range(n)],
+                                      "grp": [int(i % 11) for i in range(n)],
+                                      "weight": [float(i) / 3 for i in range(n)]})
+    client.load_collection(name)
+    yield name
+    client.drop_collection(name)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def wordnet_layout(milvus_server, wordnet_source):
+    """The source clustered into 64 partitions (spherical k-means), built once per session."""
+    from pymilvus import MilvusClient
+    from milvus_ltr_router.layout import build_layout, drop_layout
+    client = MilvusClient(uri=milvus_server.uri, token=milvus_server.token)
+    target = f"wordnet_ivf_{uuid.uuid4().hex[:6]}"
+    report = build_layout(client, wordnet_source, target, n_clusters=64, seed=0)
+    yield report
+    drop_layout(client, target)
+    client.close()

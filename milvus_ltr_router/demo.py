@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,14 @@ def _step(msg: str) -> None:
 
 def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
              n_clusters: int | None = None, nprobe: int = 2, n_logged: int = 3000) -> dict:
-    from pymilvus import DataType, MilvusClient
+    from pymilvus import MilvusClient
 
     from .client import RoutedMilvusClient
     from .datasets import load_fixture
     from .evaluate import evaluate_router, nprobe_grid
     from .layout import build_layout, read_layout
-    from .milvus_io import release_lite
+    from .milvus_io import create_vector_collection, release_lite
+    from .progress import progress
     from .registry import ModelRegistry
     from .retrain import format_table, label_queries, plot_quality
     from .router import CentroidRouter, Router
@@ -60,17 +60,7 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
 
     _step(f"2/6 load the documents into milvus-lite ({db})")
     client = MilvusClient(db)
-    schema = MilvusClient.create_schema(auto_id=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=data.dim)
-    index = client.prepare_index_params()
-    index.add_index("vector", index_type="FLAT", metric_type="IP")
-    client.create_collection("wordnet", schema=schema, index_params=index)
-    starts = range(0, len(data.docs), 2000)
-    for s in progress(starts, total=len(starts), desc="insert", unit="batch", enabled=None):
-        client.insert("wordnet", [{"id": s + i, "vector": v.tolist()}
-                                  for i, v in enumerate(data.docs[s:s + 2000])])
-    client.flush("wordnet")
+    create_vector_collection(client, "wordnet", data.docs, show_progress=None)
 
     _step("3/6 build the layout: spherical k-means, one partition per cluster")
     report = build_layout(client, "wordnet", "wordnet_ivf", n_clusters=n_clusters)

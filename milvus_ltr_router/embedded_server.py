@@ -34,12 +34,12 @@ class EmbeddedServer:
     def log_dir(self) -> Path:
         return self.base_dir / "logs"
 
-    def log_tail(self, n_lines: int = 40) -> str:
-        """Last lines of the server's own logs, for failure reports."""
+    def log_tail(self, n_lines: int = 15, width: int = 400) -> str:
+        """Last lines of the server's own logs (each cut to ``width``), for failure reports."""
         chunks = []
         for path in sorted(self.log_dir.glob("*.log")):
             lines = path.read_text(errors="replace").splitlines()[-n_lines:]
-            chunks.append(f"--- {path}\n" + "\n".join(lines))
+            chunks.append(f"--- {path}\n" + "\n".join(line[:width] for line in lines))
         return "\n".join(chunks)
 
     def stop(self) -> None:

@@ -1,0 +1,92 @@
+"""Issue 3 on a real Milvus server: build, read back, adopt, alias, bad input."""
+import numpy as np
+import pytest
+
+from milvus_ltr_router.layout import (LayoutError, adopt_layout, assign, build_layout, drop_layout,
+                                      iter_layout_blocks, layout_collection_name, read_layout)
+from milvus_ltr_router.milvus_io import (CollectionError, create_vector_collection, iter_rows)
+
+
+def test_layout_round_trip_on_real_vectors(client, wordnet_source, wordnet_layout, fixture_data):
+    built = wordnet_layout.layout
+    assert wordnet_layout.rows == 20_000 and built.n_partitions == 64
+    layout = read_layout(client, built.collection, check_sizes=True)
+    # centroids and metadata round-trip bit-exact through Milvus
+    assert layout.centroids.dtype == np.float32
+    np.testing.assert_array_equal(layout.centroids, built.centroids)
+    assert (layout.layout_id, layout.algorithm, layout.metric, layout.dim) == \
+        (built.layout_id, "spherical", "IP", 384)
+    assert layout.partition_names == sorted(layout.partition_names)
+    assert int(layout.sizes.sum()) == 20_000
+    # every row sits in the partition of its own cluster under the layout's rule
+    seen_ids = []
+    for ids, vecs, part in iter_layout_blocks(client, layout):
+        assert set(assign(layout, vecs)) == {layout.partition_names[part]}
+        np.testing.assert_array_equal(vecs, fixture_data.docs[(ids - 3) // 7])
+        seen_ids.append(ids)
+    seen = np.sort(np.concatenate(seen_ids))
+    np.testing.assert_array_equal(seen, np.arange(20_000) * 7 + 3)
+    # same ids and scalar values as the source
+    fields = ["id", "title", "grp", "weight"]
+    src = {r["id"]: r for b in iter_rows(client, wordnet_source, fields) for r in b}
+    dst = {r["id"]: r for b in iter_rows(client, built.collection, fields) for r in b}
+    assert src.keys() == dst.keys()
+    assert all(src[k] == dst[k] for k in src)
+
+
+def test_alias_switch_and_read_through_alias(client, wordnet_layout, unique_name):
+    from milvus_ltr_router.layout import point_alias
+    alias = unique_name("app")
+    point_alias(client, alias, wordnet_layout.layout.collection)
+    try:
+        assert read_layout(client, alias).layout_id == wordnet_layout.layout.layout_id
+    finally:
+        client.drop_alias(alias)
+
+
+def test_adopt_mode_reproduces_partition_means(client, fixture_data, unique_name):
+    name = unique_name("adopt")
+    docs = fixture_data.docs[:4000]
+    create_vector_collection(client, name, docs[:0 + 1])      # schema only; row 0 goes to _default
+    client.delete(name, filter="id >= 0")
+    groups = np.arange(len(docs)) % 5
+    for g in range(5):
+        client.create_partition(name, f"cluster_{g}")
+        rows = [{"id": int(i), "vector": docs[i].tolist()} for i in np.flatnonzero(groups == g)]
+        client.insert(name, rows, partition_name=f"cluster_{g}")
+    client.flush(name)
+    try:
+        layout = adopt_layout(client, name, algorithm="kmeans")
+        assert layout.partition_names == [f"cluster_{g}" for g in range(5)]
+        want = np.stack([docs[groups == g].astype(np.float64).mean(0) for g in range(5)])
+        np.testing.assert_allclose(layout.centroids, want.astype(np.float32), rtol=1e-6, atol=1e-6)
+        back = read_layout(client, name)
+        np.testing.assert_array_equal(back.centroids, layout.centroids)
+        np.testing.assert_array_equal(back.sizes, [800] * 5)
+        with pytest.raises(LayoutError, match="already has a layout"):
+            adopt_layout(client, name)
+    finally:
+        drop_layout(client, name)
+
+
+def test_bad_input_is_refused_and_source_untouched(client, wordnet_source, wordnet_layout,
+                                                  unique_name, fixture_data):
+    with pytest.raises(CollectionError, match="unknown collection"):
+        build_layout(client, unique_name("missing"), unique_name("t"))
+    with pytest.raises(LayoutError, match="already exists"):
+        build_layout(client, wordnet_source, wordnet_layout.layout.collection)
+    with pytest.raises(LayoutError, match="rootCoord.maxPartitionNum"):
+        build_layout(client, wordnet_source, unique_name("t"), n_clusters=2000)
+    empty = unique_name("empty")
+    create_vector_collection(client, empty, fixture_data.docs[:1])
+    client.delete(empty, filter="id >= 0")
+    client.flush(empty)
+    try:
+        with pytest.raises(LayoutError, match="is empty"):
+            build_layout(client, empty, unique_name("t"))
+    finally:
+        client.drop_collection(empty)
+    # the source is still whole
+    from milvus_ltr_router.milvus_io import count_rows
+    assert count_rows(client, wordnet_source) == 20_000
+    assert not client.has_collection(layout_collection_name(wordnet_source))

@@ -1,0 +1,148 @@
+"""The embedded default, milvus-lite: layout, routed client and the CLI on a local file."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pymilvus import MilvusClient
+
+from milvus_ltr_router.client import RoutedMilvusClient
+from milvus_ltr_router.layout import (LayoutError, assign, build_layout, iter_layout_blocks,
+                                      read_layout)
+from milvus_ltr_router.milvus_io import CollectionError, create_vector_collection, release_lite
+
+
+@pytest.fixture
+def lite_layout(lite_uri, fixture_data):
+    docs = fixture_data.docs[:3000]
+    client = MilvusClient(lite_uri)
+    create_vector_collection(client, "src", docs, scalars={"title": [f"doc {i}" for i in range(3000)]})
+    report = build_layout(client, "src", "docs", n_clusters=24, seed=0)
+    yield client, report, docs
+    client.close()
+
+
+def test_layout_on_milvus_lite(lite_layout):
+    client, report, docs = lite_layout
+    layout = read_layout(client, "docs", check_sizes=True)
+    np.testing.assert_array_equal(layout.centroids, report.layout.centroids)
+    assert layout.partition_names == sorted(layout.partition_names)
+    seen = 0
+    for ids, vecs, part in iter_layout_blocks(client, layout, batch_size=500):
+        assert set(assign(layout, vecs)) == {layout.partition_names[part]}
+        np.testing.assert_array_equal(vecs, docs[ids])
+        seen += len(ids)
+    assert seen == 3000
+    row = client.query("docs", filter="id == 17", output_fields=["title"])[0]
+    assert row["title"] == "doc 17"
+
+
+def test_layout_bad_input_on_lite(lite_layout):
+    client, report, docs = lite_layout
+    with pytest.raises(CollectionError, match="unknown collection 'nope'"):
+        build_layout(client, "nope", "x")
+    with pytest.raises(LayoutError, match="already exists"):
+        build_layout(client, "src", "docs")
+    with pytest.raises(LayoutError, match="fewer than the 5000 clusters"):
+        build_layout(client, "src", "too_many", n_clusters=5000)
+    with pytest.raises(ValueError, match="dimension 3 does not match"):
+        assign(report.layout, np.ones((2, 3)))
+    with pytest.raises(LayoutError, match="has no layout"):
+        read_layout(client, "src")
+    # several vector fields (Milvus 2.3 servers refuse such collections; lite has them)
+    from pymilvus import DataType
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("a", DataType.FLOAT_VECTOR, dim=4)
+    schema.add_field("b", DataType.FLOAT_VECTOR, dim=4)
+    client.create_collection("two", schema=schema)
+    with pytest.raises(CollectionError, match=r"several float-vector fields \(a, b\)"):
+        build_layout(client, "two", "x")
+    with pytest.raises(CollectionError, match="no float-vector field named 'c'"):
+        build_layout(client, "two", "x", vector_field="c")
+
+
+def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
+    client, report, docs = lite_layout
+    client.close()
+    release_lite(lite_uri)
+    queries = fixture_data.queries[:40]
+    routed = RoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "models"), nprobe=3, log_rate=1.0)
+    try:
+        status = routed.router_status("docs")
+        assert status["mode"] == "centroid" and status["error"] == "no router published"
+        res = routed.search("docs", data=queries.tolist(), limit=5, output_fields=["title"])
+        assert len(res) == 40 and all(len(r) == 5 for r in res)
+        order = routed._state("docs").router.partitions(queries, 3)
+        for q, hits, parts in zip(queries, res, order):
+            direct = MilvusClient.search(routed, "docs", data=[q.tolist()], limit=5,
+                                         output_fields=["title"], partition_names=parts)[0]
+            assert [h["id"] for h in hits] == [h["id"] for h in direct]
+            assert hits[0]["entity"]["title"] == direct[0]["entity"]["title"]
+        assert routed.flush_query_log()
+        assert routed.router_status("docs")["query_log"]["written"] == 40
+        # collections without a layout pass through untouched (and, as in pymilvus,
+        # a reopened milvus-lite file must load them first)
+        routed.load_collection("src")
+        plain = routed.search("src", data=queries[:2].tolist(), limit=3)
+        assert len(plain) == 2 and len(plain[0]) == 3
+        # routed insert: each row lands in the partition of its cluster
+        new = fixture_data.docs[5000:5010]
+        out = routed.insert("docs", [{"id": 100_000 + i, "vector": v.tolist(), "title": "new"}
+                                     for i, v in enumerate(new)])
+        assert out["insert_count"] == 10 and out["ids"] == list(range(100_000, 100_010))
+        want = assign(report.layout, new)
+        for i, p in enumerate(want):
+            got = routed.query("docs", filter=f"id == {100_000 + i}", output_fields=["id"],
+                               partition_names=[p])
+            assert len(got) == 1
+        with pytest.raises(ValueError, match="no vector field 'vector'"):
+            routed.insert("docs", [{"id": 1, "title": "no vector"}])
+        with pytest.raises(ValueError, match="dimension 7 do not match"):
+            routed.search("docs", data=[[0.0] * 7], limit=1)
+    finally:
+        routed.close()
+
+
+def test_cli_help_and_exit_codes(tmp_path):
+    for args in ([], ["build-layout"], ["adopt-layout"], ["status"], ["retrain"], ["evaluate"],
+                 ["rollback"], ["demo"], ["drop-layout"]):
+        out = subprocess.run([sys.executable, "-m", "milvus_ltr_router.cli", *args, "--help"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and "usage:" in out.stdout, args
+    out = subprocess.run([sys.executable, "-m", "milvus_ltr_router.cli", "status", "--uri",
+                          str(tmp_path / "x.db"), "--collection", "missing"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown collection 'missing'" in out.stderr
+
+
+def test_retrain_cli_on_lite_bootstrap_from_query_file(lite_uri, lite_layout, fixture_data, tmp_path):
+    client, report, docs = lite_layout
+    client.close()
+    release_lite(lite_uri)      # milvus-lite serves a file to one process at a time
+    qfile = tmp_path / "q.npy"
+    np.save(qfile, fixture_data.queries)
+    models = tmp_path / "models"
+    cmd = [sys.executable, "-m", "milvus_ltr_router.cli", "retrain", "--uri", lite_uri,
+           "--collection", "docs", "--model-dir", str(models), "--queries", str(qfile),
+           "--nprobe", "2", "--json", "--epochs", "30"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["decision"] in ("published", "kept")
+    assert result["n_queries"] == len(fixture_data.queries)
+    centroid = {r["nprobe"]: r for r in result["table"]["centroid"]}
+    learned = {r["nprobe"]: r for r in result["table"]["learned"]}
+    assert set(centroid) == set(learned) and 2 in learned
+    if result["decision"] == "published":
+        assert learned[2]["top1_accuracy"] > centroid[2]["top1_accuracy"]
+        assert (models / "docs" / f"{result['version']}.onnx").exists()
+    # bad query file: wrong dimension -> exit 2, nothing published
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.ones((500, 7), np.float32))
+    before = sorted(p.name for p in (models / "docs").glob("*"))
+    out = subprocess.run(cmd[:cmd.index("--queries") + 1] + [str(bad), "--nprobe", "2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "dimension 7 does not match the collection's 384" in out.stderr
+    assert sorted(p.name for p in (models / "docs").glob("*")) == before
