@@ -325,7 +325,10 @@ def _run(handler, args) -> int:
     except (CollectionError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    except (LayoutError, RetrainError, RouterError, RegistryError, MilvusException) as exc:
+    except MilvusException as exc:
+        log.error("Milvus at %s: %s", getattr(args, "uri", "?"), getattr(exc, "message", exc))
+        return EXIT_FAIL
+    except (LayoutError, RetrainError, RouterError, RegistryError) as exc:
         log.error("%s", exc)
         return EXIT_FAIL
     except (ConnectionError, TimeoutError, OSError) as exc:

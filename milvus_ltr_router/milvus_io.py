@@ -15,6 +15,10 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 
 log = logging.getLogger(__name__)
+# Milvus 2.3 servers and milvus-lite return no session timestamp to query_iterator;
+# pymilvus then warns on every iterator and uses the client's clock, which is what we
+# want (the iterator sees everything inserted before it started). Keep the noise out.
+logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 
 DEFAULT_PARTITION = "_default"
 SERVER_PARTITION_LIMIT = 1024   # rootCoord.maxPartitionNum's default on Milvus servers
@@ -91,8 +95,9 @@ def describe(client: MilvusClient, collection: str, vector_field: str | None = N
 
 
 def count_rows(client: MilvusClient, collection: str, partition_names: list[str] | None = None) -> int:
+    """Exact row count; Strong consistency so that rows inserted just before are counted."""
     res = client.query(collection, filter="", output_fields=["count(*)"],
-                       partition_names=partition_names)
+                       partition_names=partition_names, consistency_level="Strong")
     return int(res[0]["count(*)"])
 
 
