@@ -147,8 +147,13 @@ class RoutedMilvusClient(MilvusClient):
     # ------------------------------------------------------------------ search
     def search(self, collection_name: str, data=None, filter: str = "", limit: int = 10,
                output_fields=None, search_params=None, timeout=None, partition_names=None,
-               anns_field=None, nprobe: int | None = None, **kwargs):
+               anns_field=None, nprobe: int | None = None, recall_target: float | None = None,
+               min_nprobe: int = 1, max_nprobe: int | None = None, **kwargs):
         """``MilvusClient.search``, restricted per query to the partitions the router picks.
+
+        ``nprobe`` fixes the partitions per query; ``recall_target`` (e.g. 0.95)
+        instead probes, per query, the fewest partitions whose calibrated router
+        probability reaches it, between ``min_nprobe`` and ``max_nprobe``.
 
         Passes through untouched when the collection has no layout, when the
         caller names ``partition_names`` or another ``anns_field``, or searches by ``ids``.
@@ -169,10 +174,12 @@ class RoutedMilvusClient(MilvusClient):
         if queries.ndim != 2 or queries.shape[1] != state.layout.dim:
             raise ValueError(f"search vectors of dimension {queries.shape[-1]} do not match "
                              f"collection {state.layout.collection!r} dim={state.layout.dim}")
-        n = self._default_nprobe(state) if nprobe is None else nprobe
-        probed = state.router.rank(queries, n)
+        if recall_target is not None:
+            probed = state.router.rank_adaptive(queries, recall_target, min_nprobe, max_nprobe)
+        else:
+            probed = state.router.rank(queries, self._default_nprobe(state) if nprobe is None else nprobe)
         self._log_queries(state.layout.collection, queries)
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}      # queries that probe the same partitions share a call
         for i, row in enumerate(probed):
             groups.setdefault(tuple(sorted(row.tolist())), []).append(i)
         names = state.layout.partition_names

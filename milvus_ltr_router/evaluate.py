@@ -50,6 +50,23 @@ def routing_quality(probed: np.ndarray, neighbours: Neighbours, k: int = 10) -> 
                           recall=recall, k=k, mean_probed=float(n_probed.mean()))
 
 
+def pad_routes(routes: list[np.ndarray]) -> np.ndarray:
+    """Variable-length partition lists as one ``[Q, max_len]`` array padded with -1."""
+    width = max((len(r) for r in routes), default=1)
+    out = np.full((len(routes), width), -1, dtype=np.int64)
+    for i, r in enumerate(routes):
+        out[i, :len(r)] = r
+    return out
+
+
+def evaluate_adaptive(router, queries: np.ndarray, neighbours: Neighbours,
+                      recall_targets: Sequence[float], k: int = 10, min_nprobe: int = 1,
+                      max_nprobe: int | None = None) -> list[tuple[float, RoutingQuality]]:
+    """Quality of adaptive routing at each probability-mass target."""
+    return [(t, routing_quality(pad_routes(router.rank_adaptive(queries, t, min_nprobe, max_nprobe)),
+                                neighbours, k)) for t in recall_targets]
+
+
 def evaluate_router(router, queries: np.ndarray, neighbours: Neighbours,
                     nprobes: Sequence[int], k: int = 10) -> list[RoutingQuality]:
     """Quality of ``router`` at each ``nprobe`` (one scoring pass, reused for all)."""

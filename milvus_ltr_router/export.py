@@ -34,7 +34,8 @@ def router_metadata(layout, collection: str, metrics: dict | None = None,
     }
     if nprobe:
         meta["nprobe"] = str(int(nprobe))
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()
+                 if v is not None})
     return meta
 
 

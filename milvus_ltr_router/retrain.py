@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from pymilvus import MilvusClient
 
+from .calibration import fit_temperature, target_distribution
 from .evaluate import RoutingQuality, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
 from .layout import Layout, iter_layout_blocks, read_layout
@@ -161,13 +162,15 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         version = registry.new_version()
         final_path = registry.version_path(layout.collection, version)
         tmp_path = final_path.with_name(f".candidate-{version}.onnx")
+        temperature = fit_temperature(trainer.decision_function(queries[va]), target_distribution(
+            neighbours.partitions[va, :cfg.label_k], layout.n_partitions))
         training = {"init": trainer.init_, "best_epoch": trainer.best_epoch_,
                     "val_accuracy": trainer.val_accuracy_, "candidates": trainer.candidates_,
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te),
-                    "label_k": cfg.label_k}
+                    "label_k": cfg.label_k, "temperature": temperature}
         try:
             export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
-                          metrics={}, nprobe=cfg.nprobe, training=training)
+                          metrics={}, nprobe=cfg.nprobe, training=training, temperature=temperature)
             new_router = Router.load(tmp_path, layout=layout)
             routers = {"centroid": CentroidRouter(layout), "learned": new_router}
             baseline = "centroid"
@@ -209,7 +212,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             elif better:
                 export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
                               metrics={"test": metrics["learned"], "gain": gain, "baseline": best_base},
-                              nprobe=cfg.nprobe, training=training)
+                              nprobe=cfg.nprobe, training=training, temperature=temperature)
                 tmp_path.replace(final_path)
                 registry.publish(layout.collection, final_path, version,
                                  {"gain": gain, "baseline": best_base, label: score("learned")})

@@ -62,7 +62,29 @@ class BaseRouter:
         order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
         return np.take_along_axis(top, order, 1)
 
-    route = rank  # the name the issue and README use
+    temperature: float = 1.0
+
+    def probabilities(self, queries) -> np.ndarray:
+        """Calibrated softmax over partitions ``[Q, L]`` (see :mod:`.calibration`)."""
+        from .calibration import softmax
+        return softmax(self.scores(self._check_queries(queries)), self.temperature)
+
+    def rank_adaptive(self, queries, recall_target: float, min_nprobe: int = 1,
+                      max_nprobe: int | None = None) -> list[np.ndarray]:
+        """Per query, the fewest best partitions whose probability mass reaches ``recall_target``."""
+        from .calibration import mass_cutoff
+        order, counts = mass_cutoff(self.probabilities(queries), recall_target, min_nprobe, max_nprobe)
+        return [row[:n] for row, n in zip(order, counts)]
+
+    def route(self, queries, nprobe: int | None = None, recall_target: float | None = None,
+              min_nprobe: int = 1, max_nprobe: int | None = None):
+        """``[Q, nprobe]`` indices for a fixed nprobe, or a list of variable-length index
+        arrays for a ``recall_target`` (adaptive nprobe, between ``min_nprobe`` and ``max_nprobe``)."""
+        if recall_target is not None:
+            return self.rank_adaptive(queries, recall_target, min_nprobe, max_nprobe)
+        if nprobe is None:
+            raise ValueError("give nprobe or recall_target")
+        return self.rank(queries, nprobe)
 
     def partitions(self, queries, nprobe: int) -> list[list[str]]:
         """Partition names to search for each query, best first."""
@@ -97,7 +119,8 @@ class CentroidRouter(BaseRouter):
 
     kind = "centroid"
 
-    def __init__(self, layout):
+    def __init__(self, layout, temperature: float = 1.0):
+        self.temperature = temperature
         self.partition_names = list(layout.partition_names)
         self.dim = int(layout.dim)
         self.layout_id = layout.layout_id
@@ -125,6 +148,7 @@ class Router(BaseRouter):
             self.partition_names = list(json.loads(metadata["partition_names"]))
             self.dim = int(metadata["dim"])
             self.layout_id = str(metadata["layout_id"])
+            self.temperature = float(metadata.get("temperature", 1.0))
         except (KeyError, ValueError, TypeError) as exc:
             raise RouterError(f"router {path or ''} lacks valid metadata ({exc}); "
                               "was it exported by milvus-ltr-router?") from exc
