@@ -1,0 +1,141 @@
+"""End to end through a real Milvus server: learned vs centroid routing vs native IVF_FLAT vs FLAT.
+
+Same server, same run, same held-out real queries, one query per request:
+(a) RoutedMilvusClient with the learned router over the layout's partitions,
+(b) the same client with centroid routing over the same partitions,
+(c) Milvus's own IVF_FLAT on an unpartitioned copy, nlist = L, nprobe sweep,
+(d) FLAT (exact). recall@10 against exact MIPS neighbours, QPS and median/p99 latency.
+
+    python -m benchmarks.bench_end_to_end [--dataset fixture|small|medium] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, plot_lines, print_table, save
+
+NPROBES = (1, 2, 4, 8, 16, 32)
+
+
+def timed_search(fn, queries, exact_ids) -> dict:
+    lat, recalls = [], []
+    for q, truth in zip(queries, exact_ids):
+        t0 = time.perf_counter()
+        hits = fn(q)
+        lat.append(time.perf_counter() - t0)
+        recalls.append(len({h["id"] for h in hits} & set(truth.tolist())) / len(truth))
+    lat = np.asarray(lat) * 1000
+    return {"recall@10": float(np.mean(recalls)), "qps": float(1000 / lat.mean()),
+            "median_ms": float(np.median(lat)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def winners(rows: list[dict], target: float) -> list[dict]:
+    out = []
+    for method in sorted({r["method"] for r in rows}):
+        ok = [r for r in rows if r["method"] == method and r["recall@10"] >= target]
+        if ok:
+            best = min(ok, key=lambda r: r["median_ms"])
+            out.append({"recall_target": target, "method": method, "param": best["param"],
+                        "recall@10": best["recall@10"], "median_ms": best["median_ms"],
+                        "qps": best["qps"]})
+    out.sort(key=lambda r: r["median_ms"])
+    for r in out:
+        r["slower_than_best_x"] = r["median_ms"] / out[0]["median_ms"]
+    return out
+
+
+def main(argv=None) -> int:
+    from pymilvus import MilvusClient
+    from milvus_ltr_router.client import RoutedMilvusClient
+    from milvus_ltr_router.datasets import load_or_build
+    from milvus_ltr_router.labels import array_blocks, exact_knn
+    from milvus_ltr_router.layout import build_layout
+    from milvus_ltr_router.milvus_io import create_vector_collection, vector_index_params
+    from milvus_ltr_router.retrain import RetrainConfig, retrain
+    from benchmarks.server import milvus_uri
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fixture", choices=["fixture", "small", "medium"])
+    parser.add_argument("--queries", type=int, default=1000, help="held-out queries to time")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    data = load_or_build(args.dataset)
+    docs, queries = data.docs, data.queries
+    nprobes = NPROBES
+    if args.quick:
+        docs, queries, args.queries, nprobes = docs[:3000], queries[:900], 50, (1, 4)
+    train_q, test_q = queries[:-args.queries], queries[-args.queries:]
+    exact = exact_knn(test_q, array_blocks(docs, np.zeros(len(docs), int)), k=10).ids
+    tag = uuid.uuid4().hex[:6]
+    rows, timings = [], {}
+    with milvus_uri() as (uri, label), tempfile.TemporaryDirectory() as tmp:
+        client = MilvusClient(uri)
+        src, ivf, lay = f"e2e_src_{tag}", f"e2e_ivf_{tag}", f"e2e_layout_{tag}"
+        create_vector_collection(client, src, docs)
+        client.load_collection(src)
+        t0 = time.perf_counter()
+        report = build_layout(client, src, lay)
+        timings["layout_build_s"] = time.perf_counter() - t0
+        n_parts = report.layout.n_partitions
+        t0 = time.perf_counter()
+        create_vector_collection(client, ivf, docs)
+        client.release_collection(ivf)
+        client.drop_index(ivf, "vector")
+        client.create_index(ivf, vector_index_params(client, "vector", "IP", {
+            "index_type": "IVF_FLAT", "params": {"nlist": n_parts}}))
+        client.load_collection(ivf)
+        timings["ivf_build_s"] = time.perf_counter() - t0
+        np.save(Path(tmp) / "train.npy", train_q)
+        t0 = time.perf_counter()
+        result = retrain(client, RetrainConfig(collection=lay, model_dir=f"{tmp}/models",
+                                               queries_file=f"{tmp}/train.npy", nprobe=2,
+                                               min_queries=10, sample=len(train_q)))
+        timings["retrain_s"] = time.perf_counter() - t0
+        learned = RoutedMilvusClient(uri, model_dir=f"{tmp}/models", log_rate=0)
+        centroid = RoutedMilvusClient(uri, model_dir=f"{tmp}/none", log_rate=0)
+        assert learned.router_status(lay)["mode"] == ("learned" if result.decision == "published"
+                                                      else "centroid")
+        for n in [n for n in nprobes if n <= n_parts]:
+            for name, c in (("learned routing", learned), ("centroid routing", centroid)):
+                r = timed_search(lambda q: c.search(lay, data=[q.tolist()], limit=10, nprobe=n)[0],
+                                 test_q, exact)
+                rows.append({"method": name, "param": f"nprobe={n}", **r})
+            r = timed_search(lambda q: client.search(ivf, data=[q.tolist()], limit=10, search_params={
+                "metric_type": "IP", "params": {"nprobe": n}})[0], test_q, exact)
+            rows.append({"method": "native IVF_FLAT", "param": f"nprobe={n}", **r})
+        r = timed_search(lambda q: client.search(src, data=[q.tolist()], limit=10)[0], test_q, exact)
+        rows.append({"method": "FLAT", "param": "-", **r})
+        learned.close()
+        centroid.close()
+        for name in (src, ivf, lay, f"{lay}__ltr_layout"):
+            client.drop_collection(name)
+        client.close()
+    print(f"\n{label}; N={len(docs)}, L={n_parts}, {len(test_q)} held-out queries; "
+          f"router decision: {result.decision}")
+    print_table(rows, ["method", "param", "recall@10", "qps", "median_ms", "p99_ms"],
+                "recall@10 vs latency, single-query requests")
+    win = [w for t in (0.9, 0.95) for w in winners(rows, t)]
+    print_table(win, ["recall_target", "method", "param", "recall@10", "median_ms", "qps",
+                      "slower_than_best_x"], "fastest configuration reaching each recall@10")
+    name = f"end_to_end_{args.dataset}" + ("_quick" if args.quick else "")
+    save(name, {"server": label, "N": len(docs), "L": n_parts, "rows": rows, "winners": win,
+                "timings": timings, "router": result.reason}, args.out)
+    out = Path(args.out) if args.out else RESULTS
+    series = {}
+    for method in sorted({r["method"] for r in rows}):
+        rs = [r for r in rows if r["method"] == method]
+        series[method] = ([r["median_ms"] for r in rs], [r["recall@10"] for r in rs])
+    plot_lines(out / f"{name}.png", series, "median latency (ms)", "recall@10",
+               f"{args.dataset}: N={len(docs)}, L={n_parts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
