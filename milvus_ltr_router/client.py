@@ -186,8 +186,7 @@ class RoutedMilvusClient(MilvusClient):
         sup = super()
 
         def run(parts: tuple, rows: list[int]):
-            return sup.search(collection_name, data=[data[i] for i in rows] if isinstance(data, list)
-                              else queries[rows], filter=filter, limit=limit,
+            return sup.search(collection_name, data=queries[rows].tolist(), filter=filter, limit=limit,
                               output_fields=output_fields, search_params=search_params,
                               timeout=timeout, partition_names=[names[p] for p in parts],
                               anns_field=anns_field, **kwargs)

@@ -97,21 +97,56 @@ def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric:
 
 
 def _merge_topk(scores, ids, parts, best_s, best_i, best_p, k) -> None:
-    """Fold one block's scores into the running top-k (in place)."""
+    """Fold one block's scores into the running top-k (in place).
+
+    Once every query has k finite scores, only entries above the query's
+    current k-th best can enter: a single comparison pass finds those few
+    candidates, so the expensive partial sort touches only them. Until then
+    (the first blocks) a full argpartition of the block is used.
+    """
+    kth = best_s.min(axis=1)
+    if np.isfinite(kth).all():
+        rows, cols = np.nonzero(scores > kth[:, None])
+        if len(rows) == 0:
+            return
+        _merge_candidates(rows, scores[rows, cols], ids[cols], parts[cols], best_s, best_i, best_p, k)
+        return
     n_b = scores.shape[1]
     if n_b > k:   # block's own top-k first: the big argpartition touches only [q, n_b]
-        cand = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        cand = np.argpartition(scores, n_b - k, axis=1)[:, n_b - k:]
         cand_s = np.take_along_axis(scores, cand, 1)
     else:
         cand = np.broadcast_to(np.arange(n_b), scores.shape)
         cand_s = scores
-    all_s = np.concatenate([best_s, cand_s], axis=1)
-    all_i = np.concatenate([best_i, ids[cand]], axis=1)
-    all_p = np.concatenate([best_p, parts[cand]], axis=1)
+    _keep_best(np.arange(len(scores)), cand_s, ids[cand], parts[cand], best_s, best_i, best_p, k)
+
+
+def _merge_candidates(rows, cand_s, cand_i, cand_p, best_s, best_i, best_p, k) -> None:
+    """Merge a sparse list of (query row, score, id, partition) candidates into the top-k."""
+    order = np.lexsort((-cand_s, rows))                 # by row, best score first
+    rows, cand_s, cand_i, cand_p = rows[order], cand_s[order], cand_i[order], cand_p[order]
+    affected, start, counts = np.unique(rows, return_index=True, return_counts=True)
+    rank = np.arange(len(rows)) - np.repeat(start, counts)
+    keep = rank < k                                     # at most k new candidates per row
+    width = int(min(k, counts.max()))
+    slot = np.searchsorted(affected, rows[keep])
+    pad_s = np.full((len(affected), width), -np.inf, dtype=np.float32)
+    pad_i = np.full((len(affected), width), -1, dtype=np.int64)
+    pad_p = np.full((len(affected), width), -1, dtype=np.int64)
+    pad_s[slot, rank[keep]] = cand_s[keep]
+    pad_i[slot, rank[keep]] = cand_i[keep]
+    pad_p[slot, rank[keep]] = cand_p[keep]
+    _keep_best(affected, pad_s, pad_i, pad_p, best_s, best_i, best_p, k)
+
+
+def _keep_best(rows, cand_s, cand_i, cand_p, best_s, best_i, best_p, k) -> None:
+    all_s = np.concatenate([best_s[rows], cand_s], axis=1)
+    all_i = np.concatenate([best_i[rows], cand_i], axis=1)
+    all_p = np.concatenate([best_p[rows], cand_p], axis=1)
     keep = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
-    best_s[:] = np.take_along_axis(all_s, keep, 1)
-    best_i[:] = np.take_along_axis(all_i, keep, 1)
-    best_p[:] = np.take_along_axis(all_p, keep, 1)
+    best_s[rows] = np.take_along_axis(all_s, keep, 1)
+    best_i[rows] = np.take_along_axis(all_i, keep, 1)
+    best_p[rows] = np.take_along_axis(all_p, keep, 1)
 
 
 def array_blocks(vectors: np.ndarray, partitions: np.ndarray, ids: np.ndarray | None = None,

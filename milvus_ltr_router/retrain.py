@@ -125,6 +125,12 @@ def _subset(nb: Neighbours, idx) -> Neighbours:
 
 def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
     """Run the whole job once; see the module docstring. Raises :class:`RetrainError`."""
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise RetrainError(f"retraining needs the [train] extra ({exc.name} is missing): "
+                           "pip install 'milvus-ltr-router[train]'") from exc
     from .export import export_router
     from .train import LinearRouterTrainer, split_indices
 

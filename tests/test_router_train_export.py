@@ -139,3 +139,10 @@ def test_serving_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_retrain_without_train_extra_names_the_extra(monkeypatch):
+    from milvus_ltr_router.retrain import RetrainConfig, RetrainError, retrain
+    monkeypatch.setitem(sys.modules, "torch", None)      # as if torch were not installed
+    with pytest.raises(RetrainError, match=r"\[train\] extra \(torch is missing\)"):
+        retrain(client=None, cfg=RetrainConfig(collection="c"))
