@@ -8,6 +8,7 @@ same collection holds the lock.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -151,23 +152,27 @@ def quiet_third_party(verbose: bool = False) -> None:
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 
-def _client(args):
-    from .milvus_io import open_client
-    return open_client(args.uri, args.token)
+@contextlib.contextmanager
+def _connected(args):
+    """A client for ``--uri``/``--token``, closed (and a milvus-lite file released) afterwards."""
+    from .milvus_io import open_client, release_lite
+    client = open_client(args.uri, args.token)
+    try:
+        yield client
+    finally:
+        client.close()
+        release_lite(args.uri)
 
 
 def _cmd_build_layout(args) -> int:
     from .layout import build_layout
     index = {"index_type": args.index_type, "params": json.loads(args.index_params)}
-    client = _client(args)
-    try:
+    with _connected(args) as client:
         report = build_layout(client, args.source, args.target, n_clusters=args.clusters,
                               algorithm=args.algorithm, sample_size=args.sample_size, seed=args.seed,
                               metric=args.metric, vector_field=args.field, index=index,
                               alias=args.alias, overwrite=args.overwrite,
                               max_partitions=args.max_partitions)
-    finally:
-        client.close()
     lay = report.layout
     print(f"layout {lay.layout_id}: {report.rows} rows of {args.source!r} -> {lay.n_partitions} "
           f"partitions of {lay.collection!r} ({lay.algorithm}, {lay.metric}); "
@@ -178,26 +183,20 @@ def _cmd_build_layout(args) -> int:
 
 def _cmd_adopt_layout(args) -> int:
     from .layout import adopt_layout
-    client = _client(args)
-    try:
+    with _connected(args) as client:
         lay = adopt_layout(client, args.collection, algorithm=args.algorithm, metric=args.metric,
                            vector_field=args.field, overwrite=args.overwrite)
-    finally:
-        client.close()
     print(f"adopted {lay.n_partitions} partitions of {lay.collection!r} as layout {lay.layout_id}")
     return EXIT_OK
 
 
 def _cmd_drop_layout(args) -> int:
     from .layout import drop_layout, has_layout
-    client = _client(args)
-    try:
+    with _connected(args) as client:
         if not has_layout(client, args.collection):
             print(f"{args.collection!r} has no layout; refusing to drop it", file=sys.stderr)
             return EXIT_USAGE
         drop_layout(client, args.collection)
-    finally:
-        client.close()
     print(f"dropped {args.collection!r} and its layout")
     return EXIT_OK
 
@@ -207,12 +206,9 @@ def _cmd_status(args) -> int:
     from .querylog import log_size
     from .registry import ModelRegistry
     from .router import Router, RouterError
-    client = _client(args)
-    try:
+    with _connected(args) as client:
         lay = read_layout(client, args.collection)
         n_logged = log_size(client, lay.collection)
-    finally:
-        client.close()
     registry = ModelRegistry(args.model_dir)
     current = registry.current(lay.collection)
     router_info: dict = {"version": None}
@@ -247,14 +243,12 @@ def _cmd_retrain(args) -> int:
                         label_k=args.label_k, min_queries=args.min_queries, max_epochs=args.epochs,
                         init=args.init, seed=args.seed, dry_run=args.dry_run,
                         report_dir=args.report, keep=args.keep)
-    client = _client(args)
     try:
-        result = retrain(client, cfg)
+        with _connected(args) as client:
+            result = retrain(client, cfg)
     except LockedError as exc:
         logging.getLogger("retrain-router").error("%s", exc)
         return EXIT_LOCKED
-    finally:
-        client.close()
     if args.json:
         print(result.to_json())
     else:
@@ -272,14 +266,11 @@ def _cmd_evaluate(args) -> int:
     from .retrain import format_table, label_queries, load_query_file
     from .router import CentroidRouter, Router, validate_nprobes
     from dataclasses import asdict
-    client = _client(args)
-    try:
+    with _connected(args) as client:
         lay = read_layout(client, args.collection)
         queries = load_query_file(args.queries, lay.dim)
         nprobes = validate_nprobes(args.nprobe or nprobe_grid(lay.n_partitions), lay.n_partitions)
         neighbours = label_queries(client, lay, queries, args.k)
-    finally:
-        client.close()
     routers = {"centroid": CentroidRouter(lay)}
     current = ModelRegistry(args.model_dir).current(lay.collection)
     if current is not None:

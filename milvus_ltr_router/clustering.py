@@ -33,6 +33,17 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1, norms)
 
 
+def as_vector_batch(vectors, dim: int, owner: str) -> np.ndarray:
+    """A C-contiguous float32 ``[n, dim]`` matrix (one vector becomes one row), or a clear error."""
+    x = np.asarray(vectors, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"vector dimension {x.shape[-1] if x.ndim else '?'} does not match "
+                         f"{owner} dim={dim}")
+    return np.ascontiguousarray(x)
+
+
 def default_n_clusters(n_rows: int) -> int:
     """round(sqrt(N)), the paper's choice, at least 1."""
     return max(1, int(round(np.sqrt(n_rows))))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import write_atomic
 
 OPSET = 17
 IR_VERSION = 8   # old enough for any onnxruntime >= 1.14
@@ -71,19 +72,7 @@ def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: d
 
 def save_model(model, path: str | os.PathLike) -> Path:
     """Write atomically (temp file then rename): a reader never sees half a model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, model.SerializeToString())
 
 
 def export_router(weight, bias, layout, collection: str, path, metrics: dict | None = None,

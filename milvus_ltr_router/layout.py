@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from .clustering import assign_clusters, check_algorithm, default_n_clusters, fit_centroids, normalize_rows
+from .clustering import as_vector_batch, assign_clusters, check_algorithm, default_n_clusters, fit_centroids, normalize_rows
 from .labels import Block, check_metric
 from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, CollectionInfo,
                         clone_schema, count_rows, describe, ensure_loaded, is_milvus_lite, iter_rows, rows_to_arrays,
@@ -100,12 +100,7 @@ def partition_names_for(n_clusters: int) -> list[str]:
 
 def assign(layout: Layout, vectors) -> list[str]:
     """Partition name of each vector under the layout's own rule (for routed inserts)."""
-    vecs = np.asarray(vectors, dtype=np.float32)
-    if vecs.ndim == 1:
-        vecs = vecs[None, :]
-    if vecs.ndim != 2 or vecs.shape[1] != layout.dim:
-        raise ValueError(f"vector dimension {vecs.shape[-1]} does not match layout "
-                         f"{layout.layout_id} dim={layout.dim}")
+    vecs = as_vector_batch(vectors, layout.dim, f"layout {layout.layout_id}")
     idx = assign_clusters(vecs, layout.centroids, layout.algorithm)
     return [layout.partition_names[i] for i in idx]
 

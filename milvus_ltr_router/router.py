@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .clustering import as_vector_batch
+
 log = logging.getLogger(__name__)
 
 
@@ -38,13 +40,7 @@ class BaseRouter:
         raise NotImplementedError
 
     def _check_queries(self, queries) -> np.ndarray:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"query dimension {q.shape[-1] if q.ndim else '?'} does not match "
-                             f"the router's dim={self.dim}")
-        return np.ascontiguousarray(q)
+        return as_vector_batch(queries, self.dim, "the router's")
 
     def _check_nprobe(self, nprobe: int) -> int:
         if not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.n_partitions:

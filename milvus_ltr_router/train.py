@@ -36,14 +36,8 @@ def split_indices(n: int, seed: int = 0, fractions=(0.64, 0.16, 0.20)):
 
 def multilabel_targets(partitions: np.ndarray, n_partitions: int) -> np.ndarray:
     """Row-normalised neighbour counts per partition, from ``[n, k]`` partition indices."""
-    parts = np.asarray(partitions)
-    out = np.zeros((len(parts), n_partitions), dtype=np.float32)
-    rows = np.repeat(np.arange(len(parts)), parts.shape[1])
-    flat = parts.reshape(-1)
-    ok = flat >= 0
-    np.add.at(out, (rows[ok], flat[ok]), 1.0)
-    out /= np.maximum(out.sum(axis=1, keepdims=True), 1)
-    return out
+    from .calibration import target_distribution
+    return target_distribution(partitions, n_partitions).astype(np.float32)
 
 
 @dataclass

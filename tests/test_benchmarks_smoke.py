@@ -24,3 +24,10 @@ def test_layout_benchmark_runs_on_lite(tmp_path):
     assert bench_layout.main(["--quick", "--out", str(tmp_path)]) == 0
     run = json.loads((tmp_path / "layout_quick.json").read_text())["runs"][0]
     assert run["rows"] == 3000 and run["read_rows_per_s"] > 0
+
+
+def test_retrain_scale_benchmark_runs(tmp_path):
+    from benchmarks import bench_retrain_scale
+    assert bench_retrain_scale.main(["--quick", "--out", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "retrain_scale_quick.json").read_text())["runs"][0]
+    assert run["N"] == 5000 and run["label_s"] > 0 and run["peak_rss_mib"] > 0

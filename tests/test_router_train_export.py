@@ -92,7 +92,7 @@ def test_router_refuses_bad_input(tmp_path, small_layout_arrays, trained):
         router.rank(queries[:2], 0)
     with pytest.raises(ValueError, match="nprobe"):
         router.rank(queries[:2], 33)
-    with pytest.raises(ValueError, match="query dimension 10 does not match"):
+    with pytest.raises(ValueError, match="vector dimension 10 does not match the router.s dim=384"):
         router.rank(np.ones((2, 10)), 1)
     with pytest.raises(RouterError, match="trained for layout 'L1'.*'L2'"):
         Router.load(path, layout=make_layout(centroids, layout_id="L2"))
