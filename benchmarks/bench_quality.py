@@ -69,7 +69,8 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100)
     for name, r in routers.items():   # calibrate every router on the validation split
         r.temperature = fit_temperature(r.scores(queries[va]),
                                         target_distribution(nb.partitions[va], n_parts))
-    nprobes = sorted({max(1, int(round(f * n_parts))) for f in FRACTIONS} | {1, 2})
+    # the paper's budgets, plus 10% and 20% of L so the fixed curves span the adaptive ones
+    nprobes = sorted({max(1, int(round(f * n_parts))) for f in FRACTIONS + (0.1, 0.2)} | {1, 2})
     fixed, adaptive = [], []
     for name, r in routers.items():
         order = r.rank(queries[te], max(nprobes))

@@ -80,8 +80,13 @@ def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
                                          output_fields=["title"], partition_names=parts)[0]
             assert [h["id"] for h in hits] == [h["id"] for h in direct]
             assert hits[0]["entity"]["title"] == direct[0]["entity"]["title"]
+        # numpy input and adaptive nprobe (recall_target) return the same shape
+        adaptive = routed.search("docs", data=queries[:6], limit=5, recall_target=0.6, max_nprobe=4)
+        assert len(adaptive) == 6 and all(len(r) == 5 for r in adaptive)
+        single = routed.search("docs", data=queries[0], limit=5)
+        assert [h["id"] for h in single[0]] == [h["id"] for h in res[0]]
         assert routed.flush_query_log()
-        assert routed.router_status("docs")["query_log"]["written"] == 40
+        assert routed.router_status("docs")["query_log"]["written"] == 47
         # collections without a layout pass through untouched (and, as in pymilvus,
         # a reopened milvus-lite file must load them first)
         routed.load_collection("src")
