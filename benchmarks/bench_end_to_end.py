@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fixture", choices=["fixture", "small", "medium"])
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries to time")
+    parser.add_argument("--label-k", type=int, default=1,
+                        help="train the router on the top-k neighbours' partitions (1 = the paper)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         result = retrain(client, RetrainConfig(collection=lay, model_dir=f"{tmp}/models",
                                                queries_file=f"{tmp}/train.npy", nprobe=2,
-                                               min_queries=10, sample=len(train_q)))
+                                               min_queries=10, sample=len(train_q),
+                                               label_k=args.label_k, metric="recall"))
         timings["retrain_s"] = time.perf_counter() - t0
         learned = RoutedMilvusClient(uri, model_dir=f"{tmp}/models", log_rate=0)
         centroid = RoutedMilvusClient(uri, model_dir=f"{tmp}/none", log_rate=0)
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     win = [w for t in (0.9, 0.95) for w in winners(rows, t)]
     print_table(win, ["recall_target", "method", "param", "recall@10", "median_ms", "qps",
                       "slower_than_best_x"], "fastest configuration reaching each recall@10")
-    name = f"end_to_end_{args.dataset}" + ("_quick" if args.quick else "")
+    name = f"end_to_end_{args.dataset}_k{args.label_k}" + ("_quick" if args.quick else "")
     save(name, {"server": label, "N": len(docs), "L": n_parts, "rows": rows, "winners": win,
                 "timings": timings, "router": result.reason}, args.out)
     out = Path(args.out) if args.out else RESULTS
