@@ -13,13 +13,14 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pymilvus import MilvusClient
 
-from .layout import Layout, LayoutError, assign, has_layout, read_layout, resolve_collection
+from .layout import (Layout, assign, current_layout_id, has_layout, read_layout,
+                     resolve_collection)
 from .querylog import QueryLogger
 from .registry import ModelRegistry
 from .router import BaseRouter, CentroidRouter, Router, RouterError
@@ -36,7 +37,6 @@ class _Routing:
     version: str | None = None
     error: str = ""
     stamp: tuple | None = None
-    checked_at: float = field(default_factory=time.monotonic)
 
 
 class RoutedMilvusClient(MilvusClient):
@@ -68,7 +68,7 @@ class RoutedMilvusClient(MilvusClient):
         self.reload_interval = reload_interval
         self.router_threads = router_threads
         self._rng = np.random.default_rng(seed)
-        self._routing: dict[str, _Routing | None] = {}
+        self._routing: dict[str, tuple[_Routing | None, float]] = {}   # name -> (state, checked)
         self._routing_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ltr-search")
         self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds) \
@@ -76,31 +76,34 @@ class RoutedMilvusClient(MilvusClient):
 
     # ------------------------------------------------------------------ routing state
     def _state(self, collection: str) -> _Routing | None:
-        """Current routing of ``collection`` (None: no layout), refreshed every interval."""
-        state = self._routing.get(collection, "unknown")
-        if state != "unknown" and (state is None or
-                                   time.monotonic() - state.checked_at < self.reload_interval):
-            return state
+        """Current routing of ``collection`` (None: no layout), re-checked every interval.
+
+        A check re-resolves aliases, re-reads the layout id (a rebuilt layout is
+        noticed) and stats the router pointer; swaps replace the whole record, so
+        in-flight searches keep the router they started with.
+        """
+        cached = self._routing.get(collection)
+        if cached is not None and time.monotonic() - cached[1] < self.reload_interval:
+            return cached[0]
         with self._routing_lock:
-            state = self._routing.get(collection, "unknown")
-            if state == "unknown" or state is None or \
-                    time.monotonic() - state.checked_at >= self.reload_interval:
-                state = self._refresh(collection, None if state == "unknown" else state)
-                self._routing[collection] = state
-            return state
+            cached = self._routing.get(collection)
+            if cached is None or time.monotonic() - cached[1] >= self.reload_interval:
+                state = self._refresh(collection, cached[0] if cached else None)
+                cached = (state, time.monotonic())
+                self._routing[collection] = cached
+            return cached[0]
 
     def _refresh(self, collection: str, old: _Routing | None) -> _Routing | None:
-        if old is None:
-            if not has_layout(self, collection):
-                return None
-            layout = read_layout(self, collection)
-        else:
+        if not has_layout(self, collection):
+            return None
+        name = resolve_collection(self, collection)
+        if old is not None and old.layout.collection == name and \
+                current_layout_id(self, name) == old.layout.layout_id:
             layout = old.layout
-            if resolve_collection(self, collection) != layout.collection:   # alias moved
-                layout = read_layout(self, collection)
+        else:
+            layout = read_layout(self, collection)
         stamp = self.registry.pointer_stamp(layout.collection)
         if old is not None and old.layout is layout and stamp == old.stamp:
-            old.checked_at = time.monotonic()
             return old
         return self._load_router(layout, stamp)
 

@@ -144,6 +144,16 @@ def has_layout(client: MilvusClient, collection: str) -> bool:
     return client.has_collection(layout_collection_name(name))
 
 
+def current_layout_id(client: MilvusClient, collection: str) -> str | None:
+    """The stored layout id of a (real) collection name: one small query, for change checks."""
+    try:
+        rows = client.query(layout_collection_name(collection), filter="cluster == 0",
+                            output_fields=["meta"])
+        return json.loads(rows[0]["meta"])["layout_id"]
+    except Exception:   # missing, unloaded or unreadable: the caller re-reads the whole layout
+        return None
+
+
 def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False) -> Layout:
     """The layout of ``collection`` (or of the collection an alias points at).
 

@@ -151,3 +151,21 @@ def test_retrain_cli_on_lite_bootstrap_from_query_file(lite_uri, lite_layout, fi
                          capture_output=True, text=True)
     assert out.returncode == 2 and "dimension 7 does not match the collection's 384" in out.stderr
     assert sorted(p.name for p in (models / "docs").glob("*")) == before
+
+
+def test_client_notices_a_rebuilt_layout(lite_uri, lite_layout, tmp_path):
+    client, report, docs = lite_layout
+    routed = RoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "m"), log_rate=0,
+                                reload_interval=0)
+    try:
+        assert routed.router_status("docs")["layout_id"] == report.layout.layout_id
+        assert routed.router_status("src")["mode"] == "none"
+        rebuilt = build_layout(client, "src", "docs", n_clusters=12, overwrite=True)
+        status = routed.router_status("docs")
+        assert status["layout_id"] == rebuilt.layout.layout_id != report.layout.layout_id
+        assert status["n_partitions"] == 12
+        build_layout(client, "docs", "src_laid_out", n_clusters=4)
+        client.create_alias("src_laid_out", "app")
+        assert routed.router_status("app")["n_partitions"] == 4     # alias resolved
+    finally:
+        routed.close()
