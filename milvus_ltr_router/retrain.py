@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from pymilvus import MilvusClient
 
-from .calibration import fit_temperature, target_distribution
 from .evaluate import RoutingQuality, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
 from .layout import Layout, iter_layout_blocks, read_layout
@@ -168,16 +167,18 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         version = registry.new_version()
         final_path = registry.version_path(layout.collection, version)
         tmp_path = final_path.with_name(f".candidate-{version}.onnx")
-        temperature = fit_temperature(trainer.decision_function(queries[va]), target_distribution(
-            neighbours.partitions[va, :cfg.label_k], layout.n_partitions))
         training = {"init": trainer.init_, "best_epoch": trainer.best_epoch_,
                     "val_accuracy": trainer.val_accuracy_, "candidates": trainer.candidates_,
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te),
-                    "label_k": cfg.label_k, "temperature": temperature}
+                    "label_k": cfg.label_k}
         try:
             export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
-                          metrics={}, nprobe=cfg.nprobe, training=training, temperature=temperature)
-            new_router = Router.load(tmp_path, layout=layout)
+                          metrics={}, nprobe=cfg.nprobe, training=training)
+            new_router = Router.load(tmp_path, layout=layout).calibrate(
+                queries[va], neighbours.partitions[va, :cfg.k])      # for adaptive nprobe
+            calibration = {"temperature": new_router.temperature,
+                           "recall_thresholds": new_router.recall_thresholds}
+            training["temperature"] = new_router.temperature
             routers = {"centroid": CentroidRouter(layout), "learned": new_router}
             baseline = "centroid"
             try:
@@ -218,7 +219,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             elif better:
                 export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
                               metrics={"test": metrics["learned"], "gain": gain, "baseline": best_base},
-                              nprobe=cfg.nprobe, training=training, temperature=temperature)
+                              nprobe=cfg.nprobe, training=training, **calibration)
                 tmp_path.replace(final_path)
                 registry.publish(layout.collection, final_path, version,
                                  {"gain": gain, "baseline": best_base, label: score("learned")})

@@ -59,17 +59,31 @@ class BaseRouter:
         return np.take_along_axis(top, order, 1)
 
     temperature: float = 1.0
+    recall_thresholds: list = []     # (threshold, held-out recall@k, mean probed), from calibrate()
 
     def probabilities(self, queries) -> np.ndarray:
         """Calibrated softmax over partitions ``[Q, L]`` (see :mod:`.calibration`)."""
         from .calibration import softmax
         return softmax(self.scores(self._check_queries(queries)), self.temperature)
 
+    def calibrate(self, queries, neighbour_partitions) -> "BaseRouter":
+        """Fit the temperature and the recall table on held-out queries and their neighbours."""
+        from .calibration import fit_temperature, recall_table, softmax, target_distribution
+        scores = self.scores(self._check_queries(queries))
+        self.temperature = fit_temperature(scores, target_distribution(neighbour_partitions,
+                                                                       self.n_partitions))
+        self.recall_thresholds = recall_table(softmax(scores, self.temperature), neighbour_partitions)
+        return self
+
     def rank_adaptive(self, queries, recall_target: float, min_nprobe: int = 1,
                       max_nprobe: int | None = None) -> list[np.ndarray]:
-        """Per query, the fewest best partitions whose probability mass reaches ``recall_target``."""
-        from .calibration import mass_cutoff
-        order, counts = mass_cutoff(self.probabilities(queries), recall_target, min_nprobe, max_nprobe)
+        """Per query, every partition whose probability reaches the threshold that gave
+        ``recall_target`` on held-out queries (best first, between the bounds)."""
+        from .calibration import threshold_counts, threshold_for
+        lam = threshold_for(self.recall_thresholds, recall_target)
+        probs = self.probabilities(queries)
+        counts = threshold_counts(probs, lam, min_nprobe, max_nprobe)
+        order = self.rank(queries, int(counts.max()))
         return [row[:n] for row, n in zip(order, counts)]
 
     def route(self, queries, nprobe: int | None = None, recall_target: float | None = None,
@@ -145,6 +159,7 @@ class Router(BaseRouter):
             self.dim = int(metadata["dim"])
             self.layout_id = str(metadata["layout_id"])
             self.temperature = float(metadata.get("temperature", 1.0))
+            self.recall_thresholds = json.loads(metadata.get("recall_thresholds", "[]"))
         except (KeyError, ValueError, TypeError) as exc:
             raise RouterError(f"router {path or ''} lacks valid metadata ({exc}); "
                               "was it exported by milvus-ltr-router?") from exc

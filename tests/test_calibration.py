@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from milvus_ltr_router.calibration import fit_temperature, mass_cutoff, softmax, target_distribution
+from milvus_ltr_router.calibration import (fit_temperature, neighbour_ranks, recall_table, softmax,
+                                           target_distribution, threshold_counts, threshold_for)
 from milvus_ltr_router.evaluate import evaluate_adaptive, pad_routes, routing_quality
+from milvus_ltr_router.labels import Neighbours
 from milvus_ltr_router.layout import Layout, partition_names_for
 from milvus_ltr_router.router import CentroidRouter
 
@@ -15,35 +17,42 @@ def test_fit_temperature_recovers_the_generating_temperature(rng):
     assert 1.7 < t < 2.4
 
 
-def test_mass_cutoff_counts_and_bounds():
+def test_threshold_counts_ranks_and_recall_table():
     probs = np.array([[0.7, 0.2, 0.1, 0.0], [0.3, 0.3, 0.2, 0.2]])
-    order, counts = mass_cutoff(probs, 0.85)
-    np.testing.assert_array_equal(counts, [2, 4])
-    assert list(order[0][:2]) == [0, 1]
-    _, counts = mass_cutoff(probs, 0.85, min_nprobe=1, max_nprobe=3)
-    np.testing.assert_array_equal(counts, [2, 3])
-    _, counts = mass_cutoff(probs, 0.5, min_nprobe=2)
-    np.testing.assert_array_equal(counts, [2, 2])
+    np.testing.assert_array_equal(threshold_counts(probs, 0.15), [2, 4])
+    np.testing.assert_array_equal(threshold_counts(probs, 0.15, max_nprobe=3), [2, 3])
+    np.testing.assert_array_equal(threshold_counts(probs, 0.9, min_nprobe=1), [1, 1])
+    parts = np.array([[1, 0, -1], [3, 0, 0]])
+    np.testing.assert_array_equal(neighbour_ranks(probs, parts), [[1, 0, 4], [3, 0, 0]])
+    table = recall_table(probs, parts, grid=(0.5, 0.15, 0.01))
+    # threshold 0.5: one partition each -> query 0 covers 1 of 2, query 1 covers 2 of 3
+    assert table[0][1] == pytest.approx((1 / 2 + 2 / 3) / 2) and table[0][2] == 1
+    assert table[-1][1] == 1.0
+    assert threshold_for(table, 0.99) == 0.15 and threshold_for(table, 0.5) == 0.5
     with pytest.raises(ValueError, match="recall_target"):
-        mass_cutoff(probs, 1.5)
+        threshold_for(table, 1.5)
+    with pytest.raises(ValueError, match="no recall calibration"):
+        threshold_for([], 0.9)
 
 
-def test_adaptive_routing_trades_partitions_for_recall(small_layout_arrays):
+def test_adaptive_routing_meets_its_target_and_spends_fewer_partitions(small_layout_arrays):
     docs, queries, centroids, parts, nb = small_layout_arrays
     layout = Layout("d", centroids, partition_names_for(32), np.ones(32, np.int64), "IP",
                     "spherical", centroids.shape[1], "x")
-    base = CentroidRouter(layout)
-    t = fit_temperature(base.scores(queries[:1000]), target_distribution(nb.partitions[:1000], 32))
-    router = CentroidRouter(layout, temperature=t)
-    rows = evaluate_adaptive(router, queries[1000:], type(nb)(*(a[1000:] for a in
-                             (nb.ids, nb.scores, nb.partitions))), [0.5, 0.8, 0.95])
+    router = CentroidRouter(layout).calibrate(queries[:2000], nb.partitions[:2000])
+    test = Neighbours(*(a[2000:] for a in (nb.ids, nb.scores, nb.partitions)))
+    rows = evaluate_adaptive(router, queries[2000:], test, [0.5, 0.7, 0.9])
+    for target, q in rows:
+        assert q.recall >= target - 0.03       # calibrated on held-out queries, checked on others
     probed = [q.mean_probed for _, q in rows]
-    recall = [q.recall for _, q in rows]
-    assert probed == sorted(probed) and recall == sorted(recall)
-    assert probed[0] < probed[-1] and recall[0] < recall[-1]
+    assert probed == sorted(probed)
+    # at the same mean budget, the threshold rule is at least as good as a fixed nprobe
+    target, q = rows[1]
+    n = int(np.floor(q.mean_probed))
+    fixed = routing_quality(router.rank(queries[2000:], n), test)
+    assert q.recall >= fixed.recall
     routes = router.route(queries[:5], recall_target=0.9, max_nprobe=6)
     assert all(1 <= len(r) <= 6 for r in routes)
-    padded = pad_routes(routes)
-    assert padded.shape[0] == 5 and (padded[:, 0] >= 0).all()
-    assert routing_quality(padded, type(nb)(*(a[:5] for a in (nb.ids, nb.scores, nb.partitions))))\
+    assert routing_quality(pad_routes(routes), Neighbours(*(a[:5] for a in (nb.ids, nb.scores,
+                                                                            nb.partitions)))) \
         .mean_probed == np.mean([len(r) for r in routes])
