@@ -113,6 +113,13 @@ def main(argv=None) -> int:
             r = timed_search(lambda q: client.search(ivf, data=[q.tolist()], limit=10, search_params={
                 "metric_type": "IP", "params": {"nprobe": n}})[0], test_q, exact)
             rows.append({"method": "native IVF_FLAT", "param": f"nprobe={n}", **r})
+        for t in (0.7, 0.8, 0.9, 0.95):
+            if result.decision != "published":
+                break
+            r = timed_search(lambda q: learned.search(lay, data=[q.tolist()], limit=10,
+                                                      recall_target=t)[0], test_q, exact)
+            probed = np.mean([len(p) for p in learned._state(lay).router.route(test_q, recall_target=t)])
+            rows.append({"method": "learned adaptive", "param": f"target={t} (mean {probed:.1f})", **r})
         r = timed_search(lambda q: client.search(src, data=[q.tolist()], limit=10)[0], test_q, exact)
         rows.append({"method": "FLAT", "param": "-", **r})
         learned.close()
