@@ -93,6 +93,15 @@ def test_client_hot_reloads_and_hits_equal_partition_restricted_search(scenario)
                             partition_names=p)[0]
         assert [h["id"] for h in got] == [h["id"] for h in want]
         assert [h["entity"]["title"] for h in got] == [h["entity"]["title"] for h in want]
+    # adaptive nprobe: the published router carries its recall calibration
+    router = client._state(collection).router
+    assert router.recall_thresholds
+    routes = router.route(queries[:10], recall_target=0.8)
+    adaptive = client.search(collection, data=queries[:10].tolist(), limit=10, recall_target=0.8)
+    for q, got, r in zip(queries[:10], adaptive, routes):
+        want = plain.search(collection, data=[q.tolist()], limit=10,
+                            partition_names=[router.partition_names[i] for i in r])[0]
+        assert [h["id"] for h in got] == [h["id"] for h in want]
     # filters keep working through routing
     filtered = client.search(collection, data=queries[:5].tolist(), limit=5, filter="grp == 3",
                              output_fields=["grp"])

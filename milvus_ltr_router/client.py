@@ -177,6 +177,12 @@ class RoutedMilvusClient(MilvusClient):
         if queries.ndim != 2 or queries.shape[1] != state.layout.dim:
             raise ValueError(f"search vectors of dimension {queries.shape[-1]} do not match "
                              f"collection {state.layout.collection!r} dim={state.layout.dim}")
+        if recall_target is not None and not state.router.recall_thresholds:
+            # centroid fallback (or an old router) has no recall calibration: a fixed nprobe
+            # keeps searches working rather than failing them
+            log.warning("router of %r has no recall calibration; recall_target=%s served with "
+                        "nprobe=%d", state.layout.collection, recall_target, self._default_nprobe(state))
+            recall_target = None
         if recall_target is not None:
             probed = state.router.rank_adaptive(queries, recall_target, min_nprobe, max_nprobe)
         else:
