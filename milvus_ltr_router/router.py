@@ -51,10 +51,16 @@ class BaseRouter:
         """Indices ``[Q, nprobe]`` into :attr:`partition_names`, best first."""
         nprobe = self._check_nprobe(nprobe)
         s = self.scores(self._check_queries(queries))
-        if nprobe < s.shape[1]:
-            top = np.argpartition(-s, nprobe - 1, axis=1)[:, :nprobe]
+        n_parts = s.shape[1]
+        if len(s) == 1:              # one query: 1-D selection is ~3x cheaper (serving hot path)
+            row = s[0]
+            top = np.argpartition(row, n_parts - nprobe)[n_parts - nprobe:] if nprobe < n_parts \
+                else np.arange(n_parts)
+            return top[np.argsort(-row[top], kind="stable")][None, :]
+        if nprobe < n_parts:
+            top = np.argpartition(s, n_parts - nprobe, axis=1)[:, n_parts - nprobe:]
         else:
-            top = np.broadcast_to(np.arange(s.shape[1]), s.shape)
+            top = np.broadcast_to(np.arange(n_parts), s.shape)
         order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
         return np.take_along_axis(top, order, 1)
 

@@ -146,3 +146,13 @@ def test_retrain_without_train_extra_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)      # as if torch were not installed
     with pytest.raises(RetrainError, match=r"\[train\] extra \(torch is missing\)"):
         retrain(client=None, cfg=RetrainConfig(collection="c"))
+
+
+def test_rank_single_query_path_matches_batch_path(rng):
+    c = rng.standard_normal((50, 8)).astype(np.float32)
+    router = CentroidRouter(make_layout(c))
+    q = rng.standard_normal((20, 8)).astype(np.float32)
+    batch = router.rank(q, 7)
+    for i in range(20):
+        np.testing.assert_array_equal(router.rank(q[i], 7)[0], batch[i])
+    np.testing.assert_array_equal(router.rank(q[:1], 50)[0], np.argsort(-(q[0] @ c.T)))
