@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         label_cfg = [(2000, 100, 32, 500)]
         route_cfg = [(64, 32, 1), (64, 32, 100)]
     else:
-        label_cfg = [(200_000, 2000, 384, 16384), (200_000, 2000, 384, 65536)]
+        label_cfg = [(200_000, 2000, 384, 4096), (200_000, 2000, 384, 16384)]
         route_cfg = [(1024, 384, 1), (1024, 384, 1000)]
     labels = [label_throughput(*c) for c in label_cfg]
     print_table(labels, ["n_docs", "n_queries", "dim", "block", "numpy_matmul_gflops",
