@@ -180,7 +180,6 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                            "recall_thresholds": new_router.recall_thresholds}
             training["temperature"] = new_router.temperature
             routers = {"centroid": CentroidRouter(layout), "learned": new_router}
-            baseline = "centroid"
             try:
                 current = registry.current(layout.collection)
             except Exception as exc:
@@ -189,7 +188,6 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             if current is not None:
                 try:
                     routers["current"] = Router.load(current.path, layout=layout)
-                    baseline = "current"
                 except RouterError as exc:
                     log.warning("current router %s is not usable for layout %s (%s); comparing "
                                 "with centroid routing", current.version, layout.layout_id, exc)
