@@ -49,12 +49,14 @@ def check_metric(metric: str) -> str:
 
 
 def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric: str = "IP",
-              query_chunk: int = 4096) -> Neighbours:
+              max_scores: int = 1 << 24) -> Neighbours:
     """Exact top-``k`` neighbours of ``queries`` over all rows that ``blocks`` yields.
 
     ``blocks`` yields ``(ids, vectors, partition)`` triples: a block of primary
     keys, their vectors and the partition index of each row (a scalar or an
     array). Scores: inner product (IP), cosine (COSINE) or negative squared L2.
+    Queries are scored in chunks of at most ``max_scores`` entries per block
+    (64 MiB of float32 by default), which bounds memory whatever the block size.
     """
     metric = check_metric(metric)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -82,6 +84,7 @@ def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric:
             from .clustering import normalize_rows
             vecs = normalize_rows(vecs)
         x_sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "L2" else None
+        query_chunk = max(1, max_scores // len(vecs))
         for q0 in range(0, n_q, query_chunk):
             q1 = min(n_q, q0 + query_chunk)
             scores = queries[q0:q1] @ vecs.T

@@ -16,12 +16,14 @@ def brute_force(queries, docs, k, metric):
 
 
 @pytest.mark.parametrize("metric", ["IP", "COSINE", "L2"])
-@pytest.mark.parametrize("block_rows", [7, 64, 10_000])
-def test_exact_knn_matches_brute_force(fixture_data, metric, block_rows):
+@pytest.mark.parametrize("block_rows,max_scores", [(7, 1 << 24), (64, 1 << 24), (10_000, 1 << 24),
+                                                   (300, 1000)])   # 1000: 3 queries per chunk
+def test_exact_knn_matches_brute_force(fixture_data, metric, block_rows, max_scores):
     docs = fixture_data.docs[:700]
     queries = fixture_data.queries[:50]
     parts = np.arange(len(docs)) % 13
-    nb = exact_knn(queries, array_blocks(docs, parts, block_rows=block_rows), k=10, metric=metric)
+    nb = exact_knn(queries, array_blocks(docs, parts, block_rows=block_rows), k=10, metric=metric,
+                   max_scores=max_scores)
     ids, scores = brute_force(queries, docs, 10, metric)
     np.testing.assert_array_equal(nb.ids, ids)
     np.testing.assert_allclose(nb.scores, scores, rtol=1e-4, atol=1e-3)
