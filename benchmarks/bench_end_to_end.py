@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fixture", choices=["fixture", "small", "medium"])
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries to time")
+    parser.add_argument("--nprobes", type=int, nargs="*", default=list(NPROBES),
+                        help="nprobe values to sweep for every method")
     parser.add_argument("--label-k", type=int, default=1,
                         help="train the router on the top-k neighbours' partitions (1 = the paper)")
     parser.add_argument("--quick", action="store_true")
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     data = load_or_build(args.dataset)
     docs, queries = data.docs, data.queries
-    nprobes = NPROBES
+    nprobes = tuple(args.nprobes)
     if args.quick:
         docs, queries, args.queries, nprobes = docs[:3000], queries[:900], 50, (1, 4)
     train_q, test_q = queries[:-args.queries], queries[-args.queries:]
