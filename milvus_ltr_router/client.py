@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 from pymilvus import MilvusClient
 
-from .layout import (Layout, assign, current_layout_id, has_layout, read_layout,
-                     resolve_collection)
+from .layout import Layout, assign, current_layout_id, laid_out_name, read_layout
 from .querylog import QueryLogger
 from .registry import ModelRegistry
 from .router import BaseRouter, CentroidRouter, Router, RouterError
@@ -94,9 +93,9 @@ class RoutedMilvusClient(MilvusClient):
             return cached[0]
 
     def _refresh(self, collection: str, old: _Routing | None) -> _Routing | None:
-        if not has_layout(self, collection):
+        name = laid_out_name(self, collection)      # one alias resolution per check
+        if name is None:
             return None
-        name = resolve_collection(self, collection)
         if old is not None and old.layout.collection == name and \
                 current_layout_id(self, name) == old.layout.layout_id:
             layout = old.layout

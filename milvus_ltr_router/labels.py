@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .clustering import normalize_rows
+
 log = logging.getLogger(__name__)
 
 METRICS = ("IP", "COSINE", "L2")
@@ -65,7 +67,6 @@ def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if metric == "COSINE":
-        from .clustering import normalize_rows
         queries = normalize_rows(queries)
     n_q, dim = queries.shape
     best_s = np.full((n_q, k), -np.inf, dtype=np.float32)
@@ -81,7 +82,6 @@ def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric:
         ids = np.asarray(ids, dtype=np.int64)
         parts = np.broadcast_to(np.asarray(parts, dtype=np.int64), ids.shape)
         if metric == "COSINE":
-            from .clustering import normalize_rows
             vecs = normalize_rows(vecs)
         x_sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "L2" else None
         query_chunk = max(1, max_scores // len(vecs))

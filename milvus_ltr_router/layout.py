@@ -136,12 +136,17 @@ def resolve_collection(client: MilvusClient, collection: str) -> str:
     return client.describe_collection(collection)["collection_name"]
 
 
-def has_layout(client: MilvusClient, collection: str) -> bool:
+def laid_out_name(client: MilvusClient, collection: str) -> str | None:
+    """The real name behind ``collection`` when it has a layout, else None."""
     try:
         name = resolve_collection(client, collection)
     except CollectionError:
-        return False
-    return client.has_collection(layout_collection_name(name))
+        return None
+    return name if client.has_collection(layout_collection_name(name)) else None
+
+
+def has_layout(client: MilvusClient, collection: str) -> bool:
+    return laid_out_name(client, collection) is not None
 
 
 def current_layout_id(client: MilvusClient, collection: str) -> str | None:
