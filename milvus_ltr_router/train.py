@@ -34,10 +34,20 @@ def split_indices(n: int, seed: int = 0, fractions=(0.64, 0.16, 0.20)):
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
 
 
-def multilabel_targets(partitions: np.ndarray, n_partitions: int) -> np.ndarray:
-    """Row-normalised neighbour counts per partition, from ``[n, k]`` partition indices."""
+def multilabel_targets(partitions: np.ndarray, n_partitions: int,
+                       top1_weight: float = 0.0) -> np.ndarray:
+    """Target distributions from ``[n, k]`` neighbour partitions (column 0 = the top-1's).
+
+    ``(1 - top1_weight)`` times the share of the top-k neighbours in each
+    partition, plus ``top1_weight`` on the top-1's partition: cross-entropy
+    against it is a mix of the paper's loss and the listwise top-k loss.
+    """
     from .calibration import target_distribution
-    return target_distribution(partitions, n_partitions).astype(np.float32)
+    out = (1.0 - top1_weight) * target_distribution(partitions, n_partitions)
+    if top1_weight:
+        rows = np.flatnonzero(partitions[:, 0] >= 0)
+        out[rows, partitions[rows, 0]] += top1_weight
+    return out.astype(np.float32)
 
 
 @dataclass
@@ -69,7 +79,8 @@ class LinearRouterTrainer:
 
     def __init__(self, lr: float = 1e-3, batch_size: int = 512, max_epochs: int = 100,
                  patience: int = 10, init: str = "auto", val_nprobe: int = 1, seed: int = 0,
-                 weight_decay: float = 0.0, num_threads: int | None = None, show_progress=None):
+                 weight_decay: float = 0.0, top1_weight: float = 0.0,
+                 num_threads: int | None = None, show_progress=None):
         self.lr = lr
         self.batch_size = batch_size
         self.max_epochs = max_epochs
@@ -78,6 +89,7 @@ class LinearRouterTrainer:
         self.val_nprobe = val_nprobe
         self.seed = seed
         self.weight_decay = weight_decay
+        self.top1_weight = top1_weight
         self.num_threads = num_threads
         self.show_progress = show_progress
 
@@ -92,6 +104,8 @@ class LinearRouterTrainer:
         import torch
         if self.init not in ("auto", "centroids", "random"):
             raise ValueError(f"init must be auto, centroids or random, got {self.init!r}")
+        if not 0.0 <= self.top1_weight <= 1.0:
+            raise ValueError(f"top1_weight must be in [0, 1], got {self.top1_weight}")
         if self.init in ("auto", "centroids") and centroids is None:
             if self.init == "centroids":
                 raise ValueError("init='centroids' needs the layout's centroids")
@@ -133,7 +147,7 @@ class LinearRouterTrainer:
         xt, xv = torch.from_numpy(X), torch.from_numpy(X_val)
         soft = y.ndim == 2
         if soft:
-            target = torch.from_numpy(multilabel_targets(y, n_parts))
+            target = torch.from_numpy(multilabel_targets(y, n_parts, self.top1_weight))
         else:
             target = torch.from_numpy(y.astype(np.int64))
         val_label = torch.from_numpy((y_val[:, 0] if y_val.ndim == 2 else y_val).astype(np.int64))

@@ -59,6 +59,16 @@ def test_centroid_init_starts_at_centroid_routing(small_layout_arrays):
 def test_multilabel_targets():
     t = multilabel_targets(np.array([[0, 0, 2], [1, -1, 1]]), 3)
     np.testing.assert_allclose(t, [[2 / 3, 0, 1 / 3], [0, 1, 0]])
+    mixed = multilabel_targets(np.array([[0, 2, 2], [1, -1, 1]]), 3, top1_weight=0.5)
+    np.testing.assert_allclose(mixed, [[0.5 + 1 / 6, 0, 1 / 3], [0, 1, 0]], rtol=1e-6)
+    np.testing.assert_allclose(mixed.sum(axis=1), 1, rtol=1e-6)
+
+
+def test_trainer_rejects_a_top1_weight_outside_0_1(small_layout_arrays):
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    with pytest.raises(ValueError, match="top1_weight"):
+        LinearRouterTrainer(top1_weight=1.5).fit(queries[:50], nb.partitions[:50], queries[50:80],
+                                                 nb.partitions[50:80], len(centroids), centroids)
 
 
 def test_onnx_export_round_trip(tmp_path, small_layout_arrays, trained):
