@@ -3,10 +3,13 @@
 Paper protocol (arXiv 2404.11731): L = sqrt(N) clusters, standard and spherical
 k-means, 64/16/20 split of real queries, top-1 accuracy and recall@10 with
 nprobe at 0.1% / 1% / 2% / 5% of L (at least 1), centroid vs learned routing.
-Beyond the paper (issue 5): a router trained on the partitions of the top-10
-neighbours, and adaptive nprobe (probe every partition whose calibrated
-probability reaches the threshold that met the recall target on the validation
-split) compared with a fixed nprobe at equal recall@10.
+Beyond the paper (issue 5): routers trained on the partitions of the top-10
+neighbours (pure listwise loss, and mixed half-and-half with the paper's top-1
+loss), and adaptive nprobe: probe every partition whose predicted neighbour
+share reaches the threshold that met the recall target on validation queries,
+with shares from the learned stopping model or, for comparison, from the
+calibrated probabilities alone. Savings are against the fixed nprobe that
+reaches the same test recall@10, interpolated between integer nprobes.
 
     python -m benchmarks.bench_quality [--dataset fixture|small|medium] [--quick]
 """
@@ -60,18 +63,28 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100)
 
     routers = {"centroid": CentroidRouter(layout)}
     training = {}
-    for name, label_k in (("learned top-1", 1), ("learned top-10", 10)):
+    for name, label_k, weight in (("learned top-1", 1, 0.0), ("learned top-10", 10, 0.0),
+                                  ("learned top-10 mixed", 10, 0.5)):
         y = nb.partitions[:, :label_k] if label_k > 1 else nb.labels
-        m = LinearRouterTrainer(max_epochs=max_epochs, seed=seed).fit(
+        m = LinearRouterTrainer(max_epochs=max_epochs, seed=seed, top1_weight=weight).fit(
             queries[tr], y[tr], queries[va], y[va], n_parts, centroids=centroids)
         routers[name] = Linear(m.coef_, m.intercept_)
-        training[name] = {"init": m.init_, "best_epoch": m.best_epoch_}
-    for r in routers.values():   # temperature and recall table from the validation split
-        r.calibrate(queries[va], nb.partitions[va])
+        training[name] = {"init": m.init_, "best_epoch": m.best_epoch_, "top1_weight": weight}
+    # the same mixed router, adaptive from calibrated probabilities alone (no stopping model)
+    routers["learned top-10 mixed, prob. threshold"] = Linear(m.coef_, m.intercept_)
+    for name, r in routers.items():   # calibration from the validation split only
+        r.calibrate(queries[va], nb.partitions[va], stopping_model="prob. threshold" not in name)
     # the paper's budgets, plus 10% and 20% of L so the fixed curves span the adaptive ones
     nprobes = sorted({max(1, int(round(f * n_parts))) for f in FRACTIONS + (0.1, 0.2)} | {1, 2})
     fixed, adaptive, curves = [], [], {}
     for name, r in routers.items():
+        if "prob. threshold" in name:         # same ranking as the mixed router: adaptive only
+            curves[name] = curves["learned top-10 mixed"]
+            for t, q in evaluate_adaptive(r, queries[te], sub(te), TARGETS):
+                adaptive.append({"algorithm": algorithm, "router": name, "target": t,
+                                 "mean_probed": q.mean_probed, "top1": q.top1_accuracy,
+                                 "recall@10": q.recall})
+            continue
         order = r.rank(queries[te], n_parts)
         curves[name] = [routing_quality(order[:, :n], sub(te)).recall
                         for n in range(1, min(n_parts, 100) + 1)]
@@ -91,19 +104,28 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100)
             "temperatures": {n: r.temperature for n, r in routers.items()}}
 
 
-def savings(result: dict, router: str = "learned top-10",
-            targets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> list[dict]:
-    """Adaptive vs fixed nprobe for ``router`` at equal recall@10.
+def fixed_nprobe_for(curve: list[float], recall: float) -> float | None:
+    """Fixed nprobe reaching ``recall`` on a recall-vs-nprobe curve (index 0 = nprobe 1),
+    linearly interpolated between integers, so neither side is rounded in its favour."""
+    for n, rec in enumerate(curve):
+        if rec >= recall:
+            if n == 0:
+                return 1.0
+            return n + (recall - curve[n - 1]) / max(rec - curve[n - 1], 1e-12)
+    return None
 
-    For each recall target, the adaptive run's mean partitions probed against
-    the smallest fixed nprobe whose recall reaches what adaptive achieved.
-    """
-    curve = result["fixed_recall_curve"][router]
+
+def savings(result: dict, router: str = "learned top-10 mixed",
+            targets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> list[dict]:
+    """Adaptive vs fixed nprobe for ``router`` at equal recall@10: for each recall
+    target, adaptive's mean partitions probed against the fixed nprobe (same
+    ranking) that reaches the recall adaptive achieved."""
+    curve = result["fixed_recall_curve"][router.replace(", prob. threshold", "")]
     rows = []
     for a in (r for r in result["adaptive"] if r["router"] == router):
         if not any(abs(a["target"] - t) < 1e-9 for t in targets):
             continue
-        n_fixed = next((n + 1 for n, rec in enumerate(curve) if rec >= a["recall@10"]), None)
+        n_fixed = fixed_nprobe_for(curve, a["recall@10"])
         if n_fixed is None:
             continue
         rows.append({"algorithm": result["algorithm"], "router": router, "target": a["target"],
@@ -126,19 +148,23 @@ def main(argv=None) -> int:
         print_table(res["fixed"], ["router", "nprobe", "pct_of_L", "top1", "recall@10"],
                     f"{args.dataset}: {res['algorithm']} k-means, N={res['N']}, L={res['L']}, "
                     f"{res['queries']} real queries (test {res['split'][2]})")
-    save_rows = [row for res in results for row in savings(res)]
+    save_rows = [row for res in results for router in ("learned top-10 mixed",
+                                                       "learned top-10 mixed, prob. threshold")
+                 for row in savings(res, router)]
     if save_rows:
-        print_table(save_rows, ["algorithm", "target", "adaptive_recall@10", "adaptive_mean_probed",
-                                "fixed_nprobe_for_same_recall", "partitions_saved_pct"],
-                    "adaptive nprobe vs fixed nprobe at equal recall@10 (learned top-10 router)")
+        print_table(save_rows, ["algorithm", "router", "target", "adaptive_recall@10",
+                                "adaptive_mean_probed", "fixed_nprobe_for_same_recall",
+                                "partitions_saved_pct"],
+                    "adaptive nprobe vs fixed nprobe at equal recall@10 (same router)")
     name = f"quality_{args.dataset}" + ("_quick" if args.quick else "")
     save(name, {"dataset": args.dataset, "results": results, "adaptive_savings": save_rows}, args.out)
     out = RESULTS if args.out is None else __import__("pathlib").Path(args.out)
     for res in results:
         series = {}
-        for router in ("centroid", "learned top-1", "learned top-10"):
+        for router in ("centroid", "learned top-1", "learned top-10", "learned top-10 mixed"):
             f = [r for r in res["fixed"] if r["router"] == router]
             series[f"{router} (fixed)"] = ([r["nprobe"] for r in f], [r["recall@10"] for r in f])
+        for router in ("learned top-10 mixed", "learned top-10 mixed, prob. threshold"):
             a = [r for r in res["adaptive"] if r["router"] == router]
             series[f"{router} (adaptive)"] = ([r["mean_probed"] for r in a], [r["recall@10"] for r in a])
         plot_lines(out / f"{name}_{res['algorithm']}.png", series, "mean partitions probed",

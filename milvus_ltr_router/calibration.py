@@ -1,13 +1,25 @@
-"""Temperature calibration and probability-mass stopping for adaptive nprobe.
+"""Calibration for adaptive nprobe: temperature, a learned stopping model, a recall table.
 
 A router's softmax over partitions estimates where a query's neighbours are.
-After fitting one temperature on held-out queries (minimum cross-entropy
-against the observed neighbour distribution), probing the fewest partitions
-whose probability mass reaches a target gives each query its own nprobe:
-confident queries probe one or two partitions, ambiguous ones more. With
-top-k multi-label training the mass estimates recall@k directly.
+Adaptive nprobe probes, for each query, every partition whose *expected share
+of the query's top-k neighbours* reaches one global threshold: that spends the
+probe budget where the expected recall gain per partition is largest (the
+Lagrangian solution of "most recall for a mean number of partitions"), so
+confident queries probe one or two partitions and ambiguous ones many.
+
+How good the rule is depends on how well the expected shares compare *across*
+queries. The raw softmax is not enough: a partition at rank 5 with probability
+0.02 means something different for a flat distribution than for a peaked one.
+:class:`StoppingModel` (a logistic model over the shape of each query's ranked
+probabilities - rank, log-probability, gap to the best, mass already covered,
+entropy) is fitted on held-out queries and predicts the shares; serving
+evaluates it with numpy only. A table from other held-out queries then maps a
+threshold to the recall@k and mean partitions it gave, so a caller asks for a
+recall target, not a threshold.
 """
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -49,7 +61,93 @@ def fit_temperature(scores: np.ndarray, targets: np.ndarray,
     return best_t
 
 
-LAMBDA_GRID = tuple(float(x) for x in np.geomspace(0.5, 1e-4, 64))
+LAMBDA_GRID = tuple(float(x) for x in np.geomspace(0.9, 1e-5, 120))
+N_FEATURES = 8
+
+
+def ranked_profile(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's partitions best first ``[Q, L]`` and stopping features ``[Q, L, F]``.
+
+    Features of the partition at rank r: log p, log(1 + r), the query's best
+    log p, its entropy, log p - best log p, log of the mass not yet covered
+    before r, log p * log(1 + r), and p itself.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    order = np.argsort(-p, axis=1, kind="stable")
+    ps = np.take_along_axis(p, order, 1)
+    lp = np.log(ps + 1e-12)
+    entropy = -(ps * lp).sum(axis=1, keepdims=True)
+    before = np.cumsum(ps, axis=1) - ps
+    rank = np.log1p(np.arange(p.shape[1], dtype=np.float64))[None, :]
+    shape = lp.shape
+    feats = np.stack([lp, np.broadcast_to(rank, shape), np.broadcast_to(lp[:, :1], shape),
+                      np.broadcast_to(entropy, shape), lp - lp[:, :1],
+                      np.log(np.clip(1 - before, 1e-9, None)), lp * rank, ps], axis=-1)
+    return order, feats
+
+
+@dataclass
+class StoppingModel:
+    """Logistic model of the share of a query's top-k neighbours a partition holds."""
+
+    coef: list
+    intercept: float
+
+    def shares(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(order, shares)``: partitions best first and their predicted shares, made
+        non-increasing along each row so a threshold always selects a prefix."""
+        order, feats = ranked_profile(probabilities)
+        z = feats @ np.asarray(self.coef, dtype=np.float64) + self.intercept
+        return order, np.minimum.accumulate(1.0 / (1.0 + np.exp(-z)), axis=1)
+
+    @classmethod
+    def fit(cls, probabilities: np.ndarray, neighbour_partitions: np.ndarray,
+            max_rank: int = 128, max_rows: int = 1_000_000, seed: int = 0) -> "StoppingModel":
+        """Fit on held-out queries: targets are each partition's observed neighbour share.
+
+        Only the ``max_rank`` best partitions per query enter (beyond them shares
+        are ~0) and at most ``max_rows`` (query, partition) pairs, so fitting costs
+        seconds whatever the number of queries.
+        """
+        from sklearn.linear_model import LogisticRegression
+        probabilities = np.asarray(probabilities)
+        rng = np.random.default_rng(seed)
+        m = min(max_rank, probabilities.shape[1])
+        n_q = min(len(probabilities), max(1, max_rows // m))
+        rows = np.sort(rng.choice(len(probabilities), n_q, replace=False))
+        order, feats = ranked_profile(probabilities[rows])
+        share = np.take_along_axis(target_distribution(neighbour_partitions[rows],
+                                                       probabilities.shape[1]), order, 1)
+        x = feats[:, :m].reshape(-1, N_FEATURES)
+        y = share[:, :m].reshape(-1)
+        # fractional targets as weighted positive and negative copies of each row
+        xx, yy, ww = np.concatenate([x, x]), np.r_[np.ones(len(y)), np.zeros(len(y))], np.r_[y, 1 - y]
+        keep = ww > 0
+        model = LogisticRegression(max_iter=500).fit(xx[keep], yy[keep], sample_weight=ww[keep])
+        return cls([float(c) for c in model.coef_[0]], float(model.intercept_[0]))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict | None) -> "StoppingModel | None":
+        if not value:
+            return None
+        model = cls([float(c) for c in value["coef"]], float(value["intercept"]))
+        if len(model.coef) != N_FEATURES:
+            raise ValueError(f"stopping model has {len(model.coef)} coefficients, "
+                             f"expected {N_FEATURES}")
+        return model
+
+
+def expected_shares(probabilities: np.ndarray,
+                    model: StoppingModel | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, values)`` for threshold routing: the stopping model's shares, or the
+    sorted probabilities themselves for routers calibrated without one."""
+    if model is not None:
+        return model.shares(probabilities)
+    order = np.argsort(-np.asarray(probabilities), axis=1, kind="stable")
+    return order, np.take_along_axis(np.asarray(probabilities), order, 1)
 
 
 def neighbour_ranks(probabilities: np.ndarray, neighbour_partitions: np.ndarray) -> np.ndarray:
@@ -65,28 +163,29 @@ def neighbour_ranks(probabilities: np.ndarray, neighbour_partitions: np.ndarray)
     return np.where(parts >= 0, out, order.shape[1])
 
 
-def threshold_counts(probabilities: np.ndarray, threshold: float, min_nprobe: int = 1,
+def threshold_counts(values: np.ndarray, threshold: float, min_nprobe: int = 1,
                      max_nprobe: int | None = None) -> np.ndarray:
-    """Per query, how many partitions have probability >= ``threshold`` (clipped to the bounds)."""
-    cap = probabilities.shape[1] if max_nprobe is None else min(max_nprobe, probabilities.shape[1])
+    """Per query, how many partitions have a value >= ``threshold`` (clipped to the bounds)."""
+    cap = values.shape[1] if max_nprobe is None else min(max_nprobe, values.shape[1])
     if not 1 <= min_nprobe <= cap:
         raise ValueError(f"need 1 <= min_nprobe ({min_nprobe}) <= max_nprobe ({cap})")
-    return np.clip((probabilities >= threshold).sum(axis=1), min_nprobe, cap)
+    return np.clip((values >= threshold).sum(axis=1), min_nprobe, cap)
 
 
 def recall_table(probabilities: np.ndarray, neighbour_partitions: np.ndarray,
-                 grid=LAMBDA_GRID) -> list[tuple[float, float, float]]:
+                 grid=LAMBDA_GRID, model: StoppingModel | None = None
+                 ) -> list[tuple[float, float, float]]:
     """``(threshold, recall@k, mean partitions probed)`` on held-out queries, for each threshold.
 
-    Probing every partition whose probability (the expected share of a query's
-    neighbours it holds) reaches one global threshold spends the probe budget
-    where the expected recall gain is largest, unlike a fixed nprobe.
+    Thresholds apply to the stopping model's predicted shares (or, without a
+    model, to the probabilities): every partition at or above it is probed.
     """
+    _, values = expected_shares(probabilities, model)     # same order as neighbour_ranks
     ranks = neighbour_ranks(probabilities, neighbour_partitions)
     valid = np.maximum((np.asarray(neighbour_partitions) >= 0).sum(axis=1), 1)
     rows = []
     for lam in grid:
-        counts = threshold_counts(probabilities, lam)
+        counts = threshold_counts(values, lam)
         recall = float(((ranks < counts[:, None]).sum(axis=1) / valid).mean())
         rows.append((float(lam), recall, float(counts.mean())))
     return rows

@@ -49,6 +49,9 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=10, help="k of recall@k (default 10)")
     p.add_argument("--label-k", type=int, default=1,
                    help="train on the partitions of the top-k neighbours (1 = the paper)")
+    p.add_argument("--top1-weight", type=float, default=0.5,
+                   help="with --label-k > 1, weight of the paper's top-1 term in the loss "
+                        "(0 = top-k only; 0.5 keeps top-1 accuracy while raising recall@k)")
     p.add_argument("--min-queries", type=int, default=200)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--init", choices=["auto", "centroids", "random"], default="auto")
@@ -240,7 +243,8 @@ def _cmd_retrain(args) -> int:
     cfg = RetrainConfig(collection=args.collection, model_dir=args.model_dir,
                         queries_file=args.queries, sample=args.sample, since_seconds=args.since,
                         nprobe=args.nprobe, min_gain=args.min_gain, metric=args.metric, k=args.k,
-                        label_k=args.label_k, min_queries=args.min_queries, max_epochs=args.epochs,
+                        label_k=args.label_k, top1_weight=args.top1_weight,
+                        min_queries=args.min_queries, max_epochs=args.epochs,
                         init=args.init, seed=args.seed, dry_run=args.dry_run,
                         report_dir=args.report, keep=args.keep)
     try:

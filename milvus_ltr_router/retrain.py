@@ -47,6 +47,7 @@ class RetrainConfig:
     metric: str = "top1"                 # top1 or recall: which number decides publishing
     k: int = 10
     label_k: int = 1                     # >1: train on the partitions of the top-k neighbours
+    top1_weight: float = 0.5             # with label_k > 1: weight of the top-1 term in the loss
     min_queries: int = 200
     max_epochs: int = 100
     patience: int = 10
@@ -142,6 +143,8 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                            f"for layout {layout.layout_id}")
     if cfg.metric not in ("top1", "recall"):
         raise RetrainError(f"--metric must be top1 or recall, got {cfg.metric!r}")
+    if not 0.0 <= cfg.top1_weight <= 1.0:
+        raise RetrainError(f"--top1-weight must be in [0, 1], got {cfg.top1_weight}")
     with registry.lock(layout.collection):
         queries = gather_queries(client, layout, cfg)
         seconds["queries"] = time.perf_counter() - t0
@@ -158,7 +161,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         t0 = time.perf_counter()
         tr, va, te = split_indices(len(queries), cfg.seed)
         trainer = LinearRouterTrainer(max_epochs=cfg.max_epochs, patience=cfg.patience,
-                                      init=cfg.init, seed=cfg.seed)
+                                      init=cfg.init, seed=cfg.seed, top1_weight=cfg.top1_weight)
         trainer.fit(queries[tr], labels[tr], queries[va], labels[va], layout.n_partitions,
                     centroids=layout.centroids, metric=layout.metric)
         seconds["train"] = time.perf_counter() - t0
@@ -170,14 +173,16 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         training = {"init": trainer.init_, "best_epoch": trainer.best_epoch_,
                     "val_accuracy": trainer.val_accuracy_, "candidates": trainer.candidates_,
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te),
-                    "label_k": cfg.label_k}
+                    "label_k": cfg.label_k,
+                    "top1_weight": cfg.top1_weight if cfg.label_k > 1 else None}
         try:
             export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
                           metrics={}, nprobe=cfg.nprobe, training=training)
             new_router = Router.load(tmp_path, layout=layout).calibrate(
                 queries[va], neighbours.partitions[va, :cfg.k])      # for adaptive nprobe
             calibration = {"temperature": new_router.temperature,
-                           "recall_thresholds": new_router.recall_thresholds}
+                           "recall_thresholds": new_router.recall_thresholds,
+                           "stopping_model": new_router.stopping_model.to_json()}
             training["temperature"] = new_router.temperature
             routers = {"centroid": CentroidRouter(layout), "learned": new_router}
             try:

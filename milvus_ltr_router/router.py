@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .calibration import StoppingModel
 from .clustering import as_vector_batch
 
 log = logging.getLogger(__name__)
@@ -66,30 +67,46 @@ class BaseRouter:
 
     temperature: float = 1.0
     recall_thresholds: list = []     # (threshold, held-out recall@k, mean probed), from calibrate()
+    stopping_model = None            # calibration.StoppingModel, from calibrate()
 
     def probabilities(self, queries) -> np.ndarray:
         """Calibrated softmax over partitions ``[Q, L]`` (see :mod:`.calibration`)."""
         from .calibration import softmax
         return softmax(self.scores(self._check_queries(queries)), self.temperature)
 
-    def calibrate(self, queries, neighbour_partitions) -> "BaseRouter":
-        """Fit the temperature and the recall table on held-out queries and their neighbours."""
-        from .calibration import fit_temperature, recall_table, softmax, target_distribution
+    def calibrate(self, queries, neighbour_partitions, stopping_model: bool = True,
+                  seed: int = 0) -> "BaseRouter":
+        """Fit what adaptive nprobe needs on held-out queries and their neighbours' partitions.
+
+        The temperature uses all of them; the stopping model one half and the
+        recall table the other (with >= 200 queries), so the table measures the
+        model on queries it was not fitted to.
+        """
+        from .calibration import (StoppingModel, fit_temperature, recall_table, softmax,
+                                  target_distribution)
+        parts = np.asarray(neighbour_partitions)
         scores = self.scores(self._check_queries(queries))
-        self.temperature = fit_temperature(scores, target_distribution(neighbour_partitions,
-                                                                       self.n_partitions))
-        self.recall_thresholds = recall_table(softmax(scores, self.temperature), neighbour_partitions)
+        self.temperature = fit_temperature(scores, target_distribution(parts, self.n_partitions))
+        probs = softmax(scores, self.temperature)
+        self.stopping_model = None
+        table_rows = np.arange(len(probs))
+        if stopping_model:
+            perm = np.random.default_rng(seed).permutation(len(probs))
+            fit_rows, table_rows = (perm[: len(perm) // 2], perm[len(perm) // 2:]) \
+                if len(perm) >= 200 else (perm, perm)
+            self.stopping_model = StoppingModel.fit(probs[fit_rows], parts[fit_rows], seed=seed)
+        self.recall_thresholds = recall_table(probs[table_rows], parts[table_rows],
+                                              model=self.stopping_model)
         return self
 
     def rank_adaptive(self, queries, recall_target: float, min_nprobe: int = 1,
                       max_nprobe: int | None = None) -> list[np.ndarray]:
-        """Per query, every partition whose probability reaches the threshold that gave
-        ``recall_target`` on held-out queries (best first, between the bounds)."""
-        from .calibration import threshold_counts, threshold_for
+        """Per query, every partition whose predicted neighbour share reaches the threshold
+        that gave ``recall_target`` on held-out queries (best first, between the bounds)."""
+        from .calibration import expected_shares, threshold_counts, threshold_for
         lam = threshold_for(self.recall_thresholds, recall_target)
-        probs = self.probabilities(queries)
-        counts = threshold_counts(probs, lam, min_nprobe, max_nprobe)
-        order = self.rank(queries, int(counts.max()))
+        order, values = expected_shares(self.probabilities(queries), self.stopping_model)
+        counts = threshold_counts(values, lam, min_nprobe, max_nprobe)
         return [row[:n] for row, n in zip(order, counts)]
 
     def route(self, queries, nprobe: int | None = None, recall_target: float | None = None,
@@ -166,6 +183,8 @@ class Router(BaseRouter):
             self.layout_id = str(metadata["layout_id"])
             self.temperature = float(metadata.get("temperature", 1.0))
             self.recall_thresholds = json.loads(metadata.get("recall_thresholds", "[]"))
+            self.stopping_model = StoppingModel.from_json(
+                json.loads(metadata.get("stopping_model", "null")))
         except (KeyError, ValueError, TypeError) as exc:
             raise RouterError(f"router {path or ''} lacks valid metadata ({exc}); "
                               "was it exported by milvus-ltr-router?") from exc

@@ -15,7 +15,11 @@ def test_quality_benchmark_runs(tmp_path):
     assert bench_quality.main(["--quick", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "quality_fixture_quick.json").read_text())
     routers = {r["router"] for r in out["results"][0]["fixed"]}
-    assert routers == {"centroid", "learned top-1", "learned top-10"}
+    assert routers == {"centroid", "learned top-1", "learned top-10", "learned top-10 mixed"}
+    adaptive = {r["router"] for r in out["results"][0]["adaptive"]}
+    assert "learned top-10 mixed, prob. threshold" in adaptive
+    assert {r["router"] for r in out["adaptive_savings"]} == {
+        "learned top-10 mixed", "learned top-10 mixed, prob. threshold"}
     assert (tmp_path / "quality_fixture_quick_spherical.png").exists()
 
 

@@ -56,3 +56,50 @@ def test_adaptive_routing_meets_its_target_and_spends_fewer_partitions(small_lay
     assert routing_quality(pad_routes(routes), Neighbours(*(a[:5] for a in (nb.ids, nb.scores,
                                                                             nb.partitions)))) \
         .mean_probed == np.mean([len(r) for r in routes])
+
+
+def test_stopping_model_predicts_observed_shares(small_layout_arrays):
+    """Fitted on one half of the queries, its predicted shares match the other half's."""
+    from milvus_ltr_router.calibration import StoppingModel
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    layout = Layout("d", centroids, partition_names_for(32), np.ones(32, np.int64), "IP",
+                    "spherical", centroids.shape[1], "x")
+    router = CentroidRouter(layout)
+    probs = router.probabilities(queries)
+    model = StoppingModel.fit(probs[:2000], nb.partitions[:2000])
+    order, shares = model.shares(probs[2000:])
+    assert (np.diff(shares, axis=1) <= 0).all()             # a threshold selects a prefix
+    observed = np.take_along_axis(target_distribution(nb.partitions[2000:], 32), order, 1)
+    # calibrated: over bins of predicted share, the mean prediction tracks the mean observation
+    bins = np.digitize(shares, [0.01, 0.05, 0.2, 0.5])
+    for b in np.unique(bins):
+        sel = bins == b
+        if sel.sum() > 200:
+            assert abs(shares[sel].mean() - observed[sel].mean()) < 0.05
+    # the rank-1 partition is predicted to hold more of the neighbours than rank 10
+    assert shares[:, 0].mean() > 3 * shares[:, 9].mean()
+    again = StoppingModel.from_json(model.to_json())
+    np.testing.assert_array_equal(again.shares(probs[:5])[1], model.shares(probs[:5])[1])
+    with pytest.raises(ValueError, match="coefficients"):
+        StoppingModel.from_json({"coef": [1.0, 2.0], "intercept": 0.0})
+    assert StoppingModel.from_json(None) is None
+
+
+def test_stopping_model_needs_fewer_partitions_than_probability_threshold(small_layout_arrays):
+    """On held-out queries, at a matched recall, the stopping model probes no more partitions."""
+    from milvus_ltr_router.calibration import StoppingModel
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    layout = Layout("d", centroids, partition_names_for(32), np.ones(32, np.int64), "IP",
+                    "spherical", centroids.shape[1], "x")
+    router = CentroidRouter(layout).calibrate(queries[:2000], nb.partitions[:2000])
+    probs = router.probabilities(queries[2000:])
+    model = StoppingModel.fit(router.probabilities(queries[:2000]), nb.partitions[:2000])
+    with_model = np.array(recall_table(probs, nb.partitions[2000:], model=model))
+    plain = np.array(recall_table(probs, nb.partitions[2000:]))
+
+    def probed_at(table, recall):            # mean partitions where the curve reaches recall
+        table = table[np.argsort(table[:, 2])]
+        return float(np.interp(recall, np.maximum.accumulate(table[:, 1]), table[:, 2]))
+
+    for recall in (0.7, 0.8, 0.9):
+        assert probed_at(with_model, recall) <= probed_at(plain, recall) * 1.02

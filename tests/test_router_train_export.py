@@ -92,6 +92,26 @@ def test_onnx_export_round_trip(tmp_path, small_layout_arrays, trained):
     assert router.partitions(queries[0], 2)[0] == [layout.partition_names[i] for i in order[0, :2]]
 
 
+def test_calibration_survives_export(tmp_path, small_layout_arrays, trained):
+    """Temperature, stopping model and recall table travel in the ONNX metadata."""
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    model, (tr, va, te) = trained
+    layout = make_layout(centroids)
+    path = export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "r.onnx")
+    fitted = Router.load(path).calibrate(queries[va], nb.partitions[va])
+    assert fitted.stopping_model is not None and fitted.recall_thresholds
+    path = export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "c.onnx",
+                         temperature=fitted.temperature, recall_thresholds=fitted.recall_thresholds,
+                         stopping_model=fitted.stopping_model.to_json())
+    loaded = Router.load(path)
+    assert loaded.stopping_model == fitted.stopping_model
+    assert loaded.temperature == fitted.temperature
+    want = fitted.route(queries[te[:50]], recall_target=0.8)
+    got = loaded.route(queries[te[:50]], recall_target=0.8)
+    assert [list(r) for r in got] == [list(r) for r in want]
+    assert 1 < np.mean([len(r) for r in got]) < 32
+
+
 def test_router_refuses_bad_input(tmp_path, small_layout_arrays, trained):
     docs, queries, centroids, parts, nb = small_layout_arrays
     model, _ = trained
