@@ -65,13 +65,9 @@ LAMBDA_GRID = tuple(float(x) for x in np.geomspace(0.9, 1e-5, 120))
 N_FEATURES = 8
 
 
-def ranked_profile(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's partitions best first ``[Q, L]`` and stopping features ``[Q, L, F]``.
-
-    Features of the partition at rank r: log p, log(1 + r), the query's best
-    log p, its entropy, log p - best log p, log of the mass not yet covered
-    before r, log p * log(1 + r), and p itself.
-    """
+def _ranked_features(probabilities: np.ndarray) -> tuple[np.ndarray, list]:
+    """Each query's partitions best first ``[Q, L]`` and its stopping features, one
+    ``[Q, L]``-broadcastable array per feature (see :func:`ranked_profile`)."""
     p = np.asarray(probabilities, dtype=np.float64)
     order = np.argsort(-p, axis=1, kind="stable")
     ps = np.take_along_axis(p, order, 1)
@@ -79,11 +75,19 @@ def ranked_profile(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     entropy = -(ps * lp).sum(axis=1, keepdims=True)
     before = np.cumsum(ps, axis=1) - ps
     rank = np.log1p(np.arange(p.shape[1], dtype=np.float64))[None, :]
-    shape = lp.shape
-    feats = np.stack([lp, np.broadcast_to(rank, shape), np.broadcast_to(lp[:, :1], shape),
-                      np.broadcast_to(entropy, shape), lp - lp[:, :1],
-                      np.log(np.clip(1 - before, 1e-9, None)), lp * rank, ps], axis=-1)
-    return order, feats
+    return order, [lp, rank, lp[:, :1], entropy, lp - lp[:, :1],
+                   np.log(np.clip(1 - before, 1e-9, None)), lp * rank, ps]
+
+
+def ranked_profile(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's partitions best first ``[Q, L]`` and stopping features ``[Q, L, F]``.
+
+    Features of the partition at rank r: log p, log(1 + r), the query's best
+    log p, its entropy, log p - best log p, log of the mass not yet covered
+    before r, log p * log(1 + r), and p itself.
+    """
+    order, feats = _ranked_features(probabilities)
+    return order, np.stack([np.broadcast_to(f, order.shape) for f in feats], axis=-1)
 
 
 @dataclass
@@ -96,8 +100,10 @@ class StoppingModel:
     def shares(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(order, shares)``: partitions best first and their predicted shares, made
         non-increasing along each row so a threshold always selects a prefix."""
-        order, feats = ranked_profile(probabilities)
-        z = feats @ np.asarray(self.coef, dtype=np.float64) + self.intercept
+        order, feats = _ranked_features(probabilities)     # serving path: no [Q, L, F] array
+        z = np.full(order.shape, self.intercept)
+        for c, f in zip(self.coef, feats):
+            z += c * f
         return order, np.minimum.accumulate(1.0 / (1.0 + np.exp(-z)), axis=1)
 
     @classmethod
