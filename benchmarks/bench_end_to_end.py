@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, plot_lines, print_table, save
+from benchmarks.common import RESULTS, plot_lines, print_table, save, setup_logging
 from milvus_ltr_router.datasets import DATASETS
 
 NPROBES = (1, 2, 4, 8, 16, 32)
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    setup_logging()
     data = load_or_build(args.dataset)
     docs, queries = data.docs, data.queries
     nprobes = tuple(args.nprobes)

@@ -15,7 +15,7 @@ import uuid
 
 import numpy as np
 
-from benchmarks.common import peak_rss_mib, print_table, save
+from benchmarks.common import peak_rss_mib, print_table, save, setup_logging
 
 
 def tiled_vectors(n_rows: int, seed: int = 0) -> np.ndarray:
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="3,000 rows, 8 clusters, milvus-lite")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    setup_logging()
     if args.quick:
         args.rows, args.clusters, args.lite = 3000, 8, True
     if args.lite:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import best_of, print_table, save
+from benchmarks.common import best_of, print_table, save, setup_logging
 
 
 def label_throughput(n_docs: int, n_queries: int, dim: int, block: int, k: int = 10) -> dict:
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    setup_logging()
     if args.quick:
         label_cfg = [(2000, 100, 32, 500)]
         route_cfg = [(64, 32, 1), (64, 32, 100)]

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import plot_lines, print_table, save, RESULTS
+from benchmarks.common import plot_lines, print_table, save, RESULTS, setup_logging
 
 FRACTIONS = (0.001, 0.01, 0.02, 0.05)
 TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny slice, few epochs (smoke test)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    setup_logging()
     docs, queries = load(args.dataset, args.quick)
     results = [run_one(docs, queries, alg, max_epochs=5 if args.quick else 100)
                for alg in ("spherical", "kmeans")]

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import peak_rss_mib, print_table, save
+from benchmarks.common import peak_rss_mib, print_table, save, setup_logging
 
 
 def mixture_blocks(n_rows: int, centres: np.ndarray, block: int, seed: int):
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)   # child process: one size
     args = parser.parse_args(argv)
+    setup_logging()
     if args.one:
         print(json.dumps(one_size(args.one, args.queries, args.clusters, args.dim, args.epochs)))
         return 0

@@ -78,3 +78,11 @@ def plot_lines(path: Path, series: dict[str, tuple[list, list]], xlabel: str, yl
     plt.close(fig)
     print(f"wrote {path}")
     return path
+
+
+def setup_logging() -> None:
+    """Timestamped INFO lines from the library (long steps report progress), third-party noise off."""
+    import logging
+    from milvus_ltr_router.cli import quiet_third_party
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_third_party()

@@ -154,8 +154,9 @@ class RoutedMilvusClient(MilvusClient):
         """``MilvusClient.search``, restricted per query to the partitions the router picks.
 
         ``nprobe`` fixes the partitions per query; ``recall_target`` (e.g. 0.95)
-        instead probes, per query, the fewest partitions whose calibrated router
-        probability reaches it, between ``min_nprobe`` and ``max_nprobe``.
+        instead probes, per query, the partitions whose predicted share of its
+        neighbours reaches the threshold that met that recall@k on held-out
+        queries at retrain time, between ``min_nprobe`` and ``max_nprobe``.
 
         Passes through untouched when the collection has no layout, when the
         caller names ``partition_names`` or another ``anns_field``, or searches by ``ids``.
