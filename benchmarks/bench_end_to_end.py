@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries to time")
     parser.add_argument("--nprobes", type=int, nargs="*", default=list(NPROBES),
                         help="nprobe values to sweep for every method")
-    parser.add_argument("--label-k", type=int, default=1,
+    parser.add_argument("--label-k", type=int, default=10,
                         help="train the router on the top-k neighbours' partitions (1 = the paper)")
     parser.add_argument("--recall-targets", type=float, nargs="*", default=[0.7, 0.8, 0.9, 0.95],
                         help="recall_target values for the learned router's adaptive nprobe")

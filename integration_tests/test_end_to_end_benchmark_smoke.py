@@ -6,7 +6,7 @@ def test_end_to_end_benchmark_runs(milvus_server, tmp_path, monkeypatch):
     from benchmarks import bench_end_to_end
     monkeypatch.setenv("MILVUS_URI", milvus_server.uri)
     assert bench_end_to_end.main(["--quick", "--out", str(tmp_path)]) == 0
-    out = json.loads((tmp_path / "end_to_end_fixture_k1_quick.json").read_text())
+    out = json.loads((tmp_path / "end_to_end_fixture_k10_quick.json").read_text())
     methods = {r["method"] for r in out["rows"]}
     fixed = {"learned routing", "centroid routing", "native IVF_FLAT", "FLAT"}
     # adaptive rows appear when the quick router was good enough to publish

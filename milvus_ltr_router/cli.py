@@ -47,8 +47,9 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=["top1", "recall"], default="top1",
                    help="what decides publishing: top-1 accuracy or recall@k at --nprobe")
     p.add_argument("--k", type=int, default=10, help="k of recall@k (default 10)")
-    p.add_argument("--label-k", type=int, default=1,
-                   help="train on the partitions of the top-k neighbours (1 = the paper)")
+    p.add_argument("--label-k", type=int, default=10,
+                   help="train on the partitions of the top-k neighbours (default 10; "
+                        "1 = the paper's top-1 labels)")
     p.add_argument("--top1-weight", type=float, default=0.5,
                    help="with --label-k > 1, weight of the paper's top-1 term in the loss "
                         "(0 = top-k only; 0.5 keeps top-1 accuracy while raising recall@k)")

@@ -46,7 +46,7 @@ class RetrainConfig:
     min_gain: float = 0.0
     metric: str = "top1"                 # top1 or recall: which number decides publishing
     k: int = 10
-    label_k: int = 1                     # >1: train on the partitions of the top-k neighbours
+    label_k: int = 10                    # train on the top-k neighbours' partitions (1 = the paper)
     top1_weight: float = 0.5             # with label_k > 1: weight of the top-1 term in the loss
     min_queries: int = 200
     max_epochs: int = 100
@@ -143,6 +143,8 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                            f"for layout {layout.layout_id}")
     if cfg.metric not in ("top1", "recall"):
         raise RetrainError(f"--metric must be top1 or recall, got {cfg.metric!r}")
+    if cfg.label_k < 1:
+        raise RetrainError(f"--label-k must be >= 1, got {cfg.label_k}")
     if not 0.0 <= cfg.top1_weight <= 1.0:
         raise RetrainError(f"--top1-weight must be in [0, 1], got {cfg.top1_weight}")
     with registry.lock(layout.collection):
