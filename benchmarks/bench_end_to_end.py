@@ -56,6 +56,28 @@ def winners(rows: list[dict], target: float) -> list[dict]:
     return out
 
 
+def latency_at_recall(rows: list[dict], targets, key: str = "median_ms") -> list[dict]:
+    """Each method's latency at each recall@10, interpolated linearly between the two sweep
+    points around it (none outside the swept range), so a coarse grid favours no method."""
+    out = []
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r["recall@10"], r[key]) for r in rows if r["method"] == method)
+        row = {"method": method}
+        for t in targets:
+            above = [p for p in pts if p[0] >= t]
+            below = [p for p in pts if p[0] < t]
+            if not above:
+                row[f"ms@{t}"] = None
+            elif not below:
+                row[f"ms@{t}"] = min(ms for rec, ms in above) if method == "FLAT" or len(pts) == 1 \
+                    else None
+            else:
+                (r0, m0), (r1, m1) = below[-1], min(above, key=lambda p: p[0])
+                row[f"ms@{t}"] = m0 + (t - r0) / (r1 - r0) * (m1 - m0)
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     from pymilvus import MilvusClient
     from milvus_ltr_router.client import RoutedMilvusClient
@@ -149,11 +171,16 @@ def main(argv=None) -> int:
           f"router decision: {result.decision}")
     print_table(rows, ["method", "param", "recall@10", "qps", "mean_ms", "median_ms", "p99_ms"],
                 "recall@10 vs latency, single-query requests")
-    win = [w for t in (0.9, 0.95) for w in winners(rows, t)]
+    win = [w for t in (0.7, 0.8, 0.9, 0.95) for w in winners(rows, t)]
     print_table(win, ["recall_target", "method", "param", "recall@10", "median_ms", "mean_ms", "qps",
                       "slower_than_best_x"], "fastest configuration reaching each recall@10")
+    targets = (0.7, 0.8, 0.9, 0.95)
+    interp = latency_at_recall(rows, targets)
+    print_table(interp, ["method"] + [f"ms@{t}" for t in targets],
+                "median ms at each recall@10, interpolated along each method's sweep")
     name = f"end_to_end_{args.dataset}_k{args.label_k}" + ("_quick" if args.quick else "")
     save(name, {"server": label, "N": len(docs), "L": n_parts, "rows": rows, "winners": win,
+                "median_ms_at_recall": interp,
                 "timings": timings, "router": result.reason}, args.out)
     out = Path(args.out) if args.out else RESULTS
     series = {}
