@@ -72,6 +72,11 @@ def test_log_fills_and_retrain_publishes(scenario):
     centroid = {r["nprobe"]: r for r in result["table"]["centroid"]}
     assert learned[NPROBE]["top1_accuracy"] > centroid[NPROBE]["top1_accuracy"]
     assert any(p.endswith(".png") for p in result["report_paths"])
+    # the report says how adaptive nprobe did on held-out queries, more partitions for more recall
+    adaptive = result["adaptive"]
+    assert [a["recall_target"] for a in adaptive] == [0.5, 0.7, 0.8, 0.9, 0.95]
+    assert all(a["recall"] >= a["recall_target"] - 0.08 for a in adaptive)
+    assert [a["mean_probed"] for a in adaptive] == sorted(a["mean_probed"] for a in adaptive)
     path = scenario["model_dir"] / scenario["collection"] / f"{result['version']}.onnx"
     router = Router.load(path)
     assert router.layout_id == result["layout_id"] and router.default_nprobe == NPROBE
@@ -84,6 +89,8 @@ def test_client_hot_reloads_and_hits_equal_partition_restricted_search(scenario)
         time.sleep(0.1)
     status = client.router_status(collection)
     assert status["mode"] == "learned" and status["version"] == scenario["result"]["version"]
+    assert status["adaptive"]["stopping_model"] and 0.9 < status["adaptive"]["max_recall"] <= 1
+    assert scenario["centroid_status"]["adaptive"] is None     # centroid fallback: uncalibrated
     queries = scenario["held_out"][:60]
     hits = client.search(collection, data=queries.tolist(), limit=10, output_fields=["title"])
     parts = client._state(collection).router.partitions(queries, NPROBE)

@@ -132,15 +132,21 @@ class RoutedMilvusClient(MilvusClient):
         return self.router_status(collection_name)
 
     def router_status(self, collection_name: str) -> dict:
-        """How ``collection_name`` is routed: ``learned``, ``centroid`` (fallback) or ``none``."""
+        """How ``collection_name`` is routed: ``learned``, ``centroid`` (fallback) or ``none``;
+        ``adaptive`` says whether ``recall_target`` is calibrated (None: served as fixed nprobe)."""
         state = self._state(collection_name)
         stats = vars(self._logger.stats).copy() if self._logger else {}
         if state is None:
             return {"collection": collection_name, "mode": "none", "query_log": stats}
+        table = state.router.recall_thresholds
+        adaptive = None if not table else {      # what recall_target can ask for
+            "stopping_model": state.router.stopping_model is not None,
+            "max_recall": max(recall for _, recall, _ in table),
+            "temperature": state.router.temperature}
         return {"collection": state.layout.collection, "mode": state.router.kind,
                 "version": state.version, "layout_id": state.layout.layout_id,
                 "n_partitions": state.layout.n_partitions, "nprobe": self._default_nprobe(state),
-                "error": state.error, "query_log": stats}
+                "adaptive": adaptive, "error": state.error, "query_log": stats}
 
     def _default_nprobe(self, state: _Routing) -> int:
         n = self.nprobe or getattr(state.router, "default_nprobe", None) or 8

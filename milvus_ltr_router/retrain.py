@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from pymilvus import MilvusClient
 
-from .evaluate import RoutingQuality, evaluate_router, nprobe_grid
+from .evaluate import RoutingQuality, evaluate_adaptive, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
 from .layout import Layout, iter_layout_blocks, read_layout
 from .progress import ProgressCounter
@@ -71,6 +71,7 @@ class RetrainResult:
     baseline: str = "centroid"
     gain: float = 0.0
     table: dict = field(default_factory=dict)      # router -> list of RoutingQuality dicts
+    adaptive: list = field(default_factory=list)   # new router, recall_target -> held-out quality
     training: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     report_paths: list = field(default_factory=list)
@@ -202,6 +203,12 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             test_q, test_nb = queries[te], _subset(neighbours, te)
             table = {name: evaluate_router(r, test_q, test_nb, nprobes, cfg.k)
                      for name, r in routers.items()}
+            adaptive = [{"recall_target": t, **asdict(q)} for t, q in
+                        evaluate_adaptive(new_router, test_q, test_nb, ADAPTIVE_TARGETS, cfg.k)]
+            for row in adaptive:
+                log.info("adaptive nprobe, recall_target %.2f: held-out recall@%d %.4f with %.1f "
+                         "partitions on average", row["recall_target"], cfg.k, row["recall"],
+                         row["mean_probed"])
             seconds["evaluate"] = time.perf_counter() - t0
 
             def score(name: str) -> float:
@@ -215,7 +222,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             result = RetrainResult(
                 decision="kept", reason="", collection=layout.collection, layout_id=layout.layout_id,
                 n_queries=len(queries), nprobe=cfg.nprobe, baseline=best_base, gain=gain,
-                table=metrics, training=training, seconds=seconds)
+                table=metrics, adaptive=adaptive, training=training, seconds=seconds)
             label = f"{cfg.metric}@nprobe={cfg.nprobe}"
             if cfg.dry_run:
                 result.decision = "dry-run"
@@ -243,6 +250,9 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
     return result
 
 
+ADAPTIVE_TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
 def write_report(result: RetrainResult, report_dir: str) -> list[str]:
     """JSON plus, when matplotlib is installed, a PNG of accuracy and recall vs nprobe."""
     out = Path(report_dir)
@@ -250,8 +260,12 @@ def write_report(result: RetrainResult, report_dir: str) -> list[str]:
     stem = f"retrain-{result.collection}-{time.strftime('%Y%m%dT%H%M%S')}"
     paths = [out / f"{stem}.json"]
     paths[0].write_text(result.to_json())
-    png = plot_quality({k: [RoutingQuality(**q) for q in v] for k, v in result.table.items()},
-                       out / f"{stem}.png", title=f"{result.collection}: {result.decision}")
+    table = {k: [RoutingQuality(**q) for q in v] for k, v in result.table.items()}
+    if result.adaptive:
+        table["learned, adaptive"] = [RoutingQuality(**{k: v for k, v in row.items()
+                                                         if k != "recall_target"})
+                                      for row in result.adaptive]
+    png = plot_quality(table, out / f"{stem}.png", title=f"{result.collection}: {result.decision}")
     if png:
         paths.append(png)
     return [str(p) for p in paths]
@@ -269,12 +283,13 @@ def plot_quality(table: dict[str, list[RoutingQuality]], path, title: str = "") 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, rows in table.items():
         x = [r.mean_probed for r in rows]
-        axes[0].plot(x, [r.top1_accuracy for r in rows], marker="o", label=name)
-        axes[1].plot(x, [r.recall for r in rows], marker="o", label=name)
+        style = "--" if "adaptive" in name else "-"
+        axes[0].plot(x, [r.top1_accuracy for r in rows], style, marker="o", label=name)
+        axes[1].plot(x, [r.recall for r in rows], style, marker="o", label=name)
     k = next(iter(table.values()))[0].k if table else 10
     for ax, ylabel in zip(axes, ["top-1 accuracy", f"recall@{k}"]):
         ax.set_xscale("log")
-        ax.set_xlabel("partitions probed (nprobe)")
+        ax.set_xlabel("partitions probed (nprobe, or mean for adaptive)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend()
