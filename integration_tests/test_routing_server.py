@@ -244,6 +244,7 @@ def test_status_and_evaluate_cli(scenario, tmp_path):
     status = json.loads(out.stdout)
     assert status["partitions"] == 64 and status["rows"] == 20_000
     assert status["router"]["usable"] is True and status["logged_queries"] >= 3000
+    assert isinstance(status["router"]["recall_target_calibrated"], bool)
     qfile = tmp_path / "held.npy"
     np.save(qfile, scenario["held_out"][:300])
     out = subprocess.run([sys.executable, "-m", "milvus_ltr_router.cli", "evaluate", "--uri", uri,

@@ -220,8 +220,10 @@ def _cmd_status(args) -> int:
         router_info = {"version": current.version, "published_at": current.published_at,
                        "metrics": current.metrics}
         try:
-            Router.load(current.path, layout=lay)
+            router = Router.load(current.path, layout=lay)
             router_info["usable"] = True
+            router_info["recall_target_calibrated"] = bool(router.recall_thresholds)
+            router_info["stopping_model"] = router.stopping_model is not None
         except RouterError as exc:
             router_info.update(usable=False, error=str(exc))
     status = {"collection": lay.collection, "layout_id": lay.layout_id, "partitions": lay.n_partitions,
