@@ -105,15 +105,28 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
                        title=f"{layout.n_partitions} partitions, {len(held_out)} held-out questions")
 
     status = routed.router_status("wordnet_ivf")
-    hits = routed.search("wordnet_ivf", data=held_out.tolist(), limit=10)
-    got = np.array([[h["id"] for h in row] + [-1] * (10 - len(row)) for row in hits])
-    recall = float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, neighbours.ids)]))
-    routed.close()
-    release_lite(db)
+
+    def milvus_recall(**search_args) -> float:
+        hits = routed.search("wordnet_ivf", data=held_out.tolist(), limit=10, **search_args)
+        return float(np.mean([len({h["id"] for h in row} & set(t.tolist())) / 10
+                              for row, t in zip(hits, neighbours.ids)]))
+
+    recall = milvus_recall()
     print(f"\nsearch through Milvus with the {status['mode']} router {status.get('version')}, "
           f"nprobe={nprobe} of {layout.n_partitions}: recall@10 = {recall:.4f}")
+    adaptive = {}
+    if status.get("adaptive"):
+        router = routed._state("wordnet_ivf").router
+        for target in (0.8, 0.9):
+            probed = np.mean([len(r) for r in router.route(held_out, recall_target=target)])
+            adaptive[target] = {"recall@10": milvus_recall(recall_target=target),
+                                "mean_partitions": float(probed)}
+            print(f"search(..., recall_target={target}): recall@10 = "
+                  f"{adaptive[target]['recall@10']:.4f} probing {probed:.1f} partitions on average")
+    routed.close()
+    release_lite(db)
     if png:
         print(f"plot: {png}")
     print(f"demo finished in {time.perf_counter() - t_start:.0f} s")
     return {"table": {n: [asdict(q) for q in rows] for n, rows in table.items()},
-            "milvus_recall@10": recall, "router": status}
+            "milvus_recall@10": recall, "adaptive": adaptive, "router": status}
