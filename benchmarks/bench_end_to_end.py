@@ -94,6 +94,10 @@ def main(argv=None) -> int:
                         help="nprobe values to sweep for every method")
     parser.add_argument("--label-k", type=int, default=10,
                         help="train the router on the top-k neighbours' partitions (1 = the paper)")
+    parser.add_argument("--top1-weight", type=float, default=0.5,
+                        help="with --label-k > 1, weight of the top-1 term in the training loss")
+    parser.add_argument("--paper-baseline", action="store_true",
+                        help="also route with a router trained on top-1 labels only (the paper)")
     parser.add_argument("--recall-targets", type=float, nargs="*", default=[0.7, 0.8, 0.9, 0.95],
                         help="recall_target values for the learned router's adaptive nprobe")
     parser.add_argument("--quick", action="store_true")
@@ -136,17 +140,25 @@ def main(argv=None) -> int:
         timings["ivf_build_s"] = time.perf_counter() - t0
         np.save(Path(tmp) / "train.npy", train_q)
         t0 = time.perf_counter()
-        result = retrain(client, RetrainConfig(collection=lay, model_dir=f"{tmp}/models",
-                                               queries_file=f"{tmp}/train.npy", nprobe=2,
-                                               min_queries=10, sample=len(train_q),
-                                               label_k=args.label_k, metric="recall"))
+        def train_router(model_dir: str, label_k: int):
+            return retrain(client, RetrainConfig(
+                collection=lay, model_dir=model_dir, queries_file=f"{tmp}/train.npy", nprobe=2,
+                min_queries=10, sample=len(train_q), label_k=label_k,
+                top1_weight=args.top1_weight, metric="recall"))
+
+        result = train_router(f"{tmp}/models", args.label_k)
         timings["retrain_s"] = time.perf_counter() - t0
         learned = RoutedMilvusClient(uri, model_dir=f"{tmp}/models", log_rate=0)
         centroid = RoutedMilvusClient(uri, model_dir=f"{tmp}/none", log_rate=0)
         assert learned.router_status(lay)["mode"] == ("learned" if result.decision == "published"
                                                       else "centroid")
+        clients = [("learned routing", learned), ("centroid routing", centroid)]
+        if args.paper_baseline:
+            train_router(f"{tmp}/paper", 1)
+            clients.append(("paper routing (top-1 labels)",
+                            RoutedMilvusClient(uri, model_dir=f"{tmp}/paper", log_rate=0)))
         for n in [n for n in nprobes if n <= n_parts]:
-            for name, c in (("learned routing", learned), ("centroid routing", centroid)):
+            for name, c in clients:
                 r = timed_search(lambda q: c.search(lay, data=[q.tolist()], limit=10, nprobe=n)[0],
                                  test_q, exact)
                 rows.append({"method": name, "param": f"nprobe={n}", **r})
@@ -162,8 +174,8 @@ def main(argv=None) -> int:
             rows.append({"method": "learned adaptive", "param": f"target={t} (mean {probed:.1f})", **r})
         r = timed_search(lambda q: client.search(src, data=[q.tolist()], limit=10)[0], test_q, exact)
         rows.append({"method": "FLAT", "param": "-", **r})
-        learned.close()
-        centroid.close()
+        for _, c in clients:
+            c.close()
         for name in (src, ivf, lay, f"{lay}__ltr_layout"):
             client.drop_collection(name)
         client.close()

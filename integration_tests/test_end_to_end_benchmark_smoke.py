@@ -5,10 +5,11 @@ import json
 def test_end_to_end_benchmark_runs(milvus_server, tmp_path, monkeypatch):
     from benchmarks import bench_end_to_end
     monkeypatch.setenv("MILVUS_URI", milvus_server.uri)
-    assert bench_end_to_end.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert bench_end_to_end.main(["--quick", "--paper-baseline", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "end_to_end_fixture_k10_quick.json").read_text())
     methods = {r["method"] for r in out["rows"]}
-    fixed = {"learned routing", "centroid routing", "native IVF_FLAT", "FLAT"}
+    fixed = {"learned routing", "centroid routing", "paper routing (top-1 labels)",
+             "native IVF_FLAT", "FLAT"}
     # adaptive rows appear when the quick router was good enough to publish
     assert fixed <= methods <= fixed | {"learned adaptive"}
     assert all(r["mean_ms"] > 0 for r in out["rows"])
