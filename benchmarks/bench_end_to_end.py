@@ -68,11 +68,10 @@ def latency_at_recall(rows: list[dict], targets, key: str = "median_ms") -> list
             below = [p for p in pts if p[0] < t]
             if not above:
                 row[f"ms@{t}"] = None
-            elif not below:
-                row[f"ms@{t}"] = min(ms for rec, ms in above) if method == "FLAT" or len(pts) == 1 \
-                    else None
+            elif not below:             # a single-point method (FLAT) reaches every lower recall
+                row[f"ms@{t}"] = above[0][1] if len(pts) == 1 else None
             else:
-                (r0, m0), (r1, m1) = below[-1], min(above, key=lambda p: p[0])
+                (r0, m0), (r1, m1) = below[-1], above[0]     # pts sorted by recall
                 row[f"ms@{t}"] = m0 + (t - r0) / (r1 - r0) * (m1 - m0)
         out.append(row)
     return out
@@ -81,7 +80,7 @@ def latency_at_recall(rows: list[dict], targets, key: str = "median_ms") -> list
 def main(argv=None) -> int:
     from pymilvus import MilvusClient
     from milvus_ltr_router.client import RoutedMilvusClient
-    from milvus_ltr_router.datasets import load_or_build
+    from milvus_ltr_router.datasets import EmbeddingDataset, load_or_build
     from milvus_ltr_router.layout import build_layout
     from milvus_ltr_router.milvus_io import create_vector_collection, vector_index_params
     from milvus_ltr_router.retrain import RetrainConfig, retrain
@@ -105,20 +104,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     data = load_or_build(args.dataset)
-    docs, queries = data.docs, data.queries
     nprobes = tuple(args.nprobes)
     if args.quick:
-        docs, queries, args.queries, nprobes = docs[:3000], queries[:900], 50, (1, 4)
+        data = EmbeddingDataset("quick", data.docs[:3000], data.queries[:900])
+        args.queries, nprobes = 50, (1, 4)
+    docs, queries = data.docs, data.queries
     # held-out queries drawn at random: the query files come in topic order, and the last
     # topic alone (MS MARCO) is not the mix the router is trained and calibrated on
     perm = np.random.default_rng(0).permutation(len(queries))
     test_idx, train_idx = np.sort(perm[:args.queries]), np.sort(perm[args.queries:])
     train_q, test_q = queries[train_idx], queries[test_idx]
-    if args.quick:
-        from milvus_ltr_router.labels import array_blocks, exact_knn
-        exact = exact_knn(test_q, array_blocks(docs, np.zeros(len(docs), int)), k=10).ids
-    else:                      # row index = primary key (create_vector_collection numbers rows)
-        exact = data.exact_neighbours(10)[test_idx]
+    # row index = primary key: create_vector_collection numbers rows 0..N-1
+    exact = data.exact_neighbours(10)[test_idx]
     tag = uuid.uuid4().hex[:6]
     rows, timings = [], {}
     with milvus_uri() as (uri, label), tempfile.TemporaryDirectory() as tmp:

@@ -78,12 +78,12 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100)
     nprobes = sorted({max(1, int(round(f * n_parts))) for f in FRACTIONS + (0.1, 0.2)} | {1, 2})
     fixed, adaptive, curves = [], [], {}
     for name, r in routers.items():
+        for t, q in evaluate_adaptive(r, queries[te], sub(te), TARGETS):
+            adaptive.append({"algorithm": algorithm, "router": name, "target": t,
+                             "mean_probed": q.mean_probed, "top1": q.top1_accuracy,
+                             "recall@10": q.recall})
         if "prob. threshold" in name:         # same ranking as the mixed router: adaptive only
             curves[name] = curves["learned top-10 mixed"]
-            for t, q in evaluate_adaptive(r, queries[te], sub(te), TARGETS):
-                adaptive.append({"algorithm": algorithm, "router": name, "target": t,
-                                 "mean_probed": q.mean_probed, "top1": q.top1_accuracy,
-                                 "recall@10": q.recall})
             continue
         order = r.rank(queries[te], n_parts)
         curves[name] = [routing_quality(order[:, :n], sub(te)).recall
@@ -93,10 +93,6 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100)
             fixed.append({"algorithm": algorithm, "router": name, "nprobe": n,
                           "pct_of_L": round(100 * n / n_parts, 2), "top1": q.top1_accuracy,
                           "recall@10": q.recall})
-        for t, q in evaluate_adaptive(r, queries[te], sub(te), TARGETS):
-            adaptive.append({"algorithm": algorithm, "router": name, "target": t,
-                             "mean_probed": q.mean_probed, "top1": q.top1_accuracy,
-                             "recall@10": q.recall})
     return {"algorithm": algorithm, "N": len(docs), "L": n_parts, "queries": len(queries),
             "split": [len(tr), len(va), len(te)], "fixed": fixed, "adaptive": adaptive,
             "fixed_recall_curve": curves,
@@ -120,7 +116,7 @@ def savings(result: dict, router: str = "learned top-10 mixed",
     """Adaptive vs fixed nprobe for ``router`` at equal recall@10: for each recall
     target, adaptive's mean partitions probed against the fixed nprobe (same
     ranking) that reaches the recall adaptive achieved."""
-    curve = result["fixed_recall_curve"][router.replace(", prob. threshold", "")]
+    curve = result["fixed_recall_curve"][router]
     rows = []
     for a in (r for r in result["adaptive"] if r["router"] == router):
         if not any(abs(a["target"] - t) < 1e-9 for t in targets):

@@ -65,16 +65,21 @@ LAMBDA_GRID = tuple(float(x) for x in np.geomspace(0.9, 1e-5, 120))
 N_FEATURES = 8
 
 
+def _ranked(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's partitions best first ``[Q, L]`` and their probabilities in that order."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    order = np.argsort(-p, axis=1, kind="stable")
+    return order, np.take_along_axis(p, order, 1)
+
+
 def _ranked_features(probabilities: np.ndarray) -> tuple[np.ndarray, list]:
     """Each query's partitions best first ``[Q, L]`` and its stopping features, one
     ``[Q, L]``-broadcastable array per feature (see :func:`ranked_profile`)."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    order = np.argsort(-p, axis=1, kind="stable")
-    ps = np.take_along_axis(p, order, 1)
+    order, ps = _ranked(probabilities)
     lp = np.log(ps + 1e-12)
     entropy = -(ps * lp).sum(axis=1, keepdims=True)
     before = np.cumsum(ps, axis=1) - ps
-    rank = np.log1p(np.arange(p.shape[1], dtype=np.float64))[None, :]
+    rank = np.log1p(np.arange(ps.shape[1], dtype=np.float64))[None, :]
     return order, [lp, rank, lp[:, :1], entropy, lp - lp[:, :1],
                    np.log(np.clip(1 - before, 1e-9, None)), lp * rank, ps]
 
@@ -150,10 +155,7 @@ def expected_shares(probabilities: np.ndarray,
                     model: StoppingModel | None) -> tuple[np.ndarray, np.ndarray]:
     """``(order, values)`` for threshold routing: the stopping model's shares, or the
     sorted probabilities themselves for routers calibrated without one."""
-    if model is not None:
-        return model.shares(probabilities)
-    order = np.argsort(-np.asarray(probabilities), axis=1, kind="stable")
-    return order, np.take_along_axis(np.asarray(probabilities), order, 1)
+    return _ranked(probabilities) if model is None else model.shares(probabilities)
 
 
 def neighbour_ranks(probabilities: np.ndarray, neighbour_partitions: np.ndarray) -> np.ndarray:
@@ -161,7 +163,11 @@ def neighbour_ranks(probabilities: np.ndarray, neighbour_partitions: np.ndarray)
 
     ``-1`` partitions (no neighbour) get rank ``L`` so they are never covered.
     """
-    order = np.argsort(-probabilities, axis=1, kind="stable")
+    return _ranks_in(_ranked(probabilities)[0], neighbour_partitions)
+
+
+def _ranks_in(order: np.ndarray, neighbour_partitions: np.ndarray) -> np.ndarray:
+    """Rank of each neighbour's partition within ``order`` (partitions best first per query)."""
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :].repeat(len(order), 0), 1)
     parts = np.asarray(neighbour_partitions)
@@ -186,8 +192,8 @@ def recall_table(probabilities: np.ndarray, neighbour_partitions: np.ndarray,
     Thresholds apply to the stopping model's predicted shares (or, without a
     model, to the probabilities): every partition at or above it is probed.
     """
-    _, values = expected_shares(probabilities, model)     # same order as neighbour_ranks
-    ranks = neighbour_ranks(probabilities, neighbour_partitions)
+    order, values = expected_shares(probabilities, model)
+    ranks = _ranks_in(order, neighbour_partitions)
     valid = np.maximum((np.asarray(neighbour_partitions) >= 0).sum(axis=1), 1)
     rows = []
     for lam in grid:

@@ -82,8 +82,7 @@ class BaseRouter:
         recall table the other (with >= 200 queries), so the table measures the
         model on queries it was not fitted to.
         """
-        from .calibration import (StoppingModel, fit_temperature, recall_table, softmax,
-                                  target_distribution)
+        from .calibration import fit_temperature, recall_table, softmax, target_distribution
         parts = np.asarray(neighbour_partitions)
         scores = self.scores(self._check_queries(queries))
         self.temperature = fit_temperature(scores, target_distribution(parts, self.n_partitions))
