@@ -14,6 +14,7 @@ recall figures compare methods with each other, not with the paper.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 import uuid
@@ -23,21 +24,41 @@ import numpy as np
 
 from benchmarks.common import RESULTS, plot_lines, print_table, save, setup_logging
 from milvus_ltr_router.datasets import DATASETS
+from milvus_ltr_router.progress import progress
+
+log = logging.getLogger("benchmarks.end_to_end")
 
 NPROBES = (1, 2, 4, 8, 16, 32)
 
 
-def timed_search(fn, queries, exact_ids) -> dict:
-    lat, recalls = [], []
-    for q, truth in zip(queries, exact_ids):
-        t0 = time.perf_counter()
-        hits = fn(q)
-        lat.append(time.perf_counter() - t0)
-        recalls.append(len({h["id"] for h in hits} & set(truth.tolist())) / len(truth))
-    lat = np.asarray(lat) * 1000
+def summarise(lat_ms: list[float], recalls: list[float]) -> dict:
+    lat = np.asarray(lat_ms)
     return {"recall@10": float(np.mean(recalls)), "qps": float(1000 / lat.mean()),
             "mean_ms": float(lat.mean()), "median_ms": float(np.median(lat)),
             "p99_ms": float(np.percentile(lat, 99))}
+
+
+def timed_interleaved(configs: list[tuple[str, str, object]], queries, exact_ids, seed: int = 0,
+                      warmup: int = 20) -> list[dict]:
+    """Time every ``(method, param, fn)`` on every query, the configurations of each query
+    in a fresh random order, so server drift (compaction, caches, a busy neighbour)
+    spreads over all methods instead of landing on whichever ran in that minute."""
+    rng = np.random.default_rng(seed)
+    for q in queries[:warmup]:
+        for _, _, fn in configs:
+            fn(q)
+    lat = [[] for _ in configs]
+    rec = [[] for _ in configs]
+    for q, truth in progress(zip(queries, exact_ids), total=len(queries), desc="timed queries",
+                             unit="queries"):
+        truth = set(truth.tolist())
+        for j in rng.permutation(len(configs)):
+            t0 = time.perf_counter()
+            hits = configs[j][2](q)
+            lat[j].append((time.perf_counter() - t0) * 1000)
+            rec[j].append(len({h["id"] for h in hits} & truth) / len(truth))
+    return [{"method": m, "param": p, **summarise(lat[j], rec[j])}
+            for j, (m, p, _) in enumerate(configs)]
 
 
 def winners(rows: list[dict], target: float) -> list[dict]:
@@ -117,7 +138,7 @@ def main(argv=None) -> int:
     # row index = primary key: create_vector_collection numbers rows 0..N-1
     exact = data.exact_neighbours(10)[test_idx]
     tag = uuid.uuid4().hex[:6]
-    rows, timings = [], {}
+    timings = {}
     with milvus_uri() as (uri, label), tempfile.TemporaryDirectory() as tmp:
         client = MilvusClient(uri)
         src, ivf, lay = f"e2e_src_{tag}", f"e2e_ivf_{tag}", f"e2e_layout_{tag}"
@@ -154,23 +175,22 @@ def main(argv=None) -> int:
             train_router(f"{tmp}/paper", 1)
             clients.append(("paper routing (top-1 labels)",
                             RoutedMilvusClient(uri, model_dir=f"{tmp}/paper", log_rate=0)))
+        configs = []           # (method, param, one-query search); the defaults bind loop values
         for n in [n for n in nprobes if n <= n_parts]:
             for name, c in clients:
-                r = timed_search(lambda q: c.search(lay, data=[q.tolist()], limit=10, nprobe=n)[0],
-                                 test_q, exact)
-                rows.append({"method": name, "param": f"nprobe={n}", **r})
-            r = timed_search(lambda q: client.search(ivf, data=[q.tolist()], limit=10, search_params={
-                "metric_type": "IP", "params": {"nprobe": n}})[0], test_q, exact)
-            rows.append({"method": "native IVF_FLAT", "param": f"nprobe={n}", **r})
-        for t in args.recall_targets:
-            if result.decision != "published":
-                break
-            r = timed_search(lambda q: learned.search(lay, data=[q.tolist()], limit=10,
-                                                      recall_target=t)[0], test_q, exact)
+                configs.append((name, f"nprobe={n}", lambda q, c=c, n=n: c.search(
+                    lay, data=[q.tolist()], limit=10, nprobe=n)[0]))
+            configs.append(("native IVF_FLAT", f"nprobe={n}", lambda q, n=n: client.search(
+                ivf, data=[q.tolist()], limit=10,
+                search_params={"metric_type": "IP", "params": {"nprobe": n}})[0]))
+        for t in (args.recall_targets if result.decision == "published" else []):
             probed = np.mean([len(p) for p in learned._state(lay).router.route(test_q, recall_target=t)])
-            rows.append({"method": "learned adaptive", "param": f"target={t} (mean {probed:.1f})", **r})
-        r = timed_search(lambda q: client.search(src, data=[q.tolist()], limit=10)[0], test_q, exact)
-        rows.append({"method": "FLAT", "param": "-", **r})
+            configs.append(("learned adaptive", f"target={t} (mean {probed:.1f})",
+                            lambda q, t=t: learned.search(lay, data=[q.tolist()], limit=10,
+                                                          recall_target=t)[0]))
+        configs.append(("FLAT", "-", lambda q: client.search(src, data=[q.tolist()], limit=10)[0]))
+        log.info("timing %d configurations x %d queries, interleaved", len(configs), len(test_q))
+        rows = timed_interleaved(configs, test_q, exact)
         for _, c in clients:
             c.close()
         for name in (src, ivf, lay, f"{lay}__ltr_layout"):

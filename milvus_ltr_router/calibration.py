@@ -19,6 +19,7 @@ recall target, not a threshold.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -72,6 +73,14 @@ def _ranked(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.take_along_axis(p, order, 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _log_ranks(n_partitions: int) -> np.ndarray:
+    """``log(1 + rank)`` for ranks ``0..L-1`` (read-only, shared between calls)."""
+    out = np.log1p(np.arange(n_partitions, dtype=np.float64))
+    out.setflags(write=False)
+    return out
+
+
 def _ranked_features(probabilities: np.ndarray) -> tuple[np.ndarray, list]:
     """Each query's partitions best first ``[Q, L]`` and its stopping features, one
     ``[Q, L]``-broadcastable array per feature (see :func:`ranked_profile`)."""
@@ -79,7 +88,7 @@ def _ranked_features(probabilities: np.ndarray) -> tuple[np.ndarray, list]:
     lp = np.log(ps + 1e-12)
     entropy = -(ps * lp).sum(axis=1, keepdims=True)
     before = np.cumsum(ps, axis=1) - ps
-    rank = np.log1p(np.arange(ps.shape[1], dtype=np.float64))[None, :]
+    rank = _log_ranks(ps.shape[1])[None, :]
     return order, [lp, rank, lp[:, :1], entropy, lp - lp[:, :1],
                    np.log(np.clip(1 - before, 1e-9, None)), lp * rank, ps]
 
@@ -104,12 +113,28 @@ class StoppingModel:
 
     def shares(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(order, shares)``: partitions best first and their predicted shares, made
-        non-increasing along each row so a threshold always selects a prefix."""
-        order, feats = _ranked_features(probabilities)     # serving path: no [Q, L, F] array
-        z = np.full(order.shape, self.intercept)
-        for c, f in zip(self.coef, feats):
-            z += c * f
-        return order, np.minimum.accumulate(1.0 / (1.0 + np.exp(-z)), axis=1)
+        non-increasing along each row so a threshold always selects a prefix.
+
+        Serving hot path: the linear model is folded into per-rank coefficient
+        vectors, so a query costs one sort and a handful of array operations
+        instead of eight feature arrays (same values as :func:`ranked_profile`).
+        """
+        order, ps = _ranked(probabilities)
+        c = self.coef
+        rank = _log_ranks(ps.shape[1])
+        lp = np.log(ps + 1e-12)
+        best = lp[:, :1]
+        entropy = -(ps * lp).sum(axis=1, keepdims=True)
+        remaining = 1.0 - np.cumsum(ps, axis=1)
+        remaining += ps                                          # mass not covered before r
+        np.log(np.maximum(remaining, 1e-9, out=remaining), out=remaining)
+        z = lp * (c[0] + c[4] + c[6] * rank)                    # log p, gap to best, log p * rank
+        z += self.intercept + c[1] * rank
+        z += (c[2] - c[4]) * best + c[3] * entropy
+        z += c[5] * remaining
+        z += c[7] * ps
+        np.minimum.accumulate(z, axis=1, out=z)                 # sigmoid is monotone
+        return order, 1.0 / (1.0 + np.exp(-z))
 
     @classmethod
     def fit(cls, probabilities: np.ndarray, neighbour_partitions: np.ndarray,

@@ -85,6 +85,19 @@ def test_stopping_model_predicts_observed_shares(small_layout_arrays):
     assert StoppingModel.from_json(None) is None
 
 
+def test_stopping_model_serving_path_equals_its_features():
+    """The folded serving computation gives the logistic model over :func:`ranked_profile`."""
+    from milvus_ltr_router.calibration import StoppingModel, ranked_profile, softmax
+    rng = np.random.default_rng(3)
+    probs = softmax(rng.standard_normal((50, 40)) * 3)
+    model = StoppingModel(list(rng.standard_normal(8)), -1.5)
+    order, feats = ranked_profile(probs)
+    expected = 1 / (1 + np.exp(-(feats @ np.asarray(model.coef) + model.intercept)))
+    got_order, got = model.shares(probs)
+    np.testing.assert_array_equal(got_order, order)
+    np.testing.assert_allclose(got, np.minimum.accumulate(expected, axis=1), rtol=1e-9, atol=1e-12)
+
+
 def test_stopping_model_needs_fewer_partitions_than_probability_threshold(small_layout_arrays):
     """On held-out queries, at a matched recall, the stopping model probes no more partitions."""
     from milvus_ltr_router.calibration import StoppingModel
