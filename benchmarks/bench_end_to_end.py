@@ -38,14 +38,14 @@ def summarise(lat_ms: list[float], recalls: list[float]) -> dict:
             "p99_ms": float(np.percentile(lat, 99))}
 
 
-def timed_interleaved(configs: list[tuple[str, str, object]], queries, exact_ids, seed: int = 0,
-                      warmup: int = 20) -> list[dict]:
-    """Time every ``(method, param, fn)`` on every query, the configurations of each query
+def timed_interleaved(configs: list[tuple[str, str, float, object]], queries, exact_ids,
+                      seed: int = 0, warmup: int = 20) -> list[dict]:
+    """Time every ``(method, param, mean partitions, fn)`` on every query, the configurations of each query
     in a fresh random order, so server drift (compaction, caches, a busy neighbour)
     spreads over all methods instead of landing on whichever ran in that minute."""
     rng = np.random.default_rng(seed)
     for q in queries[:warmup]:
-        for _, _, fn in configs:
+        for *_, fn in configs:
             fn(q)
     lat = [[] for _ in configs]
     rec = [[] for _ in configs]
@@ -54,11 +54,11 @@ def timed_interleaved(configs: list[tuple[str, str, object]], queries, exact_ids
         truth = set(truth.tolist())
         for j in rng.permutation(len(configs)):
             t0 = time.perf_counter()
-            hits = configs[j][2](q)
+            hits = configs[j][3](q)
             lat[j].append((time.perf_counter() - t0) * 1000)
             rec[j].append(len({h["id"] for h in hits} & truth) / len(truth))
-    return [{"method": m, "param": p, **summarise(lat[j], rec[j])}
-            for j, (m, p, _) in enumerate(configs)]
+    return [{"method": m, "param": p, "partitions": n, **summarise(lat[j], rec[j])}
+            for j, (m, p, n, _) in enumerate(configs)]
 
 
 def winners(rows: list[dict], target: float) -> list[dict]:
@@ -77,8 +77,9 @@ def winners(rows: list[dict], target: float) -> list[dict]:
     return out
 
 
-def latency_at_recall(rows: list[dict], targets, key: str = "median_ms") -> list[dict]:
-    """Each method's latency at each recall@10, interpolated linearly between the two sweep
+def latency_at_recall(rows: list[dict], targets, key: str = "median_ms", label: str = "ms"
+                      ) -> list[dict]:
+    """Each method's ``key`` (latency, partitions) at each recall@10, interpolated linearly between the two sweep
     points around it (none outside the swept range), so a coarse grid favours no method."""
     out = []
     for method in sorted({r["method"] for r in rows}):
@@ -88,12 +89,12 @@ def latency_at_recall(rows: list[dict], targets, key: str = "median_ms") -> list
             above = [p for p in pts if p[0] >= t]
             below = [p for p in pts if p[0] < t]
             if not above:
-                row[f"ms@{t}"] = None
+                row[f"{label}@{t}"] = None
             elif not below:             # a single-point method (FLAT) reaches every lower recall
-                row[f"ms@{t}"] = above[0][1] if len(pts) == 1 else None
+                row[f"{label}@{t}"] = above[0][1] if len(pts) == 1 else None
             else:
                 (r0, m0), (r1, m1) = below[-1], above[0]     # pts sorted by recall
-                row[f"ms@{t}"] = m0 + (t - r0) / (r1 - r0) * (m1 - m0)
+                row[f"{label}@{t}"] = m0 + (t - r0) / (r1 - r0) * (m1 - m0)
         out.append(row)
     return out
 
@@ -178,17 +179,17 @@ def main(argv=None) -> int:
         configs = []           # (method, param, one-query search); the defaults bind loop values
         for n in [n for n in nprobes if n <= n_parts]:
             for name, c in clients:
-                configs.append((name, f"nprobe={n}", lambda q, c=c, n=n: c.search(
+                configs.append((name, f"nprobe={n}", n, lambda q, c=c, n=n: c.search(
                     lay, data=[q.tolist()], limit=10, nprobe=n)[0]))
-            configs.append(("native IVF_FLAT", f"nprobe={n}", lambda q, n=n: client.search(
+            configs.append(("native IVF_FLAT", f"nprobe={n}", n, lambda q, n=n: client.search(
                 ivf, data=[q.tolist()], limit=10,
                 search_params={"metric_type": "IP", "params": {"nprobe": n}})[0]))
         for t in (args.recall_targets if result.decision == "published" else []):
             probed = np.mean([len(p) for p in learned._state(lay).router.route(test_q, recall_target=t)])
-            configs.append(("learned adaptive", f"target={t} (mean {probed:.1f})",
+            configs.append(("learned adaptive", f"target={t} (mean {probed:.1f})", probed,
                             lambda q, t=t: learned.search(lay, data=[q.tolist()], limit=10,
                                                           recall_target=t)[0]))
-        configs.append(("FLAT", "-", lambda q: client.search(src, data=[q.tolist()], limit=10)[0]))
+        configs.append(("FLAT", "-", n_parts, lambda q: client.search(src, data=[q.tolist()], limit=10)[0]))
         log.info("timing %d configurations x %d queries, interleaved", len(configs), len(test_q))
         rows = timed_interleaved(configs, test_q, exact)
         for _, c in clients:
@@ -207,9 +208,18 @@ def main(argv=None) -> int:
     interp = latency_at_recall(rows, targets)
     print_table(interp, ["method"] + [f"ms@{t}" for t in targets],
                 "median ms at each recall@10, interpolated along each method's sweep")
+    # every fixed sweep at the recall each adaptive target reached: the like-for-like comparison
+    reached = sorted(r["recall@10"] for r in rows if r["method"] == "learned adaptive")
+    fixed_rows = [r for r in rows if r["method"] not in ("learned adaptive", "FLAT")]
+    equal = [{**a, **b} for a, b in zip(latency_at_recall(fixed_rows, reached, "partitions", "parts"),
+                                         latency_at_recall(fixed_rows, reached, "mean_ms", "mean_ms"))]
+    if reached:
+        print_table(equal, ["method"] + [f"{k}@{t}" for t in reached for k in ("parts", "mean_ms")],
+                    "fixed nprobe at the recall@10 each adaptive target reached: mean partitions "
+                    "and mean ms")
     name = f"end_to_end_{args.dataset}_k{args.label_k}" + ("_quick" if args.quick else "")
     save(name, {"server": label, "N": len(docs), "L": n_parts, "rows": rows, "winners": win,
-                "median_ms_at_recall": interp,
+                "median_ms_at_recall": interp, "fixed_at_adaptive_recall": equal,
                 "timings": timings, "router": result.reason}, args.out)
     out = Path(args.out) if args.out else RESULTS
     series = {}
@@ -218,6 +228,11 @@ def main(argv=None) -> int:
         series[method] = ([r["median_ms"] for r in rs], [r["recall@10"] for r in rs])
     plot_lines(out / f"{name}.png", series, "median latency (ms)", "recall@10",
                f"{args.dataset}: N={len(docs)}, L={n_parts}")
+    probed = {m: ([r["partitions"] for r in rows if r["method"] == m],
+                  [r["recall@10"] for r in rows if r["method"] == m])
+              for m in sorted({r["method"] for r in rows} - {"FLAT"})}
+    plot_lines(out / f"{name}_partitions.png", probed, "mean partitions (IVF: lists) probed",
+               "recall@10", f"{args.dataset}: N={len(docs)}, L={n_parts}", logx=True)
     return 0
 
 

@@ -13,5 +13,10 @@ def test_end_to_end_benchmark_runs(milvus_server, tmp_path, monkeypatch):
     # adaptive rows appear when the quick router was good enough to publish
     assert fixed <= methods <= fixed | {"learned adaptive"}
     assert all(r["mean_ms"] > 0 for r in out["rows"])
+    for r in out["rows"]:                    # partitions probed: nprobe for fixed sweeps, L for FLAT
+        if r["param"].startswith("nprobe="):
+            assert r["partitions"] == int(r["param"].split("=")[1])
+    assert (tmp_path / "end_to_end_fixture_k10_quick_partitions.png").exists()
     flat = next(r for r in out["rows"] if r["method"] == "FLAT")
     assert flat["recall@10"] > 0.99          # exact search finds the exact neighbours
+    assert flat["partitions"] == out["L"]
