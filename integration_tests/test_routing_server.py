@@ -80,6 +80,9 @@ def test_log_fills_and_retrain_publishes(scenario):
     path = scenario["model_dir"] / scenario["collection"] / f"{result['version']}.onnx"
     router = Router.load(path)
     assert router.layout_id == result["layout_id"] and router.default_nprobe == NPROBE
+    # default training (top-10 labels with a top-1 term) adds the top-10-only adaptive head
+    assert result["training"]["adaptive_head"] and router.has_adaptive_head
+    assert result["seconds"]["train_adaptive_head"] > 0
 
 
 def test_client_hot_reloads_and_hits_equal_partition_restricted_search(scenario):
@@ -90,6 +93,7 @@ def test_client_hot_reloads_and_hits_equal_partition_restricted_search(scenario)
     status = client.router_status(collection)
     assert status["mode"] == "learned" and status["version"] == scenario["result"]["version"]
     assert status["adaptive"]["stopping_model"] and 0.9 < status["adaptive"]["max_recall"] <= 1
+    assert status["adaptive"]["adaptive_head"] is scenario["result"]["training"]["adaptive_head"]
     assert scenario["centroid_status"]["adaptive"] is None     # centroid fallback: uncalibrated
     queries = scenario["held_out"][:60]
     hits = client.search(collection, data=queries.tolist(), limit=10, output_fields=["title"])

@@ -53,6 +53,9 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top1-weight", type=float, default=0.5,
                    help="with --label-k > 1, weight of the paper's top-1 term in the loss "
                         "(0 = top-k only; 0.5 keeps top-1 accuracy while raising recall@k)")
+    p.add_argument("--no-adaptive-head", dest="adaptive_head", action="store_false",
+                   help="do not train the second, top-k-only head that recall_target searches "
+                        "rank with (trained by default when --top1-weight > 0)")
     p.add_argument("--min-queries", type=int, default=200)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--init", choices=["auto", "centroids", "random"], default="auto")
@@ -224,6 +227,7 @@ def _cmd_status(args) -> int:
             router_info["usable"] = True
             router_info["recall_target_calibrated"] = bool(router.recall_thresholds)
             router_info["stopping_model"] = router.stopping_model is not None
+            router_info["adaptive_head"] = router.has_adaptive_head
         except RouterError as exc:
             router_info.update(usable=False, error=str(exc))
     status = {"collection": lay.collection, "layout_id": lay.layout_id, "partitions": lay.n_partitions,
@@ -247,6 +251,7 @@ def _cmd_retrain(args) -> int:
                         queries_file=args.queries, sample=args.sample, since_seconds=args.since,
                         nprobe=args.nprobe, min_gain=args.min_gain, metric=args.metric, k=args.k,
                         label_k=args.label_k, top1_weight=args.top1_weight,
+                        adaptive_head=args.adaptive_head,
                         min_queries=args.min_queries, max_epochs=args.epochs,
                         init=args.init, seed=args.seed, dry_run=args.dry_run,
                         report_dir=args.report, keep=args.keep)

@@ -141,6 +141,7 @@ class RoutedMilvusClient(MilvusClient):
         table = state.router.recall_thresholds
         adaptive = None if not table else {      # what recall_target can ask for
             "stopping_model": state.router.stopping_model is not None,
+            "adaptive_head": state.router.has_adaptive_head,
             "max_recall": max(recall for _, recall, _ in table),
             "temperature": state.router.temperature}
         return {"collection": state.layout.collection, "mode": state.router.kind,

@@ -2,7 +2,9 @@
 
 The graph is built with :mod:`onnx` directly from numpy arrays, so exporting
 needs no torch, and the centroid scorer can be exported the same way.
-Input ``query`` float32 ``[batch, dim]``; output ``scores`` float32 ``[batch, L]``.
+Input ``query`` float32 ``[batch, dim]``; output ``scores`` float32 ``[batch, L]``
+(fixed-nprobe ranking) and, optionally, ``adaptive_scores`` from a second head
+trained for adaptive nprobe (see :mod:`.retrain`).
 """
 from __future__ import annotations
 
@@ -40,28 +42,46 @@ def router_metadata(layout, collection: str, metrics: dict | None = None,
     return meta
 
 
-def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: dict[str, str]):
-    """An :class:`onnx.ModelProto` computing ``query @ weight.T + bias``; checked."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
+def _check_head(weight, bias, metadata: dict[str, str], what: str = "router"
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     weight = np.asarray(weight, dtype=np.float32)
     n_parts, dim = weight.shape
     if str(dim) != metadata.get("dim", str(dim)):
-        raise ValueError(f"weight dim {dim} != metadata dim {metadata['dim']}")
+        raise ValueError(f"{what} weight dim {dim} != metadata dim {metadata['dim']}")
     names = json.loads(metadata.get("partition_names", "[]"))
     if names and len(names) != n_parts:
-        raise ValueError(f"weight has {n_parts} rows but metadata names {len(names)} partitions")
-    inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "W_T")]
-    nodes = [helper.make_node("MatMul", ["query", "W_T"], ["scores" if bias is None else "qw"])]
-    if bias is not None:
-        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32).reshape(n_parts), "b"))
-        nodes.append(helper.make_node("Add", ["qw", "b"], ["scores"]))
+        raise ValueError(f"{what} weight has {n_parts} rows but metadata names {len(names)} "
+                         "partitions")
+    return weight, None if bias is None else np.asarray(bias, dtype=np.float32).reshape(n_parts)
+
+
+def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: dict[str, str],
+                        adaptive_head: tuple[np.ndarray, np.ndarray | None] | None = None):
+    """An :class:`onnx.ModelProto` computing ``scores = query @ weight.T + bias`` (and
+    ``adaptive_scores`` from ``adaptive_head = (weight, bias)`` when given); checked."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    heads = [("scores", "", *_check_head(weight, bias, metadata))]
+    if adaptive_head is not None:
+        heads.append(("adaptive_scores", "adaptive_",
+                      *_check_head(*adaptive_head, metadata, "adaptive head")))
+    n_parts, dim = heads[0][2].shape
+    inits, nodes, outputs = [], [], []
+    for out, prefix, w, b in heads:
+        if w.shape != (n_parts, dim):
+            raise ValueError(f"{out} head has shape {w.shape}, expected {(n_parts, dim)}")
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"{prefix}W_T"))
+        nodes.append(helper.make_node("MatMul", ["query", f"{prefix}W_T"],
+                                      [out if b is None else f"{prefix}qw"]))
+        if b is not None:
+            inits.append(numpy_helper.from_array(b, f"{prefix}b"))
+            nodes.append(helper.make_node("Add", [f"{prefix}qw", f"{prefix}b"], [out]))
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", n_parts]))
     graph = helper.make_graph(
         nodes, "linear_router",
         [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_parts])],
-        initializer=inits)
+        outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="milvus-ltr-router")
     model.ir_version = IR_VERSION
@@ -76,7 +96,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
 
 
 def export_router(weight, bias, layout, collection: str, path, metrics: dict | None = None,
-                  nprobe: int | None = None, **extra) -> Path:
+                  nprobe: int | None = None, adaptive_head=None, **extra) -> Path:
     """Export and save a linear router for ``layout``; returns the written path."""
     meta = router_metadata(layout, collection, metrics=metrics, nprobe=nprobe, **extra)
-    return save_model(linear_router_model(weight, bias, meta), path)
+    return save_model(linear_router_model(weight, bias, meta, adaptive_head), path)

@@ -48,6 +48,7 @@ class RetrainConfig:
     k: int = 10
     label_k: int = 10                    # train on the top-k neighbours' partitions (1 = the paper)
     top1_weight: float = 0.5             # with label_k > 1: weight of the top-1 term in the loss
+    adaptive_head: bool = True           # with a top-1 term: a second, top-k-only head for recall_target
     min_queries: int = 200
     max_epochs: int = 100
     patience: int = 10
@@ -168,6 +169,19 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         trainer.fit(queries[tr], labels[tr], queries[va], labels[va], layout.n_partitions,
                     centroids=layout.centroids, metric=layout.metric)
         seconds["train"] = time.perf_counter() - t0
+        head = None
+        if cfg.adaptive_head and cfg.label_k > 1 and cfg.top1_weight > 0:
+            # the top-1 term that helps small fixed nprobes costs adaptive nprobe partitions at
+            # high recall: recall_target gets its own head trained on top-k labels only
+            t0 = time.perf_counter()
+            log.info("training the adaptive-nprobe head (top-%d labels only)", cfg.label_k)
+            adaptive_trainer = LinearRouterTrainer(
+                max_epochs=cfg.max_epochs, patience=cfg.patience, init=cfg.init, seed=cfg.seed,
+                top1_weight=0.0).fit(queries[tr], labels[tr], queries[va], labels[va],
+                                     layout.n_partitions, centroids=layout.centroids,
+                                     metric=layout.metric)
+            head = (adaptive_trainer.coef_, adaptive_trainer.intercept_)
+            seconds["train_adaptive_head"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         version = registry.new_version()
@@ -177,10 +191,11 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                     "val_accuracy": trainer.val_accuracy_, "candidates": trainer.candidates_,
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te),
                     "label_k": cfg.label_k,
-                    "top1_weight": cfg.top1_weight if cfg.label_k > 1 else None}
+                    "top1_weight": cfg.top1_weight if cfg.label_k > 1 else None,
+                    "adaptive_head": head is not None}
         try:
             export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
-                          metrics={}, nprobe=cfg.nprobe, training=training)
+                          metrics={}, nprobe=cfg.nprobe, adaptive_head=head, training=training)
             new_router = Router.load(tmp_path, layout=layout).calibrate(
                 queries[va], neighbours.partitions[va, :cfg.k])      # for adaptive nprobe
             calibration = {"temperature": new_router.temperature,
@@ -231,7 +246,8 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             elif better:
                 export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
                               metrics={"test": metrics["learned"], "gain": gain, "baseline": best_base},
-                              nprobe=cfg.nprobe, training=training, **calibration)
+                              nprobe=cfg.nprobe, adaptive_head=head, training=training,
+                              **calibration)
                 tmp_path.replace(final_path)
                 registry.publish(layout.collection, final_path, version,
                                  {"gain": gain, "baseline": best_base, label: score("learned")})

@@ -68,11 +68,18 @@ class BaseRouter:
     temperature: float = 1.0
     recall_thresholds: list = []     # (threshold, held-out recall@k, mean probed), from calibrate()
     stopping_model = None            # calibration.StoppingModel, from calibrate()
+    has_adaptive_head = False        # True: adaptive nprobe ranks with its own trained head
+
+    def adaptive_scores(self, queries: np.ndarray) -> np.ndarray:
+        """Scores that adaptive nprobe ranks and calibrates: :meth:`scores` unless the
+        router carries a separate head for it."""
+        return self.scores(queries)
 
     def probabilities(self, queries) -> np.ndarray:
-        """Calibrated softmax over partitions ``[Q, L]`` (see :mod:`.calibration`)."""
+        """Calibrated softmax over partitions ``[Q, L]`` of the adaptive scores
+        (see :mod:`.calibration`)."""
         from .calibration import softmax
-        return softmax(self.scores(self._check_queries(queries)), self.temperature)
+        return softmax(self.adaptive_scores(self._check_queries(queries)), self.temperature)
 
     def calibrate(self, queries, neighbour_partitions, stopping_model: bool = True,
                   seed: int = 0) -> "BaseRouter":
@@ -84,7 +91,7 @@ class BaseRouter:
         """
         from .calibration import fit_temperature, recall_table, softmax, target_distribution
         parts = np.asarray(neighbour_partitions)
-        scores = self.scores(self._check_queries(queries))
+        scores = self.adaptive_scores(self._check_queries(queries))
         self.temperature = fit_temperature(scores, target_distribution(parts, self.n_partitions))
         probs = softmax(scores, self.temperature)
         self.stopping_model = None
@@ -192,8 +199,11 @@ class Router(BaseRouter):
             raise RouterError(f"router {path or ''}: expected one input named 'query'")
         self._input = inputs[0].name
         self._output = ["scores"]
-        if "scores" not in [o.name for o in session.get_outputs()]:
+        outputs = [o.name for o in session.get_outputs()]
+        if "scores" not in outputs:
             raise RouterError(f"router {path or ''}: no output named 'scores'")
+        # a second head trained for adaptive nprobe (top-k labels only), when exported with one
+        self._adaptive_output = ["adaptive_scores"] if "adaptive_scores" in outputs else None
         if inputs[0].shape[1] != self.dim:
             raise RouterError(f"router {path or ''}: graph input dim {inputs[0].shape[1]} "
                               f"!= metadata dim {self.dim}")
@@ -222,6 +232,15 @@ class Router(BaseRouter):
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         return self._session.run(self._output, {self._input: queries})[0]
+
+    def adaptive_scores(self, queries: np.ndarray) -> np.ndarray:
+        if self._adaptive_output is None:
+            return self.scores(queries)
+        return self._session.run(self._adaptive_output, {self._input: queries})[0]
+
+    @property
+    def has_adaptive_head(self) -> bool:
+        return self._adaptive_output is not None
 
     @property
     def metrics(self) -> dict:

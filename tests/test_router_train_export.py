@@ -112,6 +112,38 @@ def test_calibration_survives_export(tmp_path, small_layout_arrays, trained):
     assert 1 < np.mean([len(r) for r in got]) < 32
 
 
+def test_adaptive_head_travels_in_the_same_model(tmp_path, small_layout_arrays, trained):
+    """A second head serves recall_target (scores, temperature, stopping model); fixed
+    nprobe keeps ranking with the first; a router without one uses its scores for both."""
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    model, (tr, va, te) = trained
+    layout = make_layout(centroids)
+    w2 = centroids * 3.0
+    b2 = np.linspace(-0.1, 0.1, len(centroids)).astype(np.float32)
+    path = export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "h.onnx",
+                         adaptive_head=(w2, b2))
+    router = Router.load(path, layout=layout)
+    assert router.has_adaptive_head
+    np.testing.assert_allclose(router.scores(queries[:20]), model.decision_function(queries[:20]),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(router.adaptive_scores(queries[:20]), queries[:20] @ w2.T + b2,
+                               rtol=1e-4, atol=1e-4)
+    router.calibrate(queries[va], nb.partitions[va])
+    expected = np.exp((queries[:5] @ w2.T + b2) / router.temperature)
+    np.testing.assert_allclose(router.probabilities(queries[:5]),
+                               expected / expected.sum(1, keepdims=True), rtol=1e-3)
+    plain = Router.load(export_router(model.coef_, model.intercept_, layout, "docs",
+                                      tmp_path / "p.onnx"))
+    assert not plain.has_adaptive_head and not CentroidRouter(layout).has_adaptive_head
+    np.testing.assert_array_equal(plain.adaptive_scores(queries[:5]), plain.scores(queries[:5]))
+    with pytest.raises(ValueError, match="adaptive head weight dim 10 != metadata dim 384"):
+        export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "x.onnx",
+                      adaptive_head=(w2[:, :10], None))
+    with pytest.raises(ValueError, match="adaptive head weight has 5 rows .* 32 partitions"):
+        export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "x.onnx",
+                      adaptive_head=(w2[:5], None))
+
+
 def test_router_refuses_bad_input(tmp_path, small_layout_arrays, trained):
     docs, queries, centroids, parts, nb = small_layout_arrays
     model, _ = trained
