@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.bench_quality import fixed_nprobe_for
 from benchmarks.common import RESULTS, plot_lines, print_table, save, setup_logging
+from milvus_ltr_router.clustering import assign_clusters
 from milvus_ltr_router.datasets import DATASETS
 from milvus_ltr_router.progress import progress
 
@@ -97,6 +99,17 @@ def latency_at_recall(rows: list[dict], targets, key: str = "median_ms", label: 
                 row[f"{label}@{t}"] = m0 + (t - r0) / (r1 - r0) * (m1 - m0)
         out.append(row)
     return out
+
+
+def coverage_curve(router, queries: np.ndarray, neighbour_parts: np.ndarray,
+                   max_nprobe: int = 256) -> list[float]:
+    """Recall@k of a partition-restricted exact search at nprobe = 1, 2, ...: the share of
+    each query's exact neighbours whose partition is among its first nprobe."""
+    order = router.rank(queries, min(max_nprobe, router.n_partitions))
+    hit_rank = np.full(neighbour_parts.shape, order.shape[1])
+    for j in range(order.shape[1] - 1, -1, -1):      # earliest rank wins
+        hit_rank[neighbour_parts == order[:, j:j + 1]] = j
+    return [float((hit_rank < n).mean()) for n in range(1, order.shape[1] + 1)]
 
 
 def main(argv=None) -> int:
@@ -189,6 +202,11 @@ def main(argv=None) -> int:
             configs.append(("learned adaptive", f"target={t} (mean {probed:.1f})", probed,
                             lambda q, t=t: learned.search(lay, data=[q.tolist()], limit=10,
                                                           recall_target=t)[0]))
+        # exact partition counts: with FLAT partitions recall@10 equals routing coverage, so each
+        # fixed router's recall at every integer nprobe comes from its ranking, no server needed
+        doc_parts = assign_clusters(docs, report.layout.centroids, report.layout.algorithm)
+        coverage_curves = {name: coverage_curve(c._state(lay).router, test_q, doc_parts[exact])
+                           for name, c in clients}
         configs.append(("FLAT", "-", n_parts, lambda q: client.search(src, data=[q.tolist()], limit=10)[0]))
         log.info("timing %d configurations x %d queries, interleaved", len(configs), len(test_q))
         rows = timed_interleaved(configs, test_q, exact)
@@ -218,8 +236,16 @@ def main(argv=None) -> int:
                     "fixed nprobe at the recall@10 each adaptive target reached: mean partitions "
                     "and mean ms")
     name = f"end_to_end_{args.dataset}_k{args.label_k}" + ("_quick" if args.quick else "")
+    exact_equal = [{"method": m, **{f"nprobe@{a['recall@10']:.3f}": fixed_nprobe_for(curve, a["recall@10"])
+                                    for a in rows if a["method"] == "learned adaptive"}}
+                   for m, curve in coverage_curves.items()]
+    if reached:
+        print_table(exact_equal, list(exact_equal[0]),
+                    "fixed nprobe reaching each adaptive recall@10 exactly (routing coverage at "
+                    "every integer nprobe, interpolated between integers)")
     save(name, {"server": label, "N": len(docs), "L": n_parts, "rows": rows, "winners": win,
                 "median_ms_at_recall": interp, "fixed_at_adaptive_recall": equal,
+                "exact_fixed_nprobe_at_adaptive_recall": exact_equal,
                 "timings": timings, "router": result.reason}, args.out)
     out = Path(args.out) if args.out else RESULTS
     series = {}

@@ -66,3 +66,16 @@ def test_end_to_end_timing_interleaves_configurations():
              {"method": "m", "recall@10": 0.9, "partitions": 10}]
     assert latency_at_recall(sweep, [0.7], "partitions", "parts")[0]["parts@0.7"] == pytest.approx(6)
     assert latency_at_recall(sweep, [0.95], "partitions", "parts")[0]["parts@0.95"] is None
+
+
+def test_coverage_curve_counts_neighbours_in_the_first_partitions():
+    import numpy as np
+    from benchmarks.bench_end_to_end import coverage_curve
+
+    class Fixed:                                    # ranks partitions 3, 1, 0, 2 for every query
+        n_partitions = 4
+
+        def rank(self, queries, nprobe):
+            return np.tile([3, 1, 0, 2], (len(queries), 1))[:, :nprobe]
+    parts = np.array([[3, 3, 0, 2], [1, 1, 1, 1]])
+    assert coverage_curve(Fixed(), np.zeros((2, 1)), parts) == [0.25, 0.75, 0.875, 1.0]
