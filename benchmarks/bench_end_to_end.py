@@ -4,7 +4,9 @@ Same server, same run, same held-out real queries, one query per request:
 (a) RoutedMilvusClient with the learned router over the layout's partitions,
 (b) the same client with centroid routing over the same partitions,
 (c) Milvus's own IVF_FLAT on an unpartitioned copy, nlist = L, nprobe sweep,
-(d) FLAT (exact). recall@10 against exact MIPS neighbours, QPS and median/p99 latency.
+(d) FLAT (exact). recall@10 against exact MIPS neighbours, QPS and mean/median/p99 latency,
+every configuration timed on every query in a random order per query (server drift spreads
+evenly). ``--paper-baseline`` adds a router trained on top-1 labels only (the paper's).
 
     python -m benchmarks.bench_end_to_end [--dataset fixture|small|medium|large] [--quick]
 
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
             train_router(f"{tmp}/paper", 1)
             clients.append(("paper routing (top-1 labels)",
                             RoutedMilvusClient(uri, model_dir=f"{tmp}/paper", log_rate=0)))
-        configs = []           # (method, param, one-query search); the defaults bind loop values
+        configs = []   # (method, param, mean partitions, one-query search); defaults bind loop values
         for n in [n for n in nprobes if n <= n_parts]:
             for name, c in clients:
                 configs.append((name, f"nprobe={n}", n, lambda q, c=c, n=n: c.search(
