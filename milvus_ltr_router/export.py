@@ -3,8 +3,8 @@
 The graph is built with :mod:`onnx` directly from numpy arrays, so exporting
 needs no torch, and the centroid scorer can be exported the same way.
 Input ``query`` float32 ``[batch, dim]``; output ``scores`` float32 ``[batch, L]``
-(fixed-nprobe ranking) and, optionally, ``adaptive_scores`` from a second head
-trained for adaptive nprobe (see :mod:`.retrain`).
+(fixed-nprobe ranking). A router with a second head trained for adaptive nprobe
+(see :mod:`.retrain`) also takes the optional boolean input ``adaptive``.
 """
 from __future__ import annotations
 
@@ -55,33 +55,54 @@ def _check_head(weight, bias, metadata: dict[str, str], what: str = "router"
     return weight, None if bias is None else np.asarray(bias, dtype=np.float32).reshape(n_parts)
 
 
+ADAPTIVE_INPUT = "adaptive"   # optional bool input: rank with the adaptive head (default false)
+
+
 def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: dict[str, str],
                         adaptive_head: tuple[np.ndarray, np.ndarray | None] | None = None):
-    """An :class:`onnx.ModelProto` computing ``scores = query @ weight.T + bias`` (and
-    ``adaptive_scores`` from ``adaptive_head = (weight, bias)`` when given); checked."""
+    """An :class:`onnx.ModelProto` computing ``scores = query @ weight.T + bias``; checked.
+
+    With ``adaptive_head = (weight, bias)`` the graph holds both heads behind an
+    ``If`` on the optional boolean input ``adaptive`` (an initializer defaulting
+    to false): a call computes one head only, so the fixed-nprobe hot path costs
+    what a single-head router costs, and readers that never pass ``adaptive``
+    get the fixed head.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    heads = [("scores", "", *_check_head(weight, bias, metadata))]
+    heads = [("", *_check_head(weight, bias, metadata))]
     if adaptive_head is not None:
-        heads.append(("adaptive_scores", "adaptive_",
-                      *_check_head(*adaptive_head, metadata, "adaptive head")))
-    n_parts, dim = heads[0][2].shape
-    inits, nodes, outputs = [], [], []
-    for out, prefix, w, b in heads:
+        heads.append(("adaptive_", *_check_head(*adaptive_head, metadata, "adaptive head")))
+    n_parts, dim = heads[0][1].shape
+    inits, branches = [], []
+    for prefix, w, b in heads:
         if w.shape != (n_parts, dim):
-            raise ValueError(f"{out} head has shape {w.shape}, expected {(n_parts, dim)}")
+            raise ValueError(f"{prefix}head has shape {w.shape}, expected {(n_parts, dim)}")
+        out = "scores" if adaptive_head is None else f"{prefix}head_scores"
         inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"{prefix}W_T"))
-        nodes.append(helper.make_node("MatMul", ["query", f"{prefix}W_T"],
-                                      [out if b is None else f"{prefix}qw"]))
+        nodes = [helper.make_node("MatMul", ["query", f"{prefix}W_T"],
+                                  [out if b is None else f"{prefix}qw"])]
         if b is not None:
             inits.append(numpy_helper.from_array(b, f"{prefix}b"))
             nodes.append(helper.make_node("Add", [f"{prefix}qw", f"{prefix}b"], [out]))
-        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", n_parts]))
+        branches.append((nodes, helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                              ["batch", n_parts])))
+    inputs = [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["batch", dim])]
+    if adaptive_head is None:
+        nodes = branches[0][0]
+    else:
+        (fixed_nodes, fixed_out), (adaptive_nodes, adaptive_out) = branches
+        inits.append(numpy_helper.from_array(np.array(False), ADAPTIVE_INPUT))
+        inputs.append(helper.make_tensor_value_info(ADAPTIVE_INPUT, TensorProto.BOOL, []))
+        nodes = [helper.make_node(
+            "If", [ADAPTIVE_INPUT], ["scores"],
+            then_branch=helper.make_graph(adaptive_nodes, "adaptive_head", [], [adaptive_out]),
+            else_branch=helper.make_graph(fixed_nodes, "fixed_head", [], [fixed_out]))]
     graph = helper.make_graph(
-        nodes, "linear_router",
-        [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["batch", dim])],
-        outputs, initializer=inits)
+        nodes, "linear_router", inputs,
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_parts])],
+        initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="milvus-ltr-router")
     model.ir_version = IR_VERSION

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .calibration import StoppingModel
+from .export import ADAPTIVE_INPUT
 from .clustering import as_vector_batch
 
 log = logging.getLogger(__name__)
@@ -199,11 +200,12 @@ class Router(BaseRouter):
             raise RouterError(f"router {path or ''}: expected one input named 'query'")
         self._input = inputs[0].name
         self._output = ["scores"]
-        outputs = [o.name for o in session.get_outputs()]
-        if "scores" not in outputs:
+        if "scores" not in [o.name for o in session.get_outputs()]:
             raise RouterError(f"router {path or ''}: no output named 'scores'")
-        # a second head trained for adaptive nprobe (top-k labels only), when exported with one
-        self._adaptive_output = ["adaptive_scores"] if "adaptive_scores" in outputs else None
+        # a second head trained for adaptive nprobe (top-k labels only), when exported with one:
+        # selected by the optional boolean input (an overridable initializer, default false)
+        self._adaptive_feed = {ADAPTIVE_INPUT: np.array(True)} if ADAPTIVE_INPUT in [
+            i.name for i in session.get_overridable_initializers()] else None
         if inputs[0].shape[1] != self.dim:
             raise RouterError(f"router {path or ''}: graph input dim {inputs[0].shape[1]} "
                               f"!= metadata dim {self.dim}")
@@ -234,13 +236,13 @@ class Router(BaseRouter):
         return self._session.run(self._output, {self._input: queries})[0]
 
     def adaptive_scores(self, queries: np.ndarray) -> np.ndarray:
-        if self._adaptive_output is None:
+        if self._adaptive_feed is None:
             return self.scores(queries)
-        return self._session.run(self._adaptive_output, {self._input: queries})[0]
+        return self._session.run(self._output, {self._input: queries, **self._adaptive_feed})[0]
 
     @property
     def has_adaptive_head(self) -> bool:
-        return self._adaptive_output is not None
+        return self._adaptive_feed is not None
 
     @property
     def metrics(self) -> dict:

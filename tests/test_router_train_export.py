@@ -124,6 +124,9 @@ def test_adaptive_head_travels_in_the_same_model(tmp_path, small_layout_arrays, 
                          adaptive_head=(w2, b2))
     router = Router.load(path, layout=layout)
     assert router.has_adaptive_head
+    import onnx
+    graph = onnx.load(str(path)).graph       # one head per call: both sit behind one If node
+    assert [n.op_type for n in graph.node] == ["If"] and [o.name for o in graph.output] == ["scores"]
     np.testing.assert_allclose(router.scores(queries[:20]), model.decision_function(queries[:20]),
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(router.adaptive_scores(queries[:20]), queries[:20] @ w2.T + b2,
