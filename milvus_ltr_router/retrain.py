@@ -164,10 +164,15 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
 
         t0 = time.perf_counter()
         tr, va, te = split_indices(len(queries), cfg.seed)
-        trainer = LinearRouterTrainer(max_epochs=cfg.max_epochs, patience=cfg.patience,
-                                      init=cfg.init, seed=cfg.seed, top1_weight=cfg.top1_weight)
-        trainer.fit(queries[tr], labels[tr], queries[va], labels[va], layout.n_partitions,
-                    centroids=layout.centroids, metric=layout.metric)
+
+        def fit_head(top1_weight: float) -> LinearRouterTrainer:
+            return LinearRouterTrainer(
+                max_epochs=cfg.max_epochs, patience=cfg.patience, init=cfg.init, seed=cfg.seed,
+                top1_weight=top1_weight).fit(queries[tr], labels[tr], queries[va], labels[va],
+                                             layout.n_partitions, centroids=layout.centroids,
+                                             metric=layout.metric)
+
+        trainer = fit_head(cfg.top1_weight)
         seconds["train"] = time.perf_counter() - t0
         head = None
         if cfg.adaptive_head and cfg.label_k > 1 and cfg.top1_weight > 0:
@@ -175,11 +180,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             # high recall: recall_target gets its own head trained on top-k labels only
             t0 = time.perf_counter()
             log.info("training the adaptive-nprobe head (top-%d labels only)", cfg.label_k)
-            adaptive_trainer = LinearRouterTrainer(
-                max_epochs=cfg.max_epochs, patience=cfg.patience, init=cfg.init, seed=cfg.seed,
-                top1_weight=0.0).fit(queries[tr], labels[tr], queries[va], labels[va],
-                                     layout.n_partitions, centroids=layout.centroids,
-                                     metric=layout.metric)
+            adaptive_trainer = fit_head(0.0)
             head = (adaptive_trainer.coef_, adaptive_trainer.intercept_)
             seconds["train_adaptive_head"] = time.perf_counter() - t0
 
