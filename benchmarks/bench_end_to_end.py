@@ -26,6 +26,7 @@ import numpy as np
 
 from benchmarks.bench_quality import fixed_nprobe_for
 from benchmarks.common import RESULTS, plot_lines, print_table, save, setup_logging
+from milvus_ltr_router.calibration import ranks_in
 from milvus_ltr_router.clustering import assign_clusters
 from milvus_ltr_router.datasets import DATASETS
 from milvus_ltr_router.progress import progress
@@ -44,9 +45,9 @@ def summarise(lat_ms: list[float], recalls: list[float]) -> dict:
 
 def timed_interleaved(configs: list[tuple[str, str, float, object]], queries, exact_ids,
                       seed: int = 0, warmup: int = 20) -> list[dict]:
-    """Time every ``(method, param, mean partitions, fn)`` on every query, the configurations of each query
-    in a fresh random order, so server drift (compaction, caches, a busy neighbour)
-    spreads over all methods instead of landing on whichever ran in that minute."""
+    """Time every ``(method, param, mean partitions, fn)`` on every query, each query's
+    configurations in a fresh random order, so server drift (compaction, caches, a busy
+    neighbour) spreads over all methods instead of landing on whichever ran in that minute."""
     rng = np.random.default_rng(seed)
     for q in queries[:warmup]:
         for *_, fn in configs:
@@ -83,8 +84,9 @@ def winners(rows: list[dict], target: float) -> list[dict]:
 
 def latency_at_recall(rows: list[dict], targets, key: str = "median_ms", label: str = "ms"
                       ) -> list[dict]:
-    """Each method's ``key`` (latency, partitions) at each recall@10, interpolated linearly between the two sweep
-    points around it (none outside the swept range), so a coarse grid favours no method."""
+    """Each method's ``key`` (latency, partitions) at each recall@10, interpolated linearly
+    between the two sweep points around it (none outside the swept range), so a coarse grid
+    favours no method."""
     out = []
     for method in sorted({r["method"] for r in rows}):
         pts = sorted((r["recall@10"], r[key]) for r in rows if r["method"] == method)
@@ -107,11 +109,8 @@ def coverage_curve(router, queries: np.ndarray, neighbour_parts: np.ndarray,
                    max_nprobe: int = 256) -> list[float]:
     """Recall@k of a partition-restricted exact search at nprobe = 1, 2, ...: the share of
     each query's exact neighbours whose partition is among its first nprobe."""
-    order = router.rank(queries, min(max_nprobe, router.n_partitions))
-    hit_rank = np.full(neighbour_parts.shape, order.shape[1])
-    for j in range(order.shape[1] - 1, -1, -1):      # earliest rank wins
-        hit_rank[neighbour_parts == order[:, j:j + 1]] = j
-    return [float((hit_rank < n).mean()) for n in range(1, order.shape[1] + 1)]
+    hit_rank = ranks_in(router.rank(queries, router.n_partitions), neighbour_parts)
+    return [float((hit_rank < n).mean()) for n in range(1, min(max_nprobe, router.n_partitions) + 1)]
 
 
 def main(argv=None) -> int:

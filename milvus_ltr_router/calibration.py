@@ -188,10 +188,10 @@ def neighbour_ranks(probabilities: np.ndarray, neighbour_partitions: np.ndarray)
 
     ``-1`` partitions (no neighbour) get rank ``L`` so they are never covered.
     """
-    return _ranks_in(_ranked(probabilities)[0], neighbour_partitions)
+    return ranks_in(_ranked(probabilities)[0], neighbour_partitions)
 
 
-def _ranks_in(order: np.ndarray, neighbour_partitions: np.ndarray) -> np.ndarray:
+def ranks_in(order: np.ndarray, neighbour_partitions: np.ndarray) -> np.ndarray:
     """Rank of each neighbour's partition within ``order`` (partitions best first per query)."""
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :].repeat(len(order), 0), 1)
@@ -218,7 +218,7 @@ def recall_table(probabilities: np.ndarray, neighbour_partitions: np.ndarray,
     model, to the probabilities): every partition at or above it is probed.
     """
     order, values = expected_shares(probabilities, model)
-    ranks = _ranks_in(order, neighbour_partitions)
+    ranks = ranks_in(order, neighbour_partitions)
     valid = np.maximum((np.asarray(neighbour_partitions) >= 0).sum(axis=1), 1)
     rows = []
     for lam in grid:
