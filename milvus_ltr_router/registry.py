@@ -3,6 +3,13 @@
 The pointer ``CURRENT.json`` names the live version and keeps the history of
 published versions (for :meth:`ModelRegistry.rollback`). It is replaced by
 write-then-rename, so a reader sees the old pointer or the new one, never half.
+
+Nothing is read or written outside the model directory: collection names must
+be Milvus names (letters, digits, underscore) and versions plain file-name
+stems, both in arguments and in the pointer. A corrupt pointer is an error for
+readers and is replaced (history rebuilt from the files on disk) by the next
+publish. Publishing, rollback and retraining (under :meth:`ModelRegistry.lock`)
+remove temp files that a killed writer left behind.
 """
 from __future__ import annotations
 
@@ -11,15 +18,25 @@ import fcntl
 import json
 import logging
 import os
+import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .atomic import write_atomic
+from .atomic import TEMP_PREFIX, write_atomic
 
 log = logging.getLogger(__name__)
 
 POINTER = "CURRENT.json"
+LOCK_FILE = ".retrain.lock"
+CANDIDATE_PREFIX = ".candidate-"                 # retrain's not-yet-published router file
+LEFTOVER_PREFIXES = (TEMP_PREFIX, CANDIDATE_PREFIX)
+LEFTOVER_MIN_AGE_S = 60.0                        # younger temp files may be a live writer's
+MAX_NAME_LENGTH = 255                            # Milvus's limit on collection names
+COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")   # no separators, no leading dot
+RETRY_MAX_S = 300.0
 
 
 class RegistryError(RuntimeError):
@@ -27,7 +44,38 @@ class RegistryError(RuntimeError):
 
 
 class LockedError(RegistryError):
-    """Another retrain holds the collection's lock."""
+    """Another retrain (or rollback) holds the collection's lock."""
+
+
+class InvalidNameError(RegistryError, ValueError):
+    """A collection name or version that is not a plain name inside the model directory."""
+
+
+def check_collection_name(name) -> str:
+    """``name`` if it is a Milvus collection name (so a safe directory name), else raise."""
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or \
+            not COLLECTION_NAME.fullmatch(name):
+        raise InvalidNameError(
+            f"invalid collection name {name!r}: use letters, digits and underscores, starting "
+            f"with a letter or underscore, at most {MAX_NAME_LENGTH} characters")
+    return name
+
+
+def check_version(version) -> str:
+    """``version`` if it is a plain file-name stem (no path separators, no leading dot)."""
+    if not isinstance(version, str) or len(version) > MAX_NAME_LENGTH or \
+            not VERSION_NAME.fullmatch(version):
+        raise InvalidNameError(
+            f"invalid router version {version!r}: use letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit")
+    return version
+
+
+def retry_delay(failures: int, interval: float, cap: float = RETRY_MAX_S) -> float:
+    """Seconds a client waits before re-reading a model dir that failed ``failures`` times
+    in a row: ``interval`` (at least 1 s), doubling per failure, at most ``cap``."""
+    base = max(float(interval), 1.0)
+    return min(base * 2.0 ** max(failures - 1, 0), max(cap, base))
 
 
 @dataclass
@@ -43,15 +91,33 @@ def write_json_atomic(path: Path, payload) -> None:
     write_atomic(path, json.dumps(payload, indent=2).encode())
 
 
+def _check_pointer(data) -> dict:
+    """The pointer's content, if its fields have the types and names the registry writes."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    history = data.get("history", [])
+    if not isinstance(history, list):
+        raise ValueError(f"history must be a list, got {type(history).__name__}")
+    for version in history + ([data["version"]] if data.get("version") else []):
+        check_version(version)
+    if not isinstance(data.get("metrics", {}), dict):
+        raise ValueError("metrics must be a JSON object")
+    data["history"] = list(history)
+    return data
+
+
 class ModelRegistry:
     """Versions of each collection's router under one model directory."""
 
     def __init__(self, model_dir: str | os.PathLike = "onnx_models", keep: int = 5):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer >= 1 (published routers kept per "
+                             f"collection, the live one included), got {keep!r}")
         self.model_dir = Path(model_dir)
         self.keep = keep
 
     def collection_dir(self, collection: str) -> Path:
-        return self.model_dir / collection
+        return self.model_dir / check_collection_name(collection)
 
     def pointer_path(self, collection: str) -> Path:
         return self.collection_dir(collection) / POINTER
@@ -60,18 +126,22 @@ class ModelRegistry:
         return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
     def version_path(self, collection: str, version: str) -> Path:
-        return self.collection_dir(collection) / f"{version}.onnx"
+        return self.collection_dir(collection) / f"{check_version(version)}.onnx"
 
     def _read_pointer(self, collection: str) -> dict | None:
+        """The pointer's content; None when none exists; RegistryError when it cannot be read
+        (the model dir is a file, a directory is unreadable) or is corrupt."""
         path = self.pointer_path(collection)
-        if not path.exists():
-            return None
         try:
-            data = json.loads(path.read_text())
-            data["history"] = list(data.get("history", []))
-            return data
-        except (OSError, ValueError) as exc:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
             raise RegistryError(f"router pointer {path} is unreadable: {exc}") from exc
+        try:
+            return _check_pointer(json.loads(text))
+        except ValueError as exc:       # JSONDecodeError and InvalidNameError included
+            raise RegistryError(f"router pointer {path} is unreadable (corrupt): {exc}") from exc
 
     def current(self, collection: str) -> Published | None:
         """The live router of ``collection``, or None when none was published."""
@@ -79,44 +149,80 @@ class ModelRegistry:
         if not data or not data.get("version"):
             return None
         return Published(collection, data["version"], self.version_path(collection, data["version"]),
-                         data.get("published_at", ""), data.get("metrics", {}))
+                         str(data.get("published_at", "")), data.get("metrics", {}))
 
     def pointer_stamp(self, collection: str) -> tuple | None:
-        """Cheap change detector for hot reload: (mtime_ns, size) of the pointer."""
+        """Cheap change detector for hot reload: (mtime_ns, size, inode) of the pointer; None
+        when there is none. Raises RegistryError when it cannot be checked (see _read_pointer)."""
+        path = self.pointer_path(collection)
         try:
-            st = self.pointer_path(collection).stat()
+            st = path.stat()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise RegistryError(f"router pointer {path} cannot be checked: {exc}") from exc
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _history_on_disk(self, collection: str) -> list[str]:
+        """Published versions found on disk, oldest first (their names sort by time)."""
+        out = []
+        for version in self.versions(collection):
+            try:
+                out.append(check_version(version))
+            except InvalidNameError:
+                continue
+        return out
+
     def publish(self, collection: str, model_path: Path, version: str, metrics: dict) -> Published:
-        """Make ``version`` (already written at ``model_path``) the live router."""
+        """Make ``version`` (already written at ``model_path``) the live router.
+
+        A corrupt pointer does not block publishing: it is replaced, with the history
+        rebuilt from the router files on disk (so rollback still has earlier versions).
+        """
+        check_version(version)
         if not Path(model_path).is_file():
             raise RegistryError(f"cannot publish missing model {model_path}")
-        data = self._read_pointer(collection) or {"history": []}
+        self.clean_leftovers(collection)
+        try:
+            data = self._read_pointer(collection) or {"history": []}
+        except RegistryError as exc:
+            data = {"history": [v for v in self._history_on_disk(collection) if v != version]}
+            log.warning("replacing the router pointer of %r (%s); history rebuilt from %d router "
+                        "file(s) on disk", collection, exc, len(data["history"]))
         history = [v for v in data["history"] if v != version] + [version]
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_json_atomic(self.pointer_path(collection), {
+        self._write_pointer(collection, {
             "collection": collection, "version": version, "published_at": now,
             "metrics": metrics, "history": history})
         self.prune(collection)
         log.info("published router %s for %r", version, collection)
         return self.current(collection)
 
+    def _write_pointer(self, collection: str, payload: dict) -> None:
+        path = self.pointer_path(collection)
+        try:
+            write_json_atomic(path, payload)
+        except OSError as exc:
+            raise RegistryError(f"cannot write router pointer {path}: {exc}") from exc
+
     def rollback(self, collection: str) -> Published:
-        """Point back at the previously published version."""
-        data = self._read_pointer(collection)
-        if not data or len(data["history"]) < 2:
-            raise RegistryError(f"no earlier router of {collection!r} to roll back to")
-        history = data["history"][:-1]
-        version = history[-1]
-        if not self.version_path(collection, version).exists():
-            raise RegistryError(f"previous router {version} of {collection!r} was pruned")
-        write_json_atomic(self.pointer_path(collection), {
-            "collection": collection, "version": version,
-            "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metrics": {}, "history": history, "rolled_back_from": data["version"]})
-        log.info("rolled %r back from %s to %s", collection, data["version"], version)
+        """Point back at the previously published version, under the collection's lock
+        (so it never interleaves with a retrain's publish)."""
+        if not self.collection_dir(collection).is_dir():
+            raise RegistryError(f"no router of {collection!r} was published in {self.model_dir}")
+        with self.lock(collection):
+            data = self._read_pointer(collection)
+            if not data or len(data["history"]) < 2:
+                raise RegistryError(f"no earlier router of {collection!r} to roll back to")
+            history = data["history"][:-1]
+            version = history[-1]
+            if not self.version_path(collection, version).exists():
+                raise RegistryError(f"previous router {version} of {collection!r} was pruned")
+            self._write_pointer(collection, {
+                "collection": collection, "version": version,
+                "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "metrics": {}, "history": history, "rolled_back_from": data.get("version")})
+        log.info("rolled %r back from %s to %s", collection, data.get("version"), version)
         return self.current(collection)
 
     def versions(self, collection: str) -> list[str]:
@@ -131,27 +237,67 @@ class ModelRegistry:
         removed = []
         for version in self.versions(collection):
             if version not in keep:
-                self.version_path(collection, version).unlink(missing_ok=True)
+                (self.collection_dir(collection) / f"{version}.onnx").unlink(missing_ok=True)
                 removed.append(version)
         if removed:
             data["history"] = [v for v in data["history"] if v not in removed]
             if live:
-                write_json_atomic(self.pointer_path(collection), data)
+                self._write_pointer(collection, data)
+        return removed
+
+    def clean_leftovers(self, collection: str, min_age_s: float = LEFTOVER_MIN_AGE_S) -> list[str]:
+        """Remove temp files (``.tmp-*``, ``.candidate-*``) older than ``min_age_s`` that a
+        killed writer left in the collection's directory; younger ones may be in use."""
+        directory = self.collection_dir(collection)
+        removed = []
+        try:
+            entries = list(directory.iterdir())
+        except OSError:
+            return removed              # no directory yet, or unreadable: nothing to clean
+        now = time.time()
+        for entry in entries:
+            if not entry.name.startswith(LEFTOVER_PREFIXES):
+                continue
+            try:
+                if not entry.is_file() or now - entry.stat().st_mtime < min_age_s:
+                    continue
+                entry.unlink()
+            except OSError as exc:      # gone meanwhile, or not ours to remove
+                log.debug("could not remove leftover %s: %s", entry, exc)
+                continue
+            removed.append(entry.name)
+        if removed:
+            log.info("removed %d leftover temp file(s) of %r: %s", len(removed), collection,
+                     ", ".join(sorted(removed)))
         return removed
 
     @contextlib.contextmanager
     def lock(self, collection: str):
-        """An exclusive, non-blocking lock: two retrains of one collection never overlap."""
-        path = self.collection_dir(collection) / ".retrain.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as fh:
+        """An exclusive, non-blocking lock: two retrains (or a retrain and a rollback) of one
+        collection never overlap. Holding it, leftover temp files are cleaned.
+
+        The lock file is opened without truncation and only written once locked, so a
+        second process that fails to lock never erases the holder's pid.
+        """
+        path = self.collection_dir(collection) / LOCK_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise RegistryError(f"cannot open the lock of {collection!r} at {path}: {exc}") from exc
+        with os.fdopen(fd, "r+") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise LockedError(f"another retrain of {collection!r} is running (lock {path})") from exc
+                holder = fh.read().strip()
+                raise LockedError(f"another retrain or rollback of {collection!r} is running "
+                                  f"(lock {path}{', pid ' + holder if holder else ''})") from exc
             try:
+                fh.seek(0)
+                fh.truncate()
                 fh.write(str(os.getpid()))
                 fh.flush()
+                self.clean_leftovers(collection)
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)

@@ -184,6 +184,7 @@ class Router(BaseRouter):
         self._session = session
         self.metadata = metadata
         self.path = path
+        where = f"router {path or ''}".rstrip()
         try:
             self.partition_names = list(json.loads(metadata["partition_names"]))
             self.dim = int(metadata["dim"])
@@ -192,30 +193,62 @@ class Router(BaseRouter):
             self.recall_thresholds = json.loads(metadata.get("recall_thresholds", "[]"))
             self.stopping_model = StoppingModel.from_json(
                 json.loads(metadata.get("stopping_model", "null")))
+            nprobe = metadata.get("nprobe")
+            self._default_nprobe = int(nprobe) if nprobe else None
         except (KeyError, ValueError, TypeError) as exc:
-            raise RouterError(f"router {path or ''} lacks valid metadata ({exc}); "
+            raise RouterError(f"{where} lacks valid metadata ({exc}); "
                               "was it exported by milvus-ltr-router?") from exc
+        check_metadata_ranges(self, where)
         inputs = session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != "query":
-            raise RouterError(f"router {path or ''}: expected one input named 'query'")
+            raise RouterError(f"{where}: expected one input named 'query'")
         self._input = inputs[0].name
         self._output = ["scores"]
         if "scores" not in [o.name for o in session.get_outputs()]:
-            raise RouterError(f"router {path or ''}: no output named 'scores'")
+            raise RouterError(f"{where}: no output named 'scores'")
         # a second head trained for adaptive nprobe (top-k labels only), when exported with one:
         # selected by the optional boolean input (an overridable initializer, default false)
         self._adaptive_feed = {ADAPTIVE_INPUT: np.array(True)} if ADAPTIVE_INPUT in [
             i.name for i in session.get_overridable_initializers()] else None
-        if inputs[0].shape[1] != self.dim:
-            raise RouterError(f"router {path or ''}: graph input dim {inputs[0].shape[1]} "
-                              f"!= metadata dim {self.dim}")
+        shape = list(inputs[0].shape)
+        if len(shape) != 2 or shape[1] != self.dim:
+            raise RouterError(f"{where}: graph input shape {shape} is not [batch, {self.dim}] "
+                              f"(metadata dim {self.dim})")
+        self._probe(where)
+
+    def _probe(self, where: str) -> None:
+        """Run each head once on fixed random queries: it must give one finite score per
+        partition of the layout (a graph with more or fewer outputs than partitions, or
+        NaN/inf weights, is refused here rather than failing or misrouting searches)."""
+        queries = np.random.default_rng(0).standard_normal((2, self.dim)).astype(np.float32)
+        heads = [("scores", self.scores)]
+        if self._adaptive_feed is not None:
+            heads.append(("adaptive head scores", self.adaptive_scores))
+        for what, head in heads:
+            try:
+                scores = np.asarray(head(queries))
+            except Exception as exc:  # onnxruntime raises several private exception types
+                raise RouterError(f"{where}: computing {what} of a probe query failed: {exc}") from exc
+            if scores.shape != (len(queries), self.n_partitions):
+                per_query = scores.shape[-1] if scores.ndim else 0
+                raise RouterError(f"{where}: {what} give {per_query} values per query (shape "
+                                  f"{list(scores.shape)} for {len(queries)} probe queries) but its "
+                                  f"metadata names {self.n_partitions} partitions; it is corrupt "
+                                  "or was not exported for this layout")
+            if not np.isfinite(scores).all():
+                raise RouterError(f"{where}: {what} of a probe query are not finite (NaN or "
+                                  "inf); the router's weights are corrupt")
 
     @classmethod
     def load(cls, path: str | os.PathLike, layout=None, num_threads: int = 1) -> "Router":
         """Load an ONNX router; with ``layout``, refuse one made for another layout."""
         import onnxruntime as ort
         path = Path(path)
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as exc:      # e.g. a directory on the way that this user cannot read
+            raise RouterError(f"router file {path} cannot be read: {exc}") from exc
+        if not found:
             raise RouterError(f"router file not found: {path}")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads
@@ -226,7 +259,10 @@ class Router(BaseRouter):
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several private exception types
             raise RouterError(f"router file {path} is not a loadable ONNX model: {exc}") from exc
-        meta = dict(session.get_modelmeta().custom_metadata_map)
+        try:
+            meta = dict(session.get_modelmeta().custom_metadata_map)
+        except Exception as exc:
+            raise RouterError(f"router file {path} has unreadable metadata: {exc}") from exc
         router = cls(session, meta, str(path))
         if layout is not None:
             router.check_layout(layout)
@@ -253,8 +289,39 @@ class Router(BaseRouter):
 
     @property
     def default_nprobe(self) -> int | None:
-        value = self.metadata.get("nprobe")
-        return int(value) if value else None
+        return self._default_nprobe
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def check_metadata_ranges(router: "Router", where: str = "router") -> None:
+    """Raise :class:`RouterError` naming the first metadata value out of its range."""
+    names, n = router.partition_names, len(router.partition_names)
+    if n == 0 or not all(isinstance(x, str) and x for x in names) or len(set(names)) != n:
+        raise RouterError(f"{where}: metadata partition_names must be distinct non-empty names, "
+                          f"got {len(names)} names ({len(set(map(str, names)))} distinct)")
+    if router.dim < 1:
+        raise RouterError(f"{where}: metadata dim must be >= 1, got {router.dim}")
+    if not (np.isfinite(router.temperature) and router.temperature > 0):
+        raise RouterError(f"{where}: metadata temperature must be finite and > 0, "
+                          f"got {router.temperature}")
+    if router.default_nprobe is not None and not 1 <= router.default_nprobe <= n:
+        raise RouterError(f"{where}: metadata nprobe {router.default_nprobe} is outside "
+                          f"[1, {n}] (the number of partitions)")
+    table = router.recall_thresholds
+    if not isinstance(table, list):
+        raise RouterError(f"{where}: metadata recall_thresholds must be a list of "
+                          f"(threshold, recall, mean partitions) rows, got {type(table).__name__}")
+    for row in table:
+        ok = isinstance(row, (list, tuple)) and len(row) == 3 and all(map(_finite, row))
+        if not ok or not (0 <= row[0] <= 1 and 0 <= row[1] <= 1 and 1 <= row[2] <= n):
+            raise RouterError(f"{where}: metadata recall_thresholds row {row!r} is not "
+                              f"(threshold in [0, 1], recall in [0, 1], mean partitions in [1, {n}])")
+    model = router.stopping_model
+    if model is not None and not all(map(np.isfinite, [*model.coef, model.intercept])):
+        raise RouterError(f"{where}: metadata stopping_model has non-finite coefficients")
 
 
 def validate_nprobes(nprobes: Sequence[int], n_partitions: int) -> list[int]:
