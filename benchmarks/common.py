@@ -33,7 +33,7 @@ def machine() -> dict:
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
     if title:
         print(f"\n{title}")
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))

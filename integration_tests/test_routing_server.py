@@ -223,7 +223,8 @@ def test_router_for_another_layout_is_refused(scenario, tmp_path):
     from milvus_ltr_router.export import export_router
     client, collection = scenario["client"], scenario["collection"]
     layout = read_layout(client, collection)
-    other = type(layout)(**{**layout.__dict__, "layout_id": "some-older-layout"})
+    other = type(layout)(**{**layout.__dict__, "layout_id": "some-older-layout",
+                             "clustering_id": "some-older-layout"})
     registry = ModelRegistry(tmp_path / "models")
     version = registry.new_version()
     path = export_router(layout.centroids, None, other, collection,

@@ -9,6 +9,7 @@ method, and every collection without a layout, behaves exactly as in pymilvus.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 import time
@@ -19,10 +20,11 @@ from typing import Any
 import numpy as np
 from pymilvus import MilvusClient
 
-from .layout import Layout, assign, current_layout_id, laid_out_name, read_layout
+from .layout import Layout, cluster_of, current_layout_id, laid_out_name, read_layout
+from .storage import DEFAULT_PARTITION, storage_status
 from .querylog import QueryLogger
 from .registry import ModelRegistry
-from .router import BaseRouter, CentroidRouter, Router, RouterError
+from .router import BaseRouter, CentroidRouter, Router
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class _Routing:
     version: str | None = None
     error: str = ""
     stamp: tuple | None = None
+    failures: int = 0        # consecutive failed loads of the model dir/router (0: no error)
+    retry_at: float = 0.0    # time.monotonic() after which an error state is re-read
 
 
 class RoutedMilvusClient(MilvusClient):
@@ -69,6 +73,7 @@ class RoutedMilvusClient(MilvusClient):
         self._rng = np.random.default_rng(seed)
         self._routing: dict[str, tuple[_Routing | None, float]] = {}   # name -> (state, checked)
         self._routing_lock = threading.Lock()
+        self._strays: dict[str, tuple[int, float]] = {}   # collection -> (_default rows, checked)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ltr-search")
         self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds) \
             if log_rate > 0 else None
@@ -101,29 +106,44 @@ class RoutedMilvusClient(MilvusClient):
             layout = old.layout
         else:
             layout = read_layout(self, collection)
-        stamp = self.registry.pointer_stamp(layout.collection)
-        if old is not None and old.layout is layout and stamp == old.stamp:
-            return old
-        return self._load_router(layout, stamp)
+        try:
+            stamp = self.registry.pointer_stamp(layout.collection)
+        except Exception as exc:        # model dir is a file, unreadable...: _load_router reports it
+            stamp = ("unreadable", str(exc))
+        if old is not None and old.layout is layout and stamp == old.stamp and \
+                (not old.failures or time.monotonic() < old.retry_at):
+            return old                  # unchanged; an error state is re-read after its backoff
+        return self._load_router(layout, stamp, old)
 
-    def _load_router(self, layout: Layout, stamp) -> _Routing:
-        """The published router for ``layout``, or centroid routing with the reason why not."""
+    def _load_router(self, layout: Layout, stamp, old: _Routing | None = None) -> _Routing:
+        """The published router for ``layout``, or centroid routing with the reason why not.
+
+        Never raises for a model-dir, pointer or router-file problem: it is logged and
+        served by centroids, and read again after a backoff that doubles per consecutive
+        failure (``registry.retry_delay``) even if the pointer did not change, so a fixed
+        file (or a transient read error) recovers without a new publish.
+        """
+        from .registry import retry_delay
+        current = None
         try:
             current = self.registry.current(layout.collection)
-        except Exception as exc:
-            current, error = None, str(exc)
+            if current is None:
+                return _Routing(layout, CentroidRouter(layout), None, "no router published", stamp)
+            router = Router.load(current.path, layout=layout, num_threads=self.router_threads)
+        except Exception as exc:        # whatever is wrong on disk must not fail searches
+            what = f"router {current.version}" if current is not None else "router pointer"
+            error = f"{what} of {layout.collection!r} is unusable: {exc}"
         else:
-            error = "" if current else "no router published"
-        if current is not None:
-            try:
-                router = Router.load(current.path, layout=layout, num_threads=self.router_threads)
-                log.info("serving router %s for %r", current.version, layout.collection)
-                return _Routing(layout, router, current.version, "", stamp)
-            except RouterError as exc:
-                error = str(exc)
-                log.warning("router %s for %r unusable, falling back to centroid routing: %s",
-                            current.version, layout.collection, exc)
-        return _Routing(layout, CentroidRouter(layout), None, error, stamp)
+            log.info("serving router %s for %r", current.version, layout.collection)
+            return _Routing(layout, router, current.version, "", stamp)
+        same_layout = old is not None and old.layout is layout
+        failures = old.failures + 1 if same_layout else 1
+        delay = retry_delay(failures, self.reload_interval)
+        log.warning("%s; routing %r by centroids (failure %d, next check in %.0f s)",
+                    error, layout.collection, failures, delay)
+        fallback = old.router if same_layout and isinstance(old.router, CentroidRouter) \
+            else CentroidRouter(layout)
+        return _Routing(layout, fallback, None, error, stamp, failures, time.monotonic() + delay)
 
     def reload_router(self, collection_name: str) -> dict:
         """Re-read the layout and the published router now instead of at the next interval."""
@@ -147,23 +167,92 @@ class RoutedMilvusClient(MilvusClient):
         return {"collection": state.layout.collection, "mode": state.router.kind,
                 "version": state.version, "layout_id": state.layout.layout_id,
                 "n_partitions": state.layout.n_partitions, "nprobe": self._default_nprobe(state),
+                "storage": storage_status(state.layout.storage),
                 "adaptive": adaptive, "error": state.error, "query_log": stats}
 
     def _default_nprobe(self, state: _Routing) -> int:
         n = self.nprobe or getattr(state.router, "default_nprobe", None) or 8
         return min(n, state.layout.n_partitions)
 
+    # ------------------------------------------------------------------ routing
+    def router(self, collection_name: str) -> BaseRouter | None:
+        """The router serving ``collection_name`` now (learned, or the centroid fallback);
+        None when the collection has no layout."""
+        state = self._state(collection_name)
+        return None if state is None else state.router
+
+    def layout(self, collection_name: str) -> Layout | None:
+        """The layout ``collection_name`` (or the collection an alias names) is routed by."""
+        state = self._state(collection_name)
+        return None if state is None else state.layout
+
+    def route(self, collection_name: str, data, *, nprobe: int | None = None,
+              recall_target: float | None = None, min_nprobe: int = 1,
+              max_nprobe: int | None = None) -> list[list[int]]:
+        """The clusters a routed search of ``data`` probes, per query, best first.
+
+        Cluster indices into ``layout(collection_name).partition_names``; what
+        :meth:`search` would search with the same arguments (nothing is searched
+        or logged). Raises ``ValueError`` for a collection without a layout.
+        """
+        state = self._state(collection_name)
+        if state is None:
+            raise ValueError(f"collection {collection_name!r} has no layout; nothing to route")
+        queries = self._query_matrix(state, data)
+        return [row.tolist() for row in self._probe(state, queries, nprobe, recall_target,
+                                                    min_nprobe, max_nprobe)]
+
+    def _query_matrix(self, state: _Routing, data) -> np.ndarray:
+        queries = np.asarray(data, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != state.layout.dim:
+            raise ValueError(f"search vectors of shape {queries.shape} do not match collection "
+                             f"{state.layout.collection!r} (dim={state.layout.dim})")
+        return queries
+
+    def _probe(self, state: _Routing, queries: np.ndarray, nprobe, recall_target, min_nprobe,
+               max_nprobe):
+        if recall_target is not None and not state.router.recall_thresholds:
+            # centroid fallback (or an old router) has no recall calibration: a fixed nprobe
+            # keeps searches working rather than failing them
+            log.warning("router of %r has no recall calibration; recall_target=%s served with "
+                        "nprobe=%d", state.layout.collection, recall_target, self._default_nprobe(state))
+            recall_target = None
+        if recall_target is not None:
+            return state.router.rank_adaptive(queries, recall_target, min_nprobe, max_nprobe)
+        return state.router.rank(queries, self._default_nprobe(state) if nprobe is None else nprobe)
+
+    def _stray_partition(self, state: _Routing) -> str | None:
+        """``_default`` while it holds rows in ``partition`` storage (rows written around the
+        layout, e.g. by a plain MilvusClient): routed searches include it so no row is invisible
+        until ``milvus-ltr-router repair-layout`` moves them. Re-checked every reload interval."""
+        if state.layout.storage.mode != "partition":
+            return None
+        name = state.layout.collection
+        cached = self._strays.get(name)
+        if cached is None or time.monotonic() - cached[1] >= self.reload_interval:
+            try:
+                count = int(self.get_partition_stats(name, DEFAULT_PARTITION)["row_count"])
+            except Exception:           # unknown: search it rather than risk hiding rows
+                count = -1
+            cached = (count, time.monotonic())
+            self._strays[name] = cached
+        return DEFAULT_PARTITION if cached[0] != 0 else None
+
     # ------------------------------------------------------------------ search
     def search(self, collection_name: str, data=None, filter: str = "", limit: int = 10,
                output_fields=None, search_params=None, timeout=None, partition_names=None,
                anns_field=None, nprobe: int | None = None, recall_target: float | None = None,
                min_nprobe: int = 1, max_nprobe: int | None = None, **kwargs):
-        """``MilvusClient.search``, restricted per query to the partitions the router picks.
+        """``MilvusClient.search``, restricted per query to the clusters the router picks.
 
-        ``nprobe`` fixes the partitions per query; ``recall_target`` (e.g. 0.95)
-        instead probes, per query, the partitions whose predicted share of its
+        ``nprobe`` fixes the clusters per query; ``recall_target`` (e.g. 0.95)
+        instead probes, per query, the clusters whose predicted share of its
         neighbours reaches the threshold that met that recall@k on held-out
         queries at retrain time, between ``min_nprobe`` and ``max_nprobe``.
+        How the clusters are named to Milvus (partitions, a cluster-id filter
+        combined with ``filter`` by ``and``) follows the layout's storage mode.
 
         Passes through untouched when the collection has no layout, when the
         caller names ``partition_names`` or another ``anns_field``, or searches by ``ids``.
@@ -178,33 +267,22 @@ class RoutedMilvusClient(MilvusClient):
                                   output_fields=output_fields, search_params=search_params,
                                   timeout=timeout, partition_names=partition_names,
                                   anns_field=anns_field, **kwargs)
-        queries = np.asarray(data, dtype=np.float32)
-        if queries.ndim == 1:
-            queries = queries[None, :]
-        if queries.ndim != 2 or queries.shape[1] != state.layout.dim:
-            raise ValueError(f"search vectors of dimension {queries.shape[-1]} do not match "
-                             f"collection {state.layout.collection!r} dim={state.layout.dim}")
-        if recall_target is not None and not state.router.recall_thresholds:
-            # centroid fallback (or an old router) has no recall calibration: a fixed nprobe
-            # keeps searches working rather than failing them
-            log.warning("router of %r has no recall calibration; recall_target=%s served with "
-                        "nprobe=%d", state.layout.collection, recall_target, self._default_nprobe(state))
-            recall_target = None
-        if recall_target is not None:
-            probed = state.router.rank_adaptive(queries, recall_target, min_nprobe, max_nprobe)
-        else:
-            probed = state.router.rank(queries, self._default_nprobe(state) if nprobe is None else nprobe)
+        queries = self._query_matrix(state, data)
+        probed = self._probe(state, queries, nprobe, recall_target, min_nprobe, max_nprobe)
         self._log_queries(state.layout.collection, queries)
-        groups: dict[tuple, list[int]] = {}      # queries that probe the same partitions share a call
+        groups: dict[tuple, list[int]] = {}      # queries that probe the same clusters share a call
         for i, row in enumerate(probed):
             groups.setdefault(tuple(sorted(row.tolist())), []).append(i)
-        names = state.layout.partition_names
+        storage, stray = state.layout.storage, self._stray_partition(state)
         sup = super()
 
-        def run(parts: tuple, rows: list[int]):
-            return sup.search(collection_name, data=queries[rows].tolist(), filter=filter, limit=limit,
+        def run(clusters: tuple, rows: list[int]):
+            parts, expr = storage.search_target(clusters, filter)
+            if stray is not None and parts is not None:
+                parts = parts + [stray]
+            return sup.search(collection_name, data=queries[rows].tolist(), filter=expr, limit=limit,
                               output_fields=output_fields, search_params=search_params,
-                              timeout=timeout, partition_names=[names[p] for p in parts],
+                              timeout=timeout, partition_names=parts,
                               anns_field=anns_field, **kwargs)
 
         items = list(groups.items())
@@ -228,45 +306,125 @@ class RoutedMilvusClient(MilvusClient):
     # ------------------------------------------------------------------ writes
     def insert(self, collection_name: str, data, timeout=None, partition_name: str | None = "",
                **kwargs):
-        return self._routed_write(super().insert, collection_name, data, timeout, partition_name,
-                                  **kwargs)
+        return self._routed_write("insert", collection_name, data, timeout, partition_name, **kwargs)
 
     def upsert(self, collection_name: str, data, timeout=None, partition_name: str | None = "",
                **kwargs):
-        return self._routed_write(super().upsert, collection_name, data, timeout, partition_name,
-                                  **kwargs)
+        return self._routed_write("upsert", collection_name, data, timeout, partition_name, **kwargs)
 
-    def _routed_write(self, write, collection_name, data, timeout, partition_name, **kwargs):
+    def _routed_write(self, kind: str, collection_name, data, timeout, partition_name, **kwargs):
+        """Each row to its cluster: the cluster's partition, and its id in the cluster-id field.
+
+        An upsert keeps one row per primary key: where a key's new vector belongs
+        to another partition than its stored row, the new row is written first
+        and the old copy is then deleted from its old partition (Milvus servers
+        upsert within one partition only).
+        """
+        write = super().insert if kind == "insert" else super().upsert
         state = None if partition_name else self._state(collection_name)
         if state is None:
             return write(collection_name, data, timeout=timeout, partition_name=partition_name or "",
                          **kwargs)
+        layout, storage = state.layout, state.layout.storage
         rows = [data] if isinstance(data, dict) else list(data)
-        field = state.layout.vector_field
+        if not rows:
+            return write(collection_name, rows, timeout=timeout, **kwargs)
+        field = layout.vector_field
         missing = [i for i, r in enumerate(rows) if field not in r]
         if missing:
             raise ValueError(f"rows {missing[:5]} have no vector field {field!r}; a laid-out "
-                             f"collection needs it to pick each row's partition")
-        targets = assign(state.layout, np.asarray([r[field] for r in rows], dtype=np.float32))
+                             f"collection needs it to pick each row's cluster")
+        clusters = cluster_of(layout, np.asarray([r[field] for r in rows], dtype=np.float32))
+        if storage.cluster_field is not None:
+            rows = [{**r, storage.cluster_field: int(c)} for r, c in zip(rows, clusters)]
+        old_parts = self._stored_partitions(state, rows, timeout) if kind == "upsert" and \
+            storage.n_groups > 1 else {}
         by_partition: dict[str, list[int]] = {}
-        for i, p in enumerate(targets):
-            by_partition.setdefault(p, []).append(i)
-        total, ids = 0, [None] * len(rows)
-        for p, idx in by_partition.items():
-            res = write(collection_name, [rows[i] for i in idx], timeout=timeout, partition_name=p,
-                        **kwargs)
-            count = res.get("insert_count", res.get("upsert_count", len(idx)))
-            total += count
+        for i, c in enumerate(clusters):
+            by_partition.setdefault(storage.write_partition(c), []).append(i)
+        total, ids, done = 0, [None] * len(rows), []
+        for part, idx in by_partition.items():
+            try:
+                res = write(collection_name, [rows[i] for i in idx], timeout=timeout,
+                            partition_name=part, **kwargs)
+            except Exception as exc:
+                written = sum(len(by_partition[p]) for p in done)
+                raise WriteError(f"{kind} into {collection_name!r} failed at partition "
+                                 f"{part or DEFAULT_PARTITION!r} after {written} of {len(rows)} rows "
+                                 f"were written (into {done or 'none'}): {exc}",
+                                 written=written, partitions_done=done) from exc
+            total += res.get("insert_count", res.get("upsert_count", len(idx)))
             for i, pk in zip(idx, res.get("ids", []) or []):
                 ids[i] = pk
-        key = "upsert_count" if write.__name__ == "upsert" else "insert_count"
+            done.append(part)
+        try:
+            self._delete_moved(collection_name, layout, rows, clusters, old_parts, timeout)
+        except Exception as exc:
+            raise WriteError(f"{kind} into {collection_name!r} wrote all {len(rows)} rows, but "
+                             f"deleting the old copies of keys that moved to another partition "
+                             f"failed; repeat the upsert to remove them: {exc}",
+                             written=len(rows), partitions_done=done) from exc
+        key = "upsert_count" if kind == "upsert" else "insert_count"
         return {key: total, "ids": ids}
+
+    def _stored_partitions(self, state: _Routing, rows: list[dict], timeout) -> dict:
+        """Primary key -> partitions holding a stored row with that key (before an upsert)."""
+        layout, storage = state.layout, state.layout.storage
+        pk = layout.primary_field
+        keys = [r[pk] for r in rows if pk in r]
+        if not keys:
+            return {}
+        expr = f"{pk} in {_literal_list(keys)}"
+        if storage.cluster_field is not None:
+            found = self.query(layout.collection, filter=expr, output_fields=[pk, storage.cluster_field],
+                               timeout=timeout)
+            out: dict = {}
+            for r in found:
+                out.setdefault(r[pk], set()).add(storage.write_partition(r[storage.cluster_field]))
+            return out
+        # partition storage: Milvus does not say which partition a row is in; ask which keys
+        # exist at all, then every partition is a candidate for those keys
+        found = self.query(layout.collection, filter=expr, output_fields=[pk], timeout=timeout)
+        every = set(storage.partitions) | {DEFAULT_PARTITION}
+        return {r[pk]: every for r in found}
+
+    def _delete_moved(self, collection_name, layout: Layout, rows, clusters, old_parts: dict,
+                      timeout) -> None:
+        """Delete the stale copy of every upserted key from partitions other than its new one."""
+        if not old_parts:
+            return
+        pk, storage = layout.primary_field, layout.storage
+        stale: dict[str, list] = {}
+        for r, c in zip(rows, clusters):
+            new = storage.write_partition(c)
+            for part in old_parts.get(r.get(pk), ()):
+                if (part or DEFAULT_PARTITION) != (new or DEFAULT_PARTITION):
+                    stale.setdefault(part or DEFAULT_PARTITION, []).append(r[pk])
+        for part, keys in stale.items():
+            super().delete(collection_name, filter=f"{pk} in {_literal_list(keys)}",
+                           partition_name=part, timeout=timeout)
 
     def close(self) -> None:
         if self._logger is not None:
             self._logger.close()
         self._pool.shutdown(wait=True)
         super().close()
+
+
+class WriteError(RuntimeError):
+    """A routed insert/upsert that failed part-way: ``written`` rows landed, in
+    ``partitions_done``; the rest did not."""
+
+    def __init__(self, message: str, written: int = 0, partitions_done: list | None = None):
+        super().__init__(message)
+        self.written = written
+        self.partitions_done = list(partitions_done or [])
+
+
+def _literal_list(values) -> str:
+    """A Milvus list literal of primary keys (ints or strings)."""
+    return "[" + ", ".join(json.dumps(v if not isinstance(v, np.generic) else v.item())
+                           for v in values) + "]"
 
 
 def _merge_results(results: list, row_groups: list[list[int]], n_queries: int):

@@ -29,7 +29,7 @@ def router_metadata(layout, collection: str, metrics: dict | None = None,
         "partition_names": json.dumps(list(layout.partition_names)),
         "dim": str(layout.dim),
         "metric": layout.metric,
-        "layout_id": layout.layout_id,
+        "layout_id": layout.clustering_id,     # the clusters the router scores (same across storage)
         "collection": collection,
         "metrics": json.dumps(metrics or {}),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

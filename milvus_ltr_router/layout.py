@@ -1,15 +1,19 @@
-"""IVF layouts on Milvus: one partition per cluster, centroids stored in Milvus.
+"""IVF layouts on Milvus: the plugin's own clusters, stored in Milvus.
 
 Milvus builds its IVF per segment and exposes no centroids, so the plugin owns
-the clustering. A layout is a collection whose partitions are the clusters
-plus a companion collection ``<collection>__ltr_layout`` holding one row per
-cluster (centroid, partition name, size) and the layout's metadata, so every
+the clustering. A layout is a collection whose rows are stored by cluster -
+one partition per cluster, or a cluster-id field (see :mod:`.storage`) - plus
+a companion collection ``<collection>__ltr_layout`` holding one row per
+cluster (centroid, cluster name, size) and the layout's metadata, so every
 process that can reach Milvus (clients, the cron job) reads the same layout.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
+from .errors import OperationalError
 from .clustering import as_vector_batch, assign_clusters, check_algorithm, default_n_clusters, fit_centroids, normalize_rows
 from .labels import Block, check_metric
 from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, CollectionInfo,
@@ -26,6 +31,8 @@ from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionErr
                         vector_index_params)
 from .progress import ProgressCounter
 from .sampling import reservoir_sample
+from .storage import (CLUSTER_FIELD, Storage, StorageError, check_clustering_key_support, choose_mode,
+                      default_groups, group_clusters, make_storage)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ LAYOUT_SUFFIX = "__ltr_layout"
 META_VERSION = 1
 
 
-class LayoutError(RuntimeError):
+class LayoutError(OperationalError):
     """A layout that cannot be built, read or trusted."""
 
 
@@ -43,8 +50,9 @@ class Layout:
 
     collection: str
     centroids: np.ndarray            # [L, d] float32
-    partition_names: list[str]       # row order == cluster order
-    sizes: np.ndarray                # [L] rows per partition when the layout was written
+    partition_names: list[str]       # cluster names, row order == cluster order (the Milvus
+                                     # partition names too in "partition" storage)
+    sizes: np.ndarray                # [L] rows per cluster when the layout was written
     metric: str                      # IP, COSINE or L2 (the collection's search metric)
     algorithm: str                   # spherical or kmeans (the assignment rule)
     dim: int
@@ -55,17 +63,33 @@ class Layout:
     created_at: str = ""
     source: str | None = None
     extra: dict = field(default_factory=dict)
+    storage: Storage | None = None   # None: one partition per cluster (layouts before storage modes)
+    clustering_id: str = ""          # the build whose clusters these are ("": this one); routers
+                                     # are bound to it, so a layout rebuilt in another storage
+                                     # mode from the same clusters keeps its routers
+
+    def __post_init__(self):
+        if self.storage is None:
+            self.storage = Storage("partition", tuple(self.partition_names))
+        if not self.clustering_id:
+            self.clustering_id = self.layout_id
 
     @property
     def n_partitions(self) -> int:
+        """Number of clusters (the router's outputs); kept under its historical name."""
+        return len(self.partition_names)
+
+    @property
+    def n_clusters(self) -> int:
         return len(self.partition_names)
 
     def meta(self) -> dict:
         return {"version": META_VERSION, "collection": self.collection, "metric": self.metric,
                 "algorithm": self.algorithm, "dim": self.dim, "layout_id": self.layout_id,
+                "clustering_id": self.clustering_id,
                 "vector_field": self.vector_field, "primary_field": self.primary_field,
                 "seed": self.seed, "created_at": self.created_at, "source": self.source,
-                "n_partitions": self.n_partitions, **self.extra}
+                "n_partitions": self.n_partitions, **self.storage.meta(), **self.extra}
 
 
 @dataclass
@@ -98,11 +122,15 @@ def partition_names_for(n_clusters: int) -> list[str]:
     return [f"c{i:0{width}d}" for i in range(n_clusters)]
 
 
-def assign(layout: Layout, vectors) -> list[str]:
-    """Partition name of each vector under the layout's own rule (for routed inserts)."""
+def cluster_of(layout: Layout, vectors) -> np.ndarray:
+    """Cluster index of each vector under the layout's own rule (for routed writes)."""
     vecs = as_vector_batch(vectors, layout.dim, f"layout {layout.layout_id}")
-    idx = assign_clusters(vecs, layout.centroids, layout.algorithm)
-    return [layout.partition_names[i] for i in idx]
+    return assign_clusters(vecs, layout.centroids, layout.algorithm)
+
+
+def assign(layout: Layout, vectors) -> list[str]:
+    """Cluster name of each vector under the layout's own rule."""
+    return [layout.partition_names[i] for i in cluster_of(layout, vectors)]
 
 
 # --------------------------------------------------------------------------- storage
@@ -185,31 +213,43 @@ def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False
         raise LayoutError(f"layout collection {meta_name!r} has no metadata row")
     meta = json.loads(meta_text)
     known = {"version", "collection", "metric", "algorithm", "dim", "layout_id", "vector_field",
-             "primary_field", "seed", "created_at", "source", "n_partitions"}
+             "primary_field", "seed", "created_at", "source", "n_partitions", "clustering_id",
+             "storage", "cluster_field", "clustering_key", "group_names", "group_of_cluster"}
+    names = [r["partition_name"] for r in rows]
+    try:
+        storage = Storage.from_meta(meta, names)
+    except StorageError as exc:
+        raise LayoutError(f"layout collection {meta_name!r}: {exc}") from exc
     layout = Layout(
         collection=name,
         centroids=np.asarray([r["centroid"] for r in rows], dtype=np.float32),
-        partition_names=[r["partition_name"] for r in rows],
+        partition_names=names,
         sizes=np.asarray([r["size"] for r in rows], dtype=np.int64),
         metric=meta["metric"], algorithm=meta["algorithm"], dim=int(meta["dim"]),
         layout_id=meta["layout_id"], vector_field=meta["vector_field"],
         primary_field=meta["primary_field"], seed=int(meta.get("seed", 0)),
         created_at=meta.get("created_at", ""), source=meta.get("source"),
-        extra={k: v for k, v in meta.items() if k not in known})
+        extra={k: v for k, v in meta.items() if k not in known}, storage=storage,
+        clustering_id=meta.get("clustering_id", ""))
     if layout.centroids.shape != (len(rows), layout.dim):
         raise LayoutError(f"stored centroids have shape {layout.centroids.shape}, "
                           f"expected ({len(rows)}, {layout.dim})")
     live = set(client.list_partitions(name))
-    missing = [p for p in layout.partition_names if p not in live]
+    missing = [p for p in storage.partitions if p not in live]
     if missing:
         raise LayoutError(f"layout {layout.layout_id} of {name!r} names partitions that do not "
                           f"exist: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if storage.cluster_field is not None:
+        fields = {f["name"] for f in client.describe_collection(name)["fields"]}
+        if storage.cluster_field not in fields:
+            raise LayoutError(f"layout {layout.layout_id} of {name!r} stores clusters in field "
+                              f"{storage.cluster_field!r}, which the collection does not have")
     ensure_loaded(client, name)
     if check_sizes:
-        live_sizes = partition_sizes(client, name, layout.partition_names)
+        live_sizes = cluster_sizes(client, layout)
         diff = np.flatnonzero(live_sizes != layout.sizes)
         if len(diff):
-            raise LayoutError(f"{len(diff)} partitions of {name!r} hold a different number of rows "
+            raise LayoutError(f"{len(diff)} clusters of {name!r} hold a different number of rows "
                               f"than the layout recorded (first: {layout.partition_names[diff[0]]} "
                               f"{live_sizes[diff[0]]} vs {layout.sizes[diff[0]]})")
     return layout
@@ -224,13 +264,39 @@ def partition_sizes(client: MilvusClient, collection: str, names: Sequence[str])
                       dtype=np.int64)
 
 
+def cluster_sizes(client: MilvusClient, layout: Layout, batch_size: int = 16384) -> np.ndarray:
+    """Live row count of each cluster: partition statistics in ``partition`` storage, else
+    the cluster-id field streamed (ids only, no vectors)."""
+    storage = layout.storage
+    if storage.cluster_field is None:
+        return partition_sizes(client, layout.collection, layout.partition_names)
+    counts = np.zeros(layout.n_clusters, dtype=np.int64)
+    for batch in iter_rows(client, layout.collection, [storage.cluster_field], batch_size):
+        cid = np.fromiter((r[storage.cluster_field] for r in batch), dtype=np.int64, count=len(batch))
+        counts += np.bincount(cid[(cid >= 0) & (cid < layout.n_clusters)], minlength=layout.n_clusters)
+    return counts
+
+
 def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = 4096,
                        progress: ProgressCounter | None = None) -> Iterator[Block]:
-    """``(ids, vectors, partition index)`` blocks over the whole laid-out collection.
+    """``(ids, vectors, cluster index)`` blocks over the whole laid-out collection.
 
-    Reads partition by partition, because Milvus does not report which
-    partition a row sits in: the partition we asked is the membership.
+    With a cluster-id field, one pass over the collection reads it beside each
+    vector. In ``partition`` storage Milvus does not report which partition a
+    row sits in, so it reads partition by partition: the partition asked is the
+    membership.
     """
+    storage = layout.storage
+    if storage.cluster_field is not None:
+        fields = [layout.primary_field, layout.vector_field, storage.cluster_field]
+        for batch in iter_rows(client, layout.collection, fields, batch_size):
+            ids, vecs = rows_to_arrays(batch, layout.primary_field, layout.vector_field)
+            cid = np.fromiter((r[storage.cluster_field] for r in batch), dtype=np.int64,
+                              count=len(batch))
+            if progress is not None:
+                progress.update(len(ids))
+            yield ids, vecs, cid
+        return
     fields = [layout.primary_field, layout.vector_field]
     for index, name in enumerate(layout.partition_names):
         for batch in iter_rows(client, layout.collection, fields, batch_size, partition_names=[name]):
@@ -252,14 +318,22 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
                  metric: str | None = None, vector_field: str | None = None,
                  index: dict | None = None, alias: str | None = None, overwrite: bool = False,
                  batch_size: int = 4096, max_partitions: int | None = None,
-                 max_iter: int = 25) -> BuildReport:
-    """Cluster ``source`` into a new partitioned collection ``target`` and store its layout.
+                 max_iter: int = 25, storage: str = "auto", groups: int | None = None,
+                 clustering_key: bool = False, clusters_from: Layout | None = None,
+                 spill_dir: str | None = None) -> BuildReport:
+    """Cluster ``source`` into a new collection ``target`` stored by cluster, and store its layout.
 
     The source is streamed twice (a reservoir sample for k-means, then every
     row with all its fields) and never modified. ``n_clusters`` defaults to
-    round(sqrt(N)) clipped to the server's partition limit; ``sample_size`` to
-    39 rows per cluster as in faiss. ``alias``, when given, is pointed at the
-    new collection once it is verified, so applications switch atomically.
+    round(sqrt(N)) (clipped to the server's partition limit in ``partition``
+    storage); ``sample_size`` to 39 rows per cluster as in faiss. ``storage``
+    is ``auto``, ``partition``, ``grouped`` (``groups`` partitions) or
+    ``single`` (see :mod:`.storage`); rows are written in cluster order, so
+    each cluster's rows sit together in its segments. ``clusters_from`` reuses
+    another layout's clusters (same centroids, same routers: e.g. to move a
+    layout to another storage mode without retraining). ``alias``, when given,
+    is pointed at the new collection once it is verified, so applications
+    switch atomically.
     """
     algorithm = check_algorithm(algorithm)
     info = describe(client, source, vector_field)
@@ -269,12 +343,30 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
     if client.has_collection(target) and not overwrite:
         raise LayoutError(f"target collection {target!r} already exists; choose another name or "
                           f"pass overwrite=True (--overwrite) to replace it")
+    lite = is_milvus_lite(client)
+    try:
+        mode = choose_mode(storage, lite)
+        if clustering_key:
+            if mode == "partition":
+                raise StorageError("clustering_key needs a cluster-id field: use storage 'single' "
+                                   "or 'grouped'")
+            check_clustering_key_support(str(client.get_server_version()))
+    except StorageError as exc:
+        raise LayoutError(str(exc)) from exc
+    if CLUSTER_FIELD in info.field_names:
+        raise LayoutError(f"source {source!r} already has a field {CLUSTER_FIELD!r}: is it a "
+                          f"laid-out collection? Build from the original source")
     client.load_collection(info.name)
     n_rows = count_rows(client, info.name)
     if n_rows == 0:
         raise LayoutError(f"source collection {source!r} is empty")
-    lite = is_milvus_lite(client)
-    limit = max_partitions or (None if lite else SERVER_PARTITION_LIMIT)
+    if clusters_from is not None:
+        if clusters_from.dim != info.dim:
+            raise LayoutError(f"clusters_from has dim {clusters_from.dim}, the source {info.dim}")
+        n_clusters, algorithm = clusters_from.n_clusters, clusters_from.algorithm
+    limit = None
+    if mode == "partition":
+        limit = max_partitions or (None if lite else SERVER_PARTITION_LIMIT)
     if n_clusters is None:
         n_clusters = default_n_clusters(n_rows)
         if limit is not None:
@@ -285,31 +377,45 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
         raise LayoutError(f"{n_clusters} clusters need {n_clusters + 1} partitions (with _default) "
                           f"but the server allows {limit} (rootCoord.maxPartitionNum, default 1024); "
                           f"raise rootCoord.maxPartitionNum on the server and pass max_partitions / "
-                          f"--max-partitions, or use fewer clusters")
+                          f"--max-partitions, use fewer clusters, or a storage mode with a cluster-id "
+                          f"field (--storage single)")
     if n_rows < n_clusters:
         raise LayoutError(f"source has {n_rows} rows, fewer than the {n_clusters} clusters asked for")
-    sample_size = min(n_rows, sample_size or 39 * n_clusters)
     seconds: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    with ProgressCounter(n_rows, "sample", "rows") as bar:
-        sample = reservoir_sample(_vector_blocks(client, info, batch_size, bar), sample_size, seed)
-    seconds["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    log.info("clustering %d sampled rows into %d clusters (%s)", len(sample), n_clusters, algorithm)
-    centroids = fit_centroids(sample, n_clusters, algorithm, seed=seed, max_iter=max_iter)
-    del sample
-    seconds["cluster"] = time.perf_counter() - t0
+    if clusters_from is None:
+        sample_size = min(n_rows, sample_size or 39 * n_clusters)
+        t0 = time.perf_counter()
+        with ProgressCounter(n_rows, "sample", "rows") as bar:
+            sample = reservoir_sample(_vector_blocks(client, info, batch_size, bar), sample_size, seed)
+        seconds["read"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        log.info("clustering %d sampled rows into %d clusters (%s)", len(sample), n_clusters, algorithm)
+        centroids = fit_centroids(sample, n_clusters, algorithm, seed=seed, max_iter=max_iter)
+        del sample
+        seconds["cluster"] = time.perf_counter() - t0
+        names, clustering_id = partition_names_for(n_clusters), ""
+    else:
+        centroids = clusters_from.centroids.copy()
+        names, clustering_id = list(clusters_from.partition_names), clusters_from.clustering_id
 
-    names = partition_names_for(n_clusters)
+    group_of = None
+    if mode == "grouped":
+        n_groups = groups or default_groups(n_clusters)
+        try:
+            group_of = group_clusters(centroids, n_groups, algorithm, seed=seed)
+        except StorageError as exc:
+            raise LayoutError(str(exc)) from exc
     layout = Layout(collection=target, centroids=centroids, partition_names=names,
                     sizes=np.zeros(n_clusters, dtype=np.int64), metric=metric, algorithm=algorithm,
                     dim=info.dim, layout_id=new_layout_id(),
                     vector_field=info.vector_field, primary_field=info.primary_field, seed=seed,
-                    created_at=utc_now(),
-                    source=info.name)
+                    created_at=utc_now(), source=info.name,
+                    storage=make_storage(mode, names, group_of, clustering_key),
+                    clustering_id=clustering_id)
     try:
-        seconds.update(_write_target(client, info, layout, n_rows, overwrite, index, batch_size))
+        seconds.update(_write_target(client, info, layout, n_rows, overwrite, index, batch_size,
+                                     lite, spill_dir))
         t0 = time.perf_counter()
         _write_layout_meta(client, layout)
         empty = _verify(client, layout, n_rows)
@@ -321,18 +427,85 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
             f"(drops {target!r} and {layout_collection_name(target)!r})") from exc
     if alias:
         point_alias(client, alias, target)
-    log.info("layout %s: %d rows in %d partitions of %r (%d empty)", layout.layout_id, n_rows,
-             n_clusters, target, len(empty))
+    log.info("layout %s: %d rows in %d clusters of %r, storage %s (%d partitions, %d empty clusters)",
+             layout.layout_id, n_rows, n_clusters, target, mode, layout.storage.n_groups, len(empty))
     return BuildReport(layout=layout, rows=n_rows, empty_partitions=empty, seconds=seconds)
 
 
+def _target_schema(info: CollectionInfo, layout: Layout):
+    schema = clone_schema(info)
+    if layout.storage.cluster_field is not None:
+        extra = {"is_clustering_key": True} if layout.storage.clustering_key else {}
+        schema.add_field(layout.storage.cluster_field, DataType.INT64,
+                         description="milvus-ltr-router cluster id", **extra)
+    return schema
+
+
+def _cluster_index_params(client, field: str, lite: bool):
+    """STL_SORT on the cluster id (milvus-lite implements INVERTED only)."""
+    params = client.prepare_index_params()
+    params.add_index(field_name=field, index_type="INVERTED" if lite else "STL_SORT")
+    return params
+
+
+class _ClusterSpill:
+    """Rows bucketed by cluster range in temporary files, so the target can be written in
+    cluster order with memory bounded by one bucket (not by the collection)."""
+
+    def __init__(self, n_clusters: int, n_rows: int, directory: str | None,
+                 rows_per_bucket: int = 50_000):
+        self.n_buckets = max(1, min(n_clusters, -(-n_rows // rows_per_bucket)))
+        self.n_clusters = n_clusters
+        self._dir = tempfile.TemporaryDirectory(prefix="ltr-layout-", dir=directory)
+        self._files = [open(os.path.join(self._dir.name, f"b{i:04d}"), "wb")
+                       for i in range(self.n_buckets)]
+
+    def add(self, rows: list[dict], clusters: np.ndarray) -> None:
+        bucket = clusters * self.n_buckets // self.n_clusters
+        for b in np.unique(bucket):
+            idx = np.flatnonzero(bucket == b)
+            pickle.dump(([rows[i] for i in idx], clusters[idx]), self._files[b],
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+    def sorted_runs(self) -> Iterator[tuple[int, list[dict]]]:
+        """``(cluster, rows)`` in cluster order, one bucket in memory at a time."""
+        for f in self._files:
+            f.close()
+        for f in self._files:
+            rows, clusters = [], []
+            with open(f.name, "rb") as fh:
+                while True:
+                    try:
+                        r, c = pickle.load(fh)
+                    except EOFError:
+                        break
+                    rows.extend(r)
+                    clusters.append(c)
+            os.unlink(f.name)
+            if not rows:
+                continue
+            clusters = np.concatenate(clusters)
+            order = np.argsort(clusters, kind="stable")
+            bounds = np.flatnonzero(np.diff(clusters[order])) + 1
+            for run in np.split(order, bounds):
+                yield int(clusters[run[0]]), [rows[i] for i in run]
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._dir.cleanup()
+
+
 def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, overwrite: bool,
-                  index: dict | None, batch_size: int) -> dict[str, float]:
-    target = layout.collection
+                  index: dict | None, batch_size: int, lite: bool = False,
+                  spill_dir: str | None = None) -> dict[str, float]:
+    target, storage = layout.collection, layout.storage
     if client.has_collection(target) and overwrite:
         drop_layout(client, target)
-    client.create_collection(target, schema=clone_schema(info))
-    for name in layout.partition_names:
+    client.create_collection(target, schema=_target_schema(info, layout))
+    for name in storage.partitions:
+        if name == DEFAULT_PARTITION:
+            continue
         try:
             client.create_partition(target, name)
         except Exception as exc:
@@ -342,21 +515,46 @@ def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, ove
             raise
     t0 = time.perf_counter()
     out_fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
-    with ProgressCounter(n_rows, "write", "rows") as bar:
-        for batch in iter_rows(client, info.name, out_fields, batch_size):
-            _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
-            cluster = assign_clusters(vecs, layout.centroids, layout.algorithm)
-            layout.sizes += np.bincount(cluster, minlength=layout.n_partitions)
-            for c in np.unique(cluster):
-                rows = [batch[i] for i in np.flatnonzero(cluster == c)]
-                client.insert(target, rows, partition_name=layout.partition_names[c])
-            bar.update(len(batch))
+    spill = _ClusterSpill(layout.n_clusters, n_rows, spill_dir)
+    try:
+        with ProgressCounter(n_rows, "assign", "rows") as bar:
+            for batch in iter_rows(client, info.name, out_fields, batch_size):
+                _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
+                cluster = assign_clusters(vecs, layout.centroids, layout.algorithm)
+                layout.sizes += np.bincount(cluster, minlength=layout.n_clusters)
+                spill.add(batch, cluster)
+                bar.update(len(batch))
+        read_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with ProgressCounter(n_rows, "write", "rows") as bar:
+            pending: dict[str, list[dict]] = {}
+            for cluster, rows in spill.sorted_runs():
+                if storage.cluster_field is not None:
+                    for r in rows:
+                        r[storage.cluster_field] = cluster
+                part = storage.write_partition(cluster)
+                buf = pending.setdefault(part, [])
+                buf.extend(rows)
+                if len(buf) >= batch_size:
+                    client.insert(target, buf, partition_name=part)
+                    bar.update(len(buf))
+                    pending[part] = []
+            for part, buf in pending.items():
+                if buf:
+                    client.insert(target, buf, partition_name=part)
+                    bar.update(len(buf))
+    finally:
+        spill.close()
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     client.flush(target)
     client.create_index(target, vector_index_params(client, info.vector_field, layout.metric, index))
+    if storage.cluster_field is not None:
+        client.create_index(target, _cluster_index_params(client, storage.cluster_field, lite))
     client.load_collection(target)
-    return {"write": write_s, "index_load": time.perf_counter() - t0}
+    if storage.clustering_key:
+        client.compact(target, is_clustering=True)
+    return {"assign": read_s, "write": write_s, "index_load": time.perf_counter() - t0}
 
 
 def _verify(client, layout: Layout, n_rows: int) -> list[str]:

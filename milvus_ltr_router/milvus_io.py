@@ -14,6 +14,8 @@ from typing import Iterator
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 # Milvus 2.3 servers and milvus-lite return no session timestamp to query_iterator;
 # pymilvus then warns on every iterator and uses the client's clock, which is what we
@@ -24,7 +26,7 @@ DEFAULT_PARTITION = "_default"
 SERVER_PARTITION_LIMIT = 1024   # rootCoord.maxPartitionNum's default on Milvus servers
 
 
-class CollectionError(ValueError):
+class CollectionError(InputError):
     """A collection that is missing or does not have the shape an operation needs."""
 
 

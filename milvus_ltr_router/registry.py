@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .atomic import TEMP_PREFIX, write_atomic
+from .errors import InputError, LockHeldError, OperationalError
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,15 @@ VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")   # no separators, no l
 RETRY_MAX_S = 300.0
 
 
-class RegistryError(RuntimeError):
+class RegistryError(OperationalError):
     pass
 
 
-class LockedError(RegistryError):
+class LockedError(RegistryError, LockHeldError):
     """Another retrain (or rollback) holds the collection's lock."""
 
 
-class InvalidNameError(RegistryError, ValueError):
+class InvalidNameError(RegistryError, InputError):
     """A collection name or version that is not a plain name inside the model directory."""
 
 

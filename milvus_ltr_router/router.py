@@ -18,11 +18,12 @@ import numpy as np
 from .calibration import StoppingModel
 from .export import ADAPTIVE_INPUT
 from .clustering import as_vector_batch
+from .errors import OperationalError
 
 log = logging.getLogger(__name__)
 
 
-class RouterError(ValueError):
+class RouterError(OperationalError):
     """A router file that is missing, corrupt, or made for another layout."""
 
 
@@ -133,9 +134,10 @@ class BaseRouter:
 
     def check_layout(self, layout) -> None:
         """Refuse to serve a layout other than the one this router was made for."""
-        if layout.layout_id != self.layout_id:
+        # a router scores clusters: it is bound to the build that made them, whatever the storage
+        if layout.clustering_id != self.layout_id:
             raise RouterError(f"router was trained for layout {self.layout_id!r} but the collection "
-                              f"has layout {layout.layout_id!r}; retrain the router")
+                              f"has layout {layout.clustering_id!r}; retrain the router")
         if layout.dim != self.dim:
             raise RouterError(f"router dim={self.dim} does not match layout dim={layout.dim}")
         if list(layout.partition_names) != list(self.partition_names):
@@ -163,8 +165,8 @@ class CentroidRouter(BaseRouter):
         self.temperature = temperature
         self.partition_names = list(layout.partition_names)
         self.dim = int(layout.dim)
-        self.layout_id = layout.layout_id
-        self.metadata = {"metric": layout.metric, "layout_id": layout.layout_id}
+        self.layout_id = layout.clustering_id
+        self.metadata = {"metric": layout.metric, "layout_id": layout.clustering_id}
         w, b = linear_centroid_scorer(layout.centroids, layout.metric)
         self._wt = np.ascontiguousarray(w.T)
         self._b = b

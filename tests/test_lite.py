@@ -104,7 +104,7 @@ def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
             assert len(got) == 1
         with pytest.raises(ValueError, match="no vector field 'vector'"):
             routed.insert("docs", [{"id": 1, "title": "no vector"}])
-        with pytest.raises(ValueError, match="dimension 7 do not match"):
+        with pytest.raises(ValueError, match=r"shape \(1, 7\) do not match"):
             routed.search("docs", data=[[0.0] * 7], limit=1)
     finally:
         routed.close()
