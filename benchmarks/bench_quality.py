@@ -12,11 +12,20 @@ calibrated probabilities alone. Savings are against the fixed nprobe that
 reaches the same test recall@10, interpolated between integer nprobes.
 
     python -m benchmarks.bench_quality [--dataset fixture|small|medium] [--quick]
+        [--algorithm spherical|kmeans|both] [--sample 39x|256x|all|ROWS|default]
+        [--init-rows SPEC] [--fit-rows SPEC] [--sample-passes P] [--refine-passes P]
+        [--max-cluster-ratio R] [--max-iter I] [--seed S] [--cluster-only]
+
+The clustering options feed ``milvus_ltr_router.clustering`` (resolve_sample_size,
+fit_centroids, refine_centroids, assign_balanced) the way a layout build does; the summary
+table gives each step's time, the k-means objective, cluster sizes, and top-1 / recall@10 at
+1% of L; ``scanned_pct`` is the share of the collection in the probed partitions.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,20 +43,82 @@ def load(name: str, quick: bool):
     return data.docs, data.queries
 
 
-def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100) -> dict:
-    from milvus_ltr_router.clustering import assign_clusters, default_n_clusters, fit_centroids
+@dataclass
+class ClusterConfig:
+    """How a layout's clusters are built (defaults: the build as it was before issue 16)."""
+
+    sample: str | int | None = "39x"   # resolve_sample_size spec; None = its default rule
+    init_rows: str | int | None = None # k-means++ seeds from this many sample rows (None: 39x)
+    fit_rows: str | int | None = None  # k-means (seeds + max_iter) on this many sample rows ...
+    sample_passes: int = 0             # ... then Lloyd passes over the whole sample
+    refine_passes: int = 0             # then Lloyd passes over the whole collection
+    max_cluster_ratio: float | None = None
+    max_iter: int = 25
+
+    def tag(self) -> str:
+        """'' for the defaults, else a file-name suffix naming what differs."""
+        parts = [f"{k}{v}" for k, v in vars(self).items() if v != getattr(ClusterConfig, k)]
+        return "_" + "_".join(parts).replace(" ", "") if parts else ""
+
+
+def build_clusters(docs, algorithm: str, seed: int = 0, cfg: ClusterConfig | None = None) -> dict:
+    """An offline layout of ``docs`` built the way a layout build would: a uniform sample,
+    k-means on it (optionally on a subset first, then Lloyd passes over the whole sample),
+    Lloyd passes over the whole collection in blocks, then plain or size-bounded assignment in
+    blocks; with each step's wall and CPU time."""
+    from milvus_ltr_router.clustering import (array_block_source, assign_balanced, balanced_capacity,
+                                              default_n_clusters, fit_centroids, kmeans_objective,
+                                              refine_centroids, resolve_sample_size, size_summary)
+    cfg = cfg or ClusterConfig()
+    n_parts = default_n_clusters(len(docs))
+    n_sample = resolve_sample_size(cfg.sample, len(docs), n_parts)
+    n_init = None if cfg.init_rows is None else resolve_sample_size(cfg.init_rows, n_sample, n_parts)
+    n_fit = n_sample if cfg.fit_rows is None else resolve_sample_size(cfg.fit_rows, n_sample, n_parts)
+    rng = np.random.default_rng(seed)
+    import scipy.sparse, sklearn.cluster  # noqa: E401,F401  (imports out of the timings)
+    t0, c0 = time.perf_counter(), time.process_time()
+    sample_rows = docs[rng.choice(len(docs), n_sample, replace=False)]
+    centroids = fit_centroids(sample_rows[:n_fit], n_parts, algorithm, seed=seed, max_iter=cfg.max_iter,
+                              init_rows=n_init)
+    centroids = refine_centroids(array_block_source(sample_rows, 16384), centroids, algorithm,
+                                 passes=cfg.sample_passes)
+    t_fit, c_fit = time.perf_counter() - t0, time.process_time() - c0
+    del sample_rows
+    blocks = array_block_source(docs, 16384)
+    t0, c0 = time.perf_counter(), time.process_time()
+    history = []
+    centroids = refine_centroids(blocks, centroids, algorithm, passes=cfg.refine_passes, history=history)
+    t_refine, c_refine = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    capacity = (None if cfg.max_cluster_ratio is None
+                else balanced_capacity(len(docs), n_parts, cfg.max_cluster_ratio))
+    sizes = np.zeros(n_parts, dtype=np.int64)
+    parts = np.concatenate([assign_balanced(b, centroids, algorithm, capacity, sizes) for b in blocks()])
+    t_assign, c_assign = time.perf_counter() - t0, time.process_time() - c0
+    return {"centroids": centroids, "parts": parts, "L": n_parts,
+            "clustering": {**vars(cfg), "sample_rows": n_sample, "init_rows": n_init, "fit_rows": n_fit,
+                           "capacity": capacity,
+                           "fit_s": t_fit, "refine_s": t_refine, "assign_s": t_assign,
+                           "total_s": t_fit + t_refine + t_assign,
+                           # CPU seconds: with one BLAS thread, the work done whatever the machine load
+                           "fit_cpu_s": c_fit, "refine_cpu_s": c_refine, "assign_cpu_s": c_assign,
+                           "objective_by_pass": [h.objective for h in history],
+                           "objective": kmeans_objective(blocks, centroids, algorithm),
+                           "sizes": size_summary(sizes)}}
+
+
+def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100,
+            cfg: ClusterConfig | None = None) -> dict:
     from milvus_ltr_router.evaluate import evaluate_adaptive, routing_quality
     from milvus_ltr_router.labels import Neighbours, array_blocks, exact_knn
     from milvus_ltr_router.layout import Layout, partition_names_for
     from milvus_ltr_router.router import CentroidRouter
     from milvus_ltr_router.train import LinearRouterTrainer, split_indices
 
-    n_parts = default_n_clusters(len(docs))
-    rng = np.random.default_rng(seed)
-    sample = docs[rng.choice(len(docs), min(len(docs), 39 * n_parts), replace=False)]
     t0 = time.perf_counter()
-    centroids = fit_centroids(sample, n_parts, algorithm, seed=seed)
-    parts = assign_clusters(docs, centroids, algorithm)
+    built = build_clusters(docs, algorithm, seed, cfg)
+    centroids, parts, n_parts = built["centroids"], built["parts"], built["L"]
+    part_share = np.bincount(parts, minlength=n_parts) / len(docs)
     nb = exact_knn(queries, array_blocks(docs, parts), k=10)
     tr, va, te = split_indices(len(queries), seed)
     sub = lambda idx: Neighbours(nb.ids[idx], nb.scores[idx], nb.partitions[idx])  # noqa: E731
@@ -92,11 +163,14 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100)
             q = routing_quality(order[:, :n], sub(te))
             fixed.append({"algorithm": algorithm, "router": name, "nprobe": n,
                           "pct_of_L": round(100 * n / n_parts, 2), "top1": q.top1_accuracy,
-                          "recall@10": q.recall})
+                          "recall@10": q.recall,
+                          # rows searched: the share of the collection in the probed partitions
+                          "scanned_pct": 100 * float(part_share[order[:, :n]].sum(1).mean())})
     return {"algorithm": algorithm, "N": len(docs), "L": n_parts, "queries": len(queries),
             "split": [len(tr), len(va), len(te)], "fixed": fixed, "adaptive": adaptive,
             "fixed_recall_curve": curves,
             "training": training, "seconds": time.perf_counter() - t0,
+            "clustering": built["clustering"],
             "temperatures": {n: r.temperature for n, r in routers.items()}}
 
 
@@ -142,20 +216,79 @@ SAVINGS = (("learned top-10 mixed", None), ("learned top-10 mixed, prob. thresho
            ("learned top-10", "learned top-1"))
 
 
+def summary_row(res: dict) -> dict:
+    """One line per clustering: its cost and shape, and routing quality at 1% of L."""
+    c = res["clustering"]
+    n = max(1, int(round(0.01 * res["L"])))
+    at = {r["router"]: r for r in res["fixed"] if r["nprobe"] == n}
+    pair = lambda r: f"{r['top1']:.3f} / {r['recall@10']:.3f}"  # noqa: E731
+    return {"algorithm": res["algorithm"], "sample_rows": c["sample_rows"], "init": c["init_rows"],
+            "fit": c["fit_rows"], "s_pass": c["sample_passes"], "refine": c["refine_passes"],
+            "ratio": c["max_cluster_ratio"], "fit_s": c["fit_s"], "refine_s": c["refine_s"],
+            "assign_s": c["assign_s"], "cpu_s": c["fit_cpu_s"] + c["refine_cpu_s"] + c["assign_cpu_s"],
+            "objective": c["objective"],
+            "max/mean": c["sizes"]["max_over_mean"], "empty": c["sizes"]["empty"], "nprobe": n,
+            "centroid": pair(at["centroid"]), "learned top-1": pair(at["learned top-1"]),
+            "mixed": pair(at["learned top-10 mixed"]),
+            "mixed_scanned_pct": at["learned top-10 mixed"]["scanned_pct"]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fixture", choices=["fixture", "small", "medium"])
     parser.add_argument("--quick", action="store_true", help="tiny slice, few epochs (smoke test)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--algorithm", choices=["spherical", "kmeans", "both"], default="both")
+    parser.add_argument("--sample", default="39x",
+                        help="k-means sample: rows, 'NNNx' (rows per cluster), 'all' or 'default' "
+                             "(clustering.resolve_sample_size's rule); default 39x, the old build")
+    parser.add_argument("--init-rows", default=None,
+                        help="seed k-means++ from this many sample rows (same forms as --sample); "
+                             "default: fit_centroids's, 39 per cluster")
+    parser.add_argument("--fit-rows", default=None,
+                        help="run k-means on this many of the sample rows (same forms), then "
+                             "--sample-passes Lloyd passes over the whole sample; default: all")
+    parser.add_argument("--sample-passes", type=int, default=0)
+    parser.add_argument("--refine-passes", type=int, default=0,
+                        help="Lloyd passes over all rows after the sample fit (default 0)")
+    parser.add_argument("--max-cluster-ratio", type=float, default=None,
+                        help="bound cluster sizes at ceil(ratio * N / L) when assigning (default: none)")
+    parser.add_argument("--max-iter", type=int, default=25, help="k-means iterations on the sample")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cluster-only", action="store_true",
+                        help="build the clusters and report their cost and shape; no routers")
     args = parser.parse_args(argv)
+    num = lambda v: int(v) if isinstance(v, str) and v.isdigit() else v  # noqa: E731
+    cfg = ClusterConfig(sample=None if args.sample == "default" else num(args.sample),
+                        init_rows=num(args.init_rows), fit_rows=num(args.fit_rows),
+                        sample_passes=args.sample_passes, refine_passes=args.refine_passes,
+                        max_cluster_ratio=args.max_cluster_ratio, max_iter=args.max_iter)
     setup_logging()
     docs, queries = load(args.dataset, args.quick)
-    results = [run_one(docs, queries, alg, max_epochs=5 if args.quick else 100)
-               for alg in ("spherical", "kmeans")]
+    algorithms = ("spherical", "kmeans") if args.algorithm == "both" else (args.algorithm,)
+    if args.cluster_only:
+        rows = []
+        for alg in algorithms:
+            c = build_clusters(docs, alg, args.seed, cfg)["clustering"]
+            rows.append({"algorithm": alg, **{k: v for k, v in c.items() if k != "sizes"},
+                         **{f"size_{k}": v for k, v in c["sizes"].items()}})
+        print_table(rows, ["algorithm", "sample_rows", "init_rows", "fit_rows", "sample_passes",
+                           "refine_passes", "max_cluster_ratio",
+                           "fit_s", "refine_s", "assign_s", "fit_cpu_s", "refine_cpu_s", "assign_cpu_s",
+                           "objective", "size_max_over_mean", "size_empty"],
+                    f"{args.dataset}: clustering only")
+        return 0
+    results = [run_one(docs, queries, alg, seed=args.seed, max_epochs=5 if args.quick else 100, cfg=cfg)
+               for alg in algorithms]
     for res in results:
-        print_table(res["fixed"], ["router", "nprobe", "pct_of_L", "top1", "recall@10"],
+        print_table(res["fixed"], ["router", "nprobe", "pct_of_L", "scanned_pct", "top1", "recall@10"],
                     f"{args.dataset}: {res['algorithm']} k-means, N={res['N']}, L={res['L']}, "
                     f"{res['queries']} real queries (test {res['split'][2]})")
+    print_table([summary_row(res) for res in results],
+                ["algorithm", "sample_rows", "init", "fit", "s_pass", "refine", "ratio", "fit_s", "refine_s", "assign_s", "cpu_s",
+                 "objective", "max/mean", "empty", "nprobe", "centroid", "learned top-1",
+                 "mixed", "mixed_scanned_pct"],
+                f"{args.dataset}: clustering and top-1 / recall@10 at 1% of L")
     save_rows = [row for res in results for router, fixed in SAVINGS
                  for row in savings(res, router, fixed_router=fixed)]
     if save_rows:
@@ -164,6 +297,11 @@ def main(argv=None) -> int:
                                 "partitions_saved_pct"],
                     "adaptive nprobe vs fixed nprobe at equal recall@10")
     name = f"quality_{args.dataset}" + ("_quick" if args.quick else "")
+    name += cfg.tag()
+    if args.seed:
+        name += f"_seed{args.seed}"
+    if args.algorithm != "both":
+        name += f"_{args.algorithm}"
     save(name, {"dataset": args.dataset, "results": results, "adaptive_savings": save_rows}, args.out)
     out = RESULTS if args.out is None else __import__("pathlib").Path(args.out)
     for res in results:
