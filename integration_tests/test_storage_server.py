@@ -157,3 +157,45 @@ def test_clustering_key_refused_on_servers_before_2_4_7(client, wordnet_source, 
         pytest.skip(f"server {version} may support clustering keys; this checks the refusal on 2.3")
     with pytest.raises(LayoutError, match="clustering_key needs Milvus >= 2.4.7"):
         build_layout(client, wordnet_source, unique_name("ck"), storage="single", clustering_key=True)
+
+
+def test_rows_written_around_a_partition_layout_stay_visible_and_are_repaired(
+        milvus_uri, client, layouts, fixture_data, tmp_path):
+    """A plain MilvusClient writes into _default: routed search still finds the row, status counts
+    it, repair-layout moves it into its cluster (an older copy of the same key is removed)."""
+    from milvus_ltr_router.cli import main as cli_main
+    from milvus_ltr_router.layout import stray_rows
+    lay = layouts["partition"]
+    vec = fixture_data.queries[7]
+    existing = 3       # primary key of source row 0, already stored in its cluster's partition
+    client.insert(lay.collection, [{"id": 20_000_001, "vector": vec.tolist(), "title": "stray",
+                                    "grp": 5, "weight": 0.5}])
+    client.upsert(lay.collection, [{"id": existing, "vector": vec.tolist(), "title": "rewritten",
+                                    "grp": 5, "weight": 0.5}])
+    client.flush(lay.collection)
+    assert stray_rows(client, lay) == 2
+    routed = RoutedMilvusClient(milvus_uri, model_dir=str(tmp_path / "none"), log_rate=0)
+    try:
+        hits = routed.search(lay.collection, data=[vec.tolist()], limit=5, nprobe=1,
+                             consistency_level="Strong")[0]
+        assert {20_000_001, existing} <= {h["id"] for h in hits}
+        assert cli_main(["status", "--uri", milvus_uri, "--collection", lay.collection,
+                         "--model-dir", str(tmp_path / "none"), "--json"]) == 0
+        assert cli_main(["repair-layout", "--uri", milvus_uri, "--collection", lay.collection]) == 0
+        client.flush(lay.collection)
+        assert client.query(lay.collection, filter="id >= 0", output_fields=["id"],
+                            partition_names=["_default"], consistency_level="Strong") == []
+        cluster = int(cluster_of(lay, vec[None])[0])
+        for key in (20_000_001, existing):
+            got = routed.query(lay.collection, filter=f"id == {key}", output_fields=["title"],
+                               consistency_level="Strong")
+            assert len(got) == 1          # one row per key, the newest write
+            here = routed.query(lay.collection, filter=f"id == {key}", output_fields=["id"],
+                                partition_names=[lay.partition_names[cluster]],
+                                consistency_level="Strong")
+            assert len(here) == 1
+        assert routed.query(lay.collection, filter=f"id == {existing}", output_fields=["title"],
+                            consistency_level="Strong")[0]["title"] == "rewritten"
+        routed.delete(lay.collection, ids=[20_000_001])
+    finally:
+        routed.close()

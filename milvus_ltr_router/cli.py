@@ -3,7 +3,8 @@
 Exit codes: 0 success (for retrain: published, kept the current router, or
 dry run); 1 operational failure (Milvus unreachable, layout or router
 problem, training failed); 2 bad arguments or input; 3 another retrain of the
-same collection holds the lock.
+same collection holds the lock. Nothing is published unless the exit code is 0.
+Every error reaches :func:`_run`, which maps it through :func:`.errors.exit_code`.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import contextlib
 import json
 import logging
 import sys
+from pathlib import Path
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+from .errors import EXIT_FAIL, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, InputError  # noqa: F401
 
 
 def _parse_duration(text: str) -> float:
@@ -43,7 +45,8 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", type=_parse_duration, help="only logged queries this recent (e.g. 7d)")
     p.add_argument("--nprobe", type=int, default=8, help="partitions probed per query (default 8)")
     p.add_argument("--min-gain", type=float, default=0.0,
-                   help="publish only if at least this much better than the live router")
+                   help="publish iff new - max(live router, centroid routing) >= this at --nprobe "
+                        "(default 0; negative accepts a slightly worse router)")
     p.add_argument("--metric", choices=["top1", "recall"], default="top1",
                    help="what decides publishing: top-1 accuracy or recall@k at --nprobe")
     p.add_argument("--k", type=int, default=10, help="k of recall@k (default 10)")
@@ -74,10 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("build-layout", help="cluster a collection into one partition per cluster")
+    p = sub.add_parser("build-layout", help="cluster a collection into a new collection stored by cluster")
     _connection_args(p)
     p.add_argument("--source", required=True, help="collection to read (never modified)")
-    p.add_argument("--target", required=True, help="new partitioned collection to write")
+    p.add_argument("--target", required=True, help="new laid-out collection to write")
+    p.add_argument("--storage", choices=["auto", "partition", "grouped", "single"], default="auto",
+                   help="how clusters sit in Milvus: 'single' one collection + a cluster-id filter "
+                        "(servers' default, fastest measured), 'grouped' G partitions + the filter, "
+                        "'partition' one partition per cluster (milvus-lite's default); "
+                        "default auto")
+    p.add_argument("--groups", type=int, help="partitions for --storage grouped (default ~cube root of L)")
+    p.add_argument("--clustering-key", action="store_true",
+                   help="Milvus >= 2.4.7 only: make the cluster-id field the clustering key and run "
+                        "clustering compaction (segment pruning); refused on older servers")
     p.add_argument("--clusters", type=int, help="number of clusters (default round(sqrt(N)))")
     p.add_argument("--algorithm", choices=["spherical", "kmeans"], default="spherical")
     p.add_argument("--metric", choices=["IP", "COSINE", "L2"],
@@ -99,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["IP", "COSINE", "L2"])
     p.add_argument("--field")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("repair-layout", help="move rows written around the layout (into _default "
+                       "of a one-partition-per-cluster layout) into their clusters")
+    _connection_args(p)
+    p.add_argument("--collection", required=True, help="laid-out collection (or an alias of one)")
 
     p = sub.add_parser("drop-layout", help="drop a laid-out collection and its layout metadata")
     _connection_args(p)
@@ -179,11 +196,13 @@ def _cmd_build_layout(args) -> int:
                               algorithm=args.algorithm, sample_size=args.sample_size, seed=args.seed,
                               metric=args.metric, vector_field=args.field, index=index,
                               alias=args.alias, overwrite=args.overwrite,
-                              max_partitions=args.max_partitions)
+                              max_partitions=args.max_partitions, storage=args.storage,
+                              groups=args.groups, clustering_key=args.clustering_key)
     lay = report.layout
-    print(f"layout {lay.layout_id}: {report.rows} rows of {args.source!r} -> {lay.n_partitions} "
-          f"partitions of {lay.collection!r} ({lay.algorithm}, {lay.metric}); "
-          f"{len(report.empty_partitions)} empty")
+    print(f"layout {lay.layout_id}: {report.rows} rows of {args.source!r} -> {lay.n_clusters} "
+          f"clusters of {lay.collection!r} ({lay.algorithm}, {lay.metric}); storage "
+          f"{lay.storage.mode} ({lay.storage.n_groups} partition(s)); "
+          f"{len(report.empty_partitions)} empty clusters")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
     return EXIT_OK
 
@@ -209,13 +228,17 @@ def _cmd_drop_layout(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from .layout import read_layout
+    from .clustering import size_summary
+    from .layout import cluster_sizes, read_layout, stray_rows
+    from .storage import storage_status
     from .querylog import log_size
     from .registry import ModelRegistry
     from .router import Router, RouterError
     with _connected(args) as client:
         lay = read_layout(client, args.collection)
         n_logged = log_size(client, lay.collection)
+        live = cluster_sizes(client, lay)
+        strays = stray_rows(client, lay)
     registry = ModelRegistry(args.model_dir)
     current = registry.current(lay.collection)
     router_info: dict = {"version": None}
@@ -233,7 +256,8 @@ def _cmd_status(args) -> int:
     status = {"collection": lay.collection, "layout_id": lay.layout_id, "partitions": lay.n_partitions,
               "rows": int(lay.sizes.sum()), "algorithm": lay.algorithm, "metric": lay.metric,
               "dim": lay.dim, "created_at": lay.created_at, "source": lay.source,
-              "smallest_partition": int(lay.sizes.min()), "largest_partition": int(lay.sizes.max()),
+              "storage": storage_status(lay.storage), "rows_live": int(live.sum()),
+              "cluster_sizes": size_summary(live), "rows_outside_layout": strays,
               "router": router_info, "logged_queries": n_logged,
               "versions": registry.versions(lay.collection)}
     if args.json:
@@ -241,12 +265,25 @@ def _cmd_status(args) -> int:
     else:
         for key, value in status.items():
             print(f"{key:>20}: {value}")
+    if strays:
+        print(f"warning: {strays} rows of {lay.collection!r} sit outside the layout's partitions "
+              f"(written around the plugin); routed searches include them until 'milvus-ltr-router "
+              f"repair-layout --collection {lay.collection}' moves them into their clusters",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_repair_layout(args) -> int:
+    from .layout import move_stray_rows, read_layout
+    with _connected(args) as client:
+        lay = read_layout(client, args.collection)
+        moved = move_stray_rows(client, lay)
+    print(f"moved {moved} rows of {lay.collection!r} from _default into their clusters' partitions")
     return EXIT_OK
 
 
 def _cmd_retrain(args) -> int:
-    from .registry import LockedError
-    from .retrain import RetrainConfig, format_table, retrain
+    from .retrain import RetrainConfig, format_table, retrain, validate_config
     cfg = RetrainConfig(collection=args.collection, model_dir=args.model_dir,
                         queries_file=args.queries, sample=args.sample, since_seconds=args.since,
                         nprobe=args.nprobe, min_gain=args.min_gain, metric=args.metric, k=args.k,
@@ -255,12 +292,9 @@ def _cmd_retrain(args) -> int:
                         min_queries=args.min_queries, max_epochs=args.epochs,
                         init=args.init, seed=args.seed, dry_run=args.dry_run,
                         report_dir=args.report, keep=args.keep)
-    try:
-        with _connected(args) as client:
-            result = retrain(client, cfg)
-    except LockedError as exc:
-        logging.getLogger("retrain-router").error("%s", exc)
-        return EXIT_LOCKED
+    validate_config(cfg)            # bad options exit 2 before Milvus is even contacted
+    with _connected(args) as client:
+        result = retrain(client, cfg)
     if args.json:
         print(result.to_json())
     else:
@@ -303,6 +337,76 @@ def _cmd_rollback(args) -> int:
     return EXIT_OK
 
 
+def check_evaluate_args(args) -> None:
+    """evaluate: options that are wrong whatever the collection holds, before any work."""
+    if args.k < 1:
+        raise InputError(f"--k must be >= 1, got {args.k}")
+    bad = [n for n in (args.nprobe or []) if n < 1]
+    if bad:
+        raise InputError(f"--nprobe values must be >= 1, got {bad}")
+    if args.json and Path(args.json).is_dir():
+        raise InputError(f"--json {args.json} is a directory; give a file path")
+
+
+def check_demo_args(args) -> None:
+    if args.clusters is not None and args.clusters < 1:
+        raise InputError(f"--clusters must be >= 1, got {args.clusters}")
+    if args.nprobe < 1:
+        raise InputError(f"--nprobe must be >= 1, got {args.nprobe}")
+
+
+def check_build_layout_args(args, count_source_rows=None) -> None:
+    """build-layout: refuse arguments that can never work (exit 2) before anything is read.
+
+    ``count_source_rows()``, when given, returns ``(real source name, rows)``
+    so that ``--clusters`` above the row count and a target that is the
+    source under an alias are refused up front too.
+    """
+    if args.source == args.target:
+        raise InputError(f"--target must differ from --source ({args.source!r}): the source is "
+                         "never modified; name a new collection")
+    if args.clusters is not None and args.clusters < 1:
+        raise InputError(f"--clusters must be >= 1, got {args.clusters}")
+    for flag, value in (("--sample-size", args.sample_size), ("--max-partitions", args.max_partitions)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    try:
+        params = json.loads(args.index_params)
+    except ValueError as exc:
+        raise InputError(f"--index-params is not valid JSON ({exc}): {args.index_params!r}") from exc
+    if not isinstance(params, dict):
+        raise InputError(f"--index-params must be a JSON object, got {args.index_params!r}")
+    if count_source_rows is None:
+        return
+    name, rows = count_source_rows()
+    if name == args.target:
+        raise InputError(f"--target {args.target!r} is the source collection itself (--source "
+                         f"{args.source!r} is an alias of it); name a new collection")
+    if args.clusters is not None and args.clusters > rows:
+        raise InputError(f"--clusters {args.clusters} is more than the {rows} rows of "
+                         f"{args.source!r}; use at most {rows} (default: round(sqrt(rows)))")
+
+
+def _preflight_build_layout(args) -> None:
+    check_build_layout_args(args)
+    if args.clusters is None:       # the default, round(sqrt(N)), always fits
+        return
+    from .milvus_io import count_rows, describe
+
+    def count_source_rows():
+        with _connected(args) as client:
+            info = describe(client, args.source, args.field)
+            client.load_collection(info.name)
+            return info.name, count_rows(client, info.name)
+
+    check_build_layout_args(args, count_source_rows)
+
+
+# checks that run before a command does any work; a failure exits 2 with its message
+PREFLIGHT = {"build-layout": _preflight_build_layout, "evaluate": check_evaluate_args,
+             "demo": check_demo_args}
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(db=args.db, out=args.out, n_clusters=args.clusters, nprobe=args.nprobe)
@@ -310,33 +414,30 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"build-layout": _cmd_build_layout, "adopt-layout": _cmd_adopt_layout,
+            "repair-layout": _cmd_repair_layout,
             "drop-layout": _cmd_drop_layout, "status": _cmd_status, "retrain": _cmd_retrain,
             "evaluate": _cmd_evaluate, "rollback": _cmd_rollback, "demo": _cmd_demo}
 
 
 def _run(handler, args) -> int:
+    """Run one command; the one place where errors become exit codes and log lines.
+
+    Errors of the package's hierarchy, pymilvus errors, file-system errors and
+    plain ``ValueError`` are logged in one line and mapped by
+    :func:`.errors.exit_code`; anything else is a bug and keeps its traceback.
+    """
     from pymilvus.exceptions import MilvusException
-    from .layout import LayoutError
-    from .milvus_io import CollectionError
-    from .registry import RegistryError
-    from .retrain import RetrainError
-    from .router import RouterError
+    from .errors import LtrRouterError, describe, exit_code
     _setup_logging(args.verbose)
     log = logging.getLogger("milvus-ltr-router")
     try:
+        preflight = PREFLIGHT.get(getattr(args, "command", None))
+        if preflight is not None:
+            preflight(args)
         return handler(args)
-    except (CollectionError, ValueError) as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
-    except MilvusException as exc:
-        log.error("Milvus at %s: %s", getattr(args, "uri", "?"), getattr(exc, "message", exc))
-        return EXIT_FAIL
-    except (LayoutError, RetrainError, RouterError, RegistryError) as exc:
-        log.error("%s", exc)
-        return EXIT_FAIL
-    except (ConnectionError, TimeoutError, OSError) as exc:
-        log.error("cannot reach Milvus at %s: %s", getattr(args, "uri", "?"), exc)
-        return EXIT_FAIL
+    except (LtrRouterError, MilvusException, OSError, ValueError) as exc:
+        log.error("%s", describe(exc, getattr(args, "uri", None)))
+        return exit_code(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -277,6 +277,50 @@ def cluster_sizes(client: MilvusClient, layout: Layout, batch_size: int = 16384)
     return counts
 
 
+def stray_rows(client: MilvusClient, layout: Layout) -> int:
+    """Rows outside the layout's clusters: in ``partition`` storage, rows in ``_default``
+    (written by a client that did not route them). 0 in the cluster-field modes, where
+    Milvus refuses a row without the cluster id."""
+    if layout.storage.mode != "partition" or DEFAULT_PARTITION in layout.storage.partitions:
+        return 0
+    return int(client.get_partition_stats(layout.collection, DEFAULT_PARTITION)["row_count"])
+
+
+def move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int = 4096) -> int:
+    """Move every row of ``_default`` into the partition of its cluster (``partition``
+    storage): each batch is written to its clusters first and only then deleted from
+    ``_default``, so an interruption leaves a row twice (repaired by the next run), never
+    nowhere. Returns the number of rows moved."""
+    if layout.storage.mode != "partition":
+        return 0
+    info = describe(client, layout.collection, layout.vector_field)
+    fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
+    pk, moved = layout.primary_field, 0
+    while True:
+        batch = client.query(layout.collection, filter="", output_fields=fields, limit=batch_size,
+                             partition_names=[DEFAULT_PARTITION], consistency_level="Strong")
+        if not batch:
+            return moved
+        _, vecs = rows_to_arrays(batch, pk, layout.vector_field)
+        clusters = cluster_of(layout, vecs)
+        keys = ", ".join(json.dumps(r[pk]) for r in batch)
+        # a key written around the layout may also have an older copy in a cluster partition:
+        # the _default row is the newer write, so older copies go first (the _default copy
+        # is still there if this is interrupted)
+        older = client.query(layout.collection, filter=f"{pk} in [{keys}]", output_fields=[pk],
+                             partition_names=list(layout.partition_names), consistency_level="Strong")
+        if older:
+            expr = f"{pk} in [{', '.join(json.dumps(r[pk]) for r in older)}]"
+            for name in layout.partition_names:
+                client.delete(layout.collection, filter=expr, partition_name=name)
+        for c in np.unique(clusters):
+            client.upsert(layout.collection, [batch[i] for i in np.flatnonzero(clusters == c)],
+                          partition_name=layout.partition_names[c])
+        client.delete(layout.collection, filter=f"{pk} in [{keys}]", partition_name=DEFAULT_PARTITION)
+        moved += len(batch)
+        log.info("moved %d rows out of _default (%d so far)", len(batch), moved)
+
+
 def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = 4096,
                        progress: ProgressCounter | None = None) -> Iterator[Block]:
     """``(ids, vectors, cluster index)`` blocks over the whole laid-out collection.
