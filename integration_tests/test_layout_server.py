@@ -90,3 +90,21 @@ def test_bad_input_is_refused_and_source_untouched(client, wordnet_source, wordn
     from milvus_ltr_router.milvus_io import count_rows
     assert count_rows(client, wordnet_source) == 20_000
     assert not client.has_collection(layout_collection_name(wordnet_source))
+
+
+def test_metric_found_through_a_custom_index_name(client, unique_name):
+    """describe_index takes the index *name* on a server: a custom name must not make the metric
+    silently default to IP (issue 13)."""
+    from pymilvus import DataType, MilvusClient
+    from milvus_ltr_router.milvus_io import describe
+    name = unique_name("idx")
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("emb", DataType.FLOAT_VECTOR, dim=8)
+    params = client.prepare_index_params()
+    params.add_index(field_name="emb", index_name="my_custom_idx", index_type="FLAT", metric_type="L2")
+    client.create_collection(name, schema=schema, index_params=params)
+    try:
+        assert describe(client, name).metric == "L2"
+    finally:
+        client.drop_collection(name)

@@ -85,15 +85,27 @@ def describe(client: MilvusClient, collection: str, vector_field: str | None = N
                               f"({names}); choose one with --field / vector_field=")
     primary = next(f for f in fields if f.get("is_primary"))
     vec = vectors[0]
-    metric = None
-    try:
-        idx = client.describe_index(desc["collection_name"], vec["name"]) or {}
-        metric = idx.get("metric_type")
-    except Exception:   # no index yet
-        pass
+    metric = vector_metric(client, desc["collection_name"], vec["name"])
     return CollectionInfo(name=desc["collection_name"], primary_field=primary["name"],
                           vector_field=vec["name"], dim=int(vec["params"]["dim"]), fields=fields,
                           enable_dynamic_field=bool(desc.get("enable_dynamic_field")), metric=metric)
+
+
+def vector_metric(client: MilvusClient, collection: str, field: str) -> str | None:
+    """Metric of the index on ``field`` (None: no index), found by index *name*: an index
+    created with a custom name is not found by passing the field name to describe_index."""
+    try:
+        names = client.list_indexes(collection, field_name=field) or []
+    except Exception:   # no index yet
+        return None
+    for name in names:
+        try:
+            idx = client.describe_index(collection, name) or {}
+        except Exception:
+            continue
+        if idx.get("field_name", field) == field and idx.get("metric_type"):
+            return idx["metric_type"]
+    return None
 
 
 def count_rows(client: MilvusClient, collection: str, partition_names: list[str] | None = None) -> int:
@@ -126,8 +138,21 @@ def rows_to_arrays(batch: list[dict], primary: str, vector: str) -> tuple[np.nda
 
 
 def clone_schema(info: CollectionInfo):
-    """A new schema with the same fields, keeping primary keys as given (auto_id off)."""
+    """A new schema with the same fields, keeping primary keys as given (auto_id off).
+
+    What the copy does not carry over is logged as a warning, field by field:
+    auto_id (rows keep the source's keys; new rows need a key), default values,
+    the partition key (the layout decides partitions). Scalar indexes are not
+    copied either: create them on the target after the build.
+    """
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=info.enable_dynamic_field)
+    dropped = [f"auto_id on {f['name']!r}" for f in info.fields if f.get("auto_id")]
+    dropped += [f"default value of {f['name']!r}" for f in info.fields
+                if f.get("default_value") not in (None, "")]
+    dropped += [f"partition key {f['name']!r}" for f in info.fields if f.get("is_partition_key")]
+    if dropped:
+        log.warning("the laid-out copy of %r does not keep: %s (and no scalar indexes)", info.name,
+                    "; ".join(dropped))
     for f in info.fields:
         params = dict(f.get("params") or {})
         extra = {}

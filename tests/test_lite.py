@@ -169,3 +169,4 @@ def test_client_notices_a_rebuilt_layout(lite_uri, lite_layout, tmp_path):
         assert routed.router_status("app")["n_partitions"] == 4     # alias resolved
     finally:
         routed.close()
+
