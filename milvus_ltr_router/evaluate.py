@@ -1,7 +1,10 @@
 """How well a router's probed partitions cover each query's exact neighbours.
 
 * top-1 accuracy - fraction of queries whose exact top-1 neighbour lies in a
-  probed partition (the paper's measure);
+  probed partition (the paper's measure). A query whose top-1 score is tied by
+  a row in another partition has no well-defined top-1 partition: it counts as
+  a miss for every router, never as a free hit for one that learned the
+  tie-break (``Neighbours.top1_tied``);
 * recall@k - fraction of the exact top-k neighbours inside the probed partitions,
   i.e. the recall a partition-restricted exact search would reach.
 """
@@ -45,8 +48,11 @@ def routing_quality(probed: np.ndarray, neighbours: Neighbours, k: int = 10) -> 
     hit = coverage(probed, parts)
     valid = (parts >= 0).sum(axis=1)
     recall = float((hit.sum(axis=1) / np.maximum(valid, 1)).mean())
+    top1_hit = hit[:, 0]
+    if neighbours.top1_tied is not None:
+        top1_hit = top1_hit & ~np.asarray(neighbours.top1_tied, dtype=bool)
     n_probed = (np.asarray(probed) >= 0).sum(axis=1)
-    return RoutingQuality(nprobe=int(np.asarray(probed).shape[1]), top1_accuracy=float(hit[:, 0].mean()),
+    return RoutingQuality(nprobe=int(np.asarray(probed).shape[1]), top1_accuracy=float(top1_hit.mean()),
                           recall=recall, k=k, mean_probed=float(n_probed.mean()))
 
 

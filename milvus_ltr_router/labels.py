@@ -7,6 +7,10 @@ the block size and the number of queries, never by the collection size.
 
 The paper's label for a query is the partition that holds its exact top-1
 neighbour; the partitions of the top-k are kept too (multi-label training).
+When rows of two partitions share a query's exact top-1 score (an all-zero
+query ties everywhere), that label is an arbitrary tie-break: ``exact_knn``
+flags such queries (``Neighbours.top1_tied``) so that training can drop them
+and evaluation never counts them as hits.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ class Neighbours:
     ids: np.ndarray         # [Q, k] int64 primary keys (-1 where the collection ran out)
     scores: np.ndarray      # [Q, k] float32, larger is better (L2: -squared distance)
     partitions: np.ndarray  # [Q, k] int64 partition index of each neighbour (-1 if none)
+    # [Q] bool: a row of another partition has exactly the top-1 score (None: not computed)
+    top1_tied: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -38,6 +44,11 @@ class Neighbours:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, idx) -> "Neighbours":
+        """The rows ``idx`` (an index array or boolean mask), tie flags included."""
+        tied = None if self.top1_tied is None else self.top1_tied[idx]
+        return Neighbours(self.ids[idx], self.scores[idx], self.partitions[idx], tied)
 
 
 Block = tuple[np.ndarray, np.ndarray, np.ndarray]   # (ids [b], vectors [b, d], partition [b])
@@ -59,6 +70,9 @@ def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric:
     array). Scores: inner product (IP), cosine (COSINE) or negative squared L2.
     Queries are scored in chunks of at most ``max_scores`` entries per block
     (64 MiB of float32 by default), which bounds memory whatever the block size.
+    ``top1_tied`` of the result flags queries whose top-1 score is reached
+    exactly by rows of more than one partition, wherever those rows are (not
+    only within the top ``k``).
     """
     metric = check_metric(metric)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -72,6 +86,9 @@ def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric:
     best_s = np.full((n_q, k), -np.inf, dtype=np.float32)
     best_i = np.full((n_q, k), -1, dtype=np.int64)
     best_p = np.full((n_q, k), -1, dtype=np.int64)
+    top1_s = np.full(n_q, -np.inf, dtype=np.float32)      # best score so far, its partition,
+    top1_p = np.full(n_q, -1, dtype=np.int64)             # and whether another partition ties it
+    tied = np.zeros(n_q, dtype=bool)
     q_sq = np.einsum("ij,ij->i", queries, queries) if metric == "L2" else None
     for ids, vecs, parts in blocks:
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
@@ -92,11 +109,34 @@ def exact_knn(queries: np.ndarray, blocks: Iterable[Block], k: int = 10, metric:
                 scores *= 2
                 scores -= x_sq
                 scores -= q_sq[q0:q1, None]
+            _track_top1_ties(scores, parts, top1_s[q0:q1], top1_p[q0:q1], tied[q0:q1])
             _merge_topk(scores, ids, parts, best_s[q0:q1], best_i[q0:q1], best_p[q0:q1], k)
     order = np.argsort(-best_s, axis=1, kind="stable")
     take = np.take_along_axis
     return Neighbours(ids=take(best_i, order, 1), scores=take(best_s, order, 1),
-                      partitions=take(best_p, order, 1))
+                      partitions=take(best_p, order, 1), top1_tied=tied)
+
+
+def _track_top1_ties(scores, parts, top_s, top_p, tied) -> None:
+    """Fold one block into each query's best score, its partition and its tie flag (in place).
+
+    A query is tied when a row of a partition other than the best row's has
+    exactly the best score. Only queries whose block maximum reaches their
+    best so far are examined row by row, so after the first blocks this is
+    one ``argmax`` pass over the scores.
+    """
+    arg = scores.argmax(axis=1)
+    block_s = scores[np.arange(len(scores)), arg]
+    rows = np.nonzero(block_s >= top_s)[0]
+    if len(rows) == 0:
+        return
+    block_s, block_p = block_s[rows], parts[arg[rows]]
+    block_tied = ((scores[rows] == block_s[:, None]) & (parts[None, :] != block_p[:, None])).any(axis=1)
+    better = block_s > top_s[rows]
+    up = rows[better]
+    top_s[up], top_p[up], tied[up] = block_s[better], block_p[better], block_tied[better]
+    same = rows[~better]
+    tied[same] |= block_tied[~better] | (block_p[~better] != top_p[same])
 
 
 def _merge_topk(scores, ids, parts, best_s, best_i, best_p, k) -> None:
@@ -161,16 +201,29 @@ def array_blocks(vectors: np.ndarray, partitions: np.ndarray, ids: np.ndarray | 
         yield ids[sl], vectors[sl], partitions[sl]
 
 
-def clean_queries(queries: np.ndarray, dim: int | None = None, name: str = "queries") -> np.ndarray:
-    """Validate a query matrix at the boundary: 2-D, numeric, right dimension; drop NaN/inf rows.
+def degenerate_rows(arr: np.ndarray) -> np.ndarray:
+    """Boolean mask of rows that carry no direction: all-zero or constant (every component
+    equal - placeholder or padding vectors). Against a zero query every row of every
+    partition scores the same, so its exact "top-1 partition" is an arbitrary tie-break
+    that a router can learn for free; constant vectors are dropped with them."""
+    if arr.shape[1] == 1:
+        return arr[:, 0] == 0
+    return arr.max(axis=1) == arr.min(axis=1)
 
-    Returns float32 rows; logs how many non-finite rows were dropped.
+
+def clean_queries(queries: np.ndarray, dim: int | None = None, name: str = "queries") -> np.ndarray:
+    """Validate a query matrix at the boundary: 2-D, numeric, right dimension; drop NaN/inf
+    rows and degenerate (all-zero or constant) rows.
+
+    Returns float32 rows; logs how many rows of each kind were dropped.
     """
     arr = np.asarray(queries)
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array [n, dim], got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name}: vectors of dimension 0 (shape {arr.shape})")
     if dim is not None and arr.shape[1] != dim:
         raise ValueError(f"{name}: dimension {arr.shape[1]} does not match the collection's {dim}")
     arr = arr.astype(np.float32, copy=False)
@@ -178,4 +231,9 @@ def clean_queries(queries: np.ndarray, dim: int | None = None, name: str = "quer
     if not finite.all():
         log.warning("%s: dropped %d rows with NaN or inf", name, int((~finite).sum()))
         arr = arr[finite]
+    degenerate = degenerate_rows(arr) if len(arr) else np.zeros(0, dtype=bool)
+    if degenerate.any():
+        log.warning("%s: dropped %d all-zero or constant rows (no direction to route by)",
+                    name, int(degenerate.sum()))
+        arr = arr[~degenerate]
     return arr

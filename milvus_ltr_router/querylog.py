@@ -51,10 +51,19 @@ def ensure_log_collection(client: MilvusClient, collection: str, dim: int,
     return name
 
 
+def finite_rows(vectors) -> np.ndarray:
+    """``vectors`` as float32 ``[n, d]`` without the rows that hold NaN or inf."""
+    vectors = np.array(vectors, dtype=np.float32, ndmin=2)
+    return vectors[np.isfinite(vectors).all(axis=1)]
+
+
 def write_queries(client: MilvusClient, collection: str, vectors: np.ndarray,
                   ts_ms: int | None = None) -> int:
-    """Append ``vectors`` to the log of ``collection`` (created on first use)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
+    """Append ``vectors`` to the log of ``collection`` (created on first use); rows with
+    NaN or inf are never written. Returns the number of rows written."""
+    vectors = finite_rows(vectors)
+    if not len(vectors):
+        return 0
     name = ensure_log_collection(client, collection, vectors.shape[1])
     ts = now_ms() if ts_ms is None else ts_ms
     client.insert(name, [{"vector": v.tolist(), "ts": ts} for v in vectors])
@@ -94,6 +103,7 @@ class LogStats:
     written: int = 0       # vectors stored in Milvus
     dropped: int = 0       # lost to a full queue
     failed: int = 0        # lost to a failed write
+    non_finite: int = 0    # refused at submit: NaN or inf components
     last_error: str = ""
 
 
@@ -111,14 +121,26 @@ class QueryLogger:
         self._thread.start()
 
     def submit(self, collection: str, vectors: np.ndarray) -> None:
-        """Queue ``vectors`` for logging; drops (and counts) them when the queue is full."""
+        """Queue ``vectors`` for logging; drops (and counts) them when the queue is full.
+
+        Rows with NaN or inf are dropped here (counted in ``stats.non_finite``):
+        they are useless for training and would fail the whole batch's write.
+        """
+        vectors = np.array(vectors, dtype=np.float32, ndmin=2)
+        clean = finite_rows(vectors)
         with self._lock:
             self.stats.submitted += len(vectors)
+            self.stats.non_finite += len(vectors) - len(clean)
+        if len(clean) < len(vectors):
+            log.debug("query log of %r: dropped %d of %d vectors with NaN or inf", collection,
+                      len(vectors) - len(clean), len(vectors))
+        if not len(clean):
+            return
         try:
-            self._queue.put_nowait((collection, np.array(vectors, dtype=np.float32), now_ms()))
+            self._queue.put_nowait((collection, clean, now_ms()))
         except queue.Full:
             with self._lock:
-                self.stats.dropped += len(vectors)
+                self.stats.dropped += len(clean)
 
     def _run(self) -> None:
         while True:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from pymilvus import MilvusClient
 
+from .errors import InputError, OperationalError
 from .evaluate import RoutingQuality, evaluate_adaptive, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
 from .layout import Layout, iter_layout_blocks, read_layout
@@ -26,13 +29,22 @@ from .router import CentroidRouter, Router, RouterError
 
 log = logging.getLogger(__name__)
 
+ADAPTIVE_TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95)
+CALIBRATION_TOLERANCE = 0.02   # held-out recall may fall this far below a recall_target
+MIN_QUERIES = 10               # fewer cannot fill the train / validation / test splits
+GAIN_ROUNDING = 1e-9           # accuracies are fractions: 0.7 - 0.6 must count as 0.1
 
-class RetrainError(RuntimeError):
-    """A retrain that cannot proceed; nothing was published."""
+
+class RetrainError(OperationalError):
+    """A retrain that cannot proceed; nothing was published. Exit code 1."""
 
 
-class QueryInputError(RetrainError, ValueError):
-    """A query file that is missing, unreadable or of the wrong shape."""
+class RetrainInputError(InputError, RetrainError):
+    """A retrain refused for bad arguments or input; nothing was read or published. Exit code 2."""
+
+
+class QueryInputError(RetrainInputError):
+    """A query file that is missing, unreadable, of the wrong shape or without usable rows."""
 
 
 @dataclass
@@ -73,6 +85,7 @@ class RetrainResult:
     gain: float = 0.0
     table: dict = field(default_factory=dict)      # router -> list of RoutingQuality dicts
     adaptive: list = field(default_factory=list)   # new router, recall_target -> held-out quality
+    calibration_misses: list = field(default_factory=list)   # (target, held-out recall) below target
     training: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     report_paths: list = field(default_factory=list)
@@ -81,8 +94,76 @@ class RetrainResult:
         return json.dumps(asdict(self), indent=2, default=str)
 
 
+# ----------------------------------------------------------------------------- argument checks
+def _check_int(value, flag: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise RetrainInputError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_output_dir(path, flag: str) -> Path:
+    """``path`` as a directory this run can create or write into, checked before any work.
+
+    A path that is (or runs through) a file is a bad argument (exit 2); a
+    directory without write permission is an operational failure (exit 1).
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise RetrainInputError(f"{flag} {path} is a file, not a directory; give a directory "
+                                "(it is created if missing)")
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RetrainInputError(f"{flag} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RetrainError(f"{flag} {path}: no permission to write in {existing}")
+    return p
+
+
+def validate_config(cfg: RetrainConfig) -> None:
+    """Refuse out-of-range options before anything is read, labelled or published.
+
+    The upper bound of ``nprobe`` needs the layout: see :func:`check_nprobe`.
+    Raises :class:`RetrainInputError` naming the command-line option.
+    """
+    _check_int(cfg.sample, "--sample", 1)
+    _check_int(cfg.nprobe, "--nprobe", 1)
+    _check_int(cfg.k, "--k", 1)
+    _check_int(cfg.label_k, "--label-k", 1)
+    _check_int(cfg.min_queries, "--min-queries", MIN_QUERIES)
+    _check_int(cfg.max_epochs, "--epochs", 1)
+    _check_int(cfg.patience, "patience", 1)
+    _check_int(cfg.keep, "--keep", 1)
+    _check_int(cfg.batch_size, "batch_size", 1)
+    if cfg.metric not in ("top1", "recall"):
+        raise RetrainInputError(f"--metric must be top1 or recall, got {cfg.metric!r}")
+    if cfg.init not in ("auto", "centroids", "random"):
+        raise RetrainInputError(f"--init must be auto, centroids or random, got {cfg.init!r}")
+    if not 0.0 <= cfg.top1_weight <= 1.0:      # NaN fails this too
+        raise RetrainInputError(f"--top1-weight must be in [0, 1], got {cfg.top1_weight}")
+    if not math.isfinite(cfg.min_gain):
+        raise RetrainInputError(f"--min-gain must be a finite number, got {cfg.min_gain}")
+    if cfg.since_seconds is not None and not cfg.since_seconds > 0:
+        raise RetrainInputError(f"--since must be a positive duration, got {cfg.since_seconds} s")
+    if cfg.queries_file is not None and not Path(cfg.queries_file).is_file():
+        raise QueryInputError(f"query file not found: {cfg.queries_file}")
+    check_output_dir(cfg.model_dir, "--model-dir")
+    if cfg.report_dir:
+        check_output_dir(cfg.report_dir, "--report")
+
+
+def check_nprobe(nprobe: int, layout: Layout) -> None:
+    """``nprobe`` within the layout's partitions (checked once the layout is read)."""
+    if not 1 <= nprobe <= layout.n_partitions:
+        raise RetrainInputError(f"--nprobe {nprobe} out of range [1, {layout.n_partitions}]: "
+                                f"layout {layout.layout_id} of {layout.collection!r} has "
+                                f"{layout.n_partitions} clusters")
+
+
+# ----------------------------------------------------------------------------- queries
 def load_query_file(path: str, dim: int) -> np.ndarray:
-    """Queries from a ``.npy`` file, checked against the layout's dimension."""
+    """Queries from a ``.npy`` file, checked against the layout's dimension; NaN/inf and
+    all-zero or constant rows dropped. Raises :class:`QueryInputError` when none is usable."""
     p = Path(path)
     if not p.is_file():
         raise QueryInputError(f"query file not found: {path}")
@@ -91,9 +172,25 @@ def load_query_file(path: str, dim: int) -> np.ndarray:
     except Exception as exc:
         raise QueryInputError(f"query file {path} is not a readable .npy array: {exc}") from exc
     try:
-        return clean_queries(arr, dim, name=f"query file {path}")
+        queries = clean_queries(arr, dim, name=f"query file {path}")
     except ValueError as exc:
         raise QueryInputError(str(exc)) from exc
+    if len(queries) == 0:
+        raise QueryInputError(f"query file {path} has no usable query vectors: all {len(arr)} "
+                              "rows hold NaN/inf or are all-zero or constant")
+    return queries
+
+
+def require_queries(n: int, cfg: RetrainConfig, collection: str, what: str = "queries") -> None:
+    """Refuse to train on fewer than ``cfg.min_queries``: bad input (exit 2) for a query
+    file, an operational failure (exit 1) for the query log."""
+    if n >= cfg.min_queries:
+        return
+    if cfg.queries_file:
+        raise QueryInputError(f"only {n} {what} in query file {cfg.queries_file}; need at least "
+                              f"{cfg.min_queries} (--min-queries) to train and evaluate fairly")
+    raise RetrainError(f"only {n} {what} in the query log of {collection!r}; need at least "
+                       f"{cfg.min_queries} (--min-queries) to train and evaluate fairly")
 
 
 def gather_queries(client: MilvusClient, layout: Layout, cfg: RetrainConfig) -> np.ndarray:
@@ -106,10 +203,7 @@ def gather_queries(client: MilvusClient, layout: Layout, cfg: RetrainConfig) -> 
         queries = sample_queries(client, layout.collection, cfg.sample, cfg.since_seconds, cfg.seed)
         if len(queries):
             queries = clean_queries(queries, layout.dim, name="query log")
-    if len(queries) < cfg.min_queries:
-        source = cfg.queries_file or f"the query log of {layout.collection!r}"
-        raise RetrainError(f"only {len(queries)} queries in {source}; need at least "
-                           f"{cfg.min_queries} (--min-queries) to train and evaluate fairly")
+    require_queries(len(queries), cfg, layout.collection)
     return queries
 
 
@@ -121,18 +215,115 @@ def label_queries(client: MilvusClient, layout: Layout, queries: np.ndarray, k: 
                          metric=layout.metric)
 
 
-def _subset(nb: Neighbours, idx) -> Neighbours:
-    return Neighbours(nb.ids[idx], nb.scores[idx], nb.partitions[idx])
+def drop_tied(queries: np.ndarray, neighbours: Neighbours) -> tuple[np.ndarray, Neighbours]:
+    """Drop queries whose exact top-1 score is tied by a row of another partition: their
+    label is an arbitrary tie-break that a router could learn and then score as hits."""
+    tied = neighbours.top1_tied
+    if tied is None or not tied.any():
+        return queries, neighbours
+    log.warning("dropped %d of %d queries whose exact top-1 score is tied by a row of another "
+                "partition (their routing label would be an arbitrary tie-break)",
+                int(tied.sum()), len(tied))
+    keep = ~tied
+    return queries[keep], neighbours.subset(keep)
+
+
+# ----------------------------------------------------------------------------- the decision
+def calibration_misses(adaptive: list[dict], tolerance: float = CALIBRATION_TOLERANCE
+                       ) -> list[tuple[float, float]]:
+    """``(recall_target, held-out recall)`` for every target that adaptive nprobe missed by
+    more than ``tolerance`` on held-out queries (rows as in :attr:`RetrainResult.adaptive`)."""
+    return [(row["recall_target"], row["recall"]) for row in adaptive
+            if row["recall"] < row["recall_target"] - tolerance]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str                # published | kept | dry-run
+    baseline: str              # centroid | current: the better of the routers being served
+    gain: float                # new minus baseline, on the deciding metric
+    reason: str
+    with_calibration: bool     # publish the recall_target calibration with the router
+
+
+def _score(q: RoutingQuality, metric: str) -> float:
+    return q.top1_accuracy if metric == "top1" else q.recall
+
+
+def decide(new_metrics: RoutingQuality, live_metrics: RoutingQuality | None,
+           centroid_metrics: RoutingQuality, min_gain: float, *, metric: str = "top1",
+           calibration_ok: bool = True, live_calibrated: bool = False,
+           dry_run: bool = False) -> Decision:
+    """Publish or keep, from held-out quality at the deciding nprobe. Pure.
+
+    The baseline is the better of centroid routing and the live router (when
+    there is one). The new router is published iff ``new - baseline >=
+    min_gain`` (so a negative ``min_gain`` accepts a slightly worse router).
+    When its recall calibration missed a target on held-out queries
+    (``calibration_ok`` false) it is published without the calibration
+    (``recall_target`` searches then run at the default nprobe) - unless the
+    live router has a calibration, which would be lost: then it is kept. A
+    dry run says what would have happened and publishes nothing.
+    """
+    if metric not in ("top1", "recall"):
+        raise ValueError(f"metric must be top1 or recall, got {metric!r}")
+    label = f"{metric}@nprobe={new_metrics.nprobe}"
+    new = _score(new_metrics, metric)
+    baseline, base = "centroid", _score(centroid_metrics, metric)
+    if live_metrics is not None and _score(live_metrics, metric) > base:
+        baseline, base = "current", _score(live_metrics, metric)
+    gain = new - base
+    versus = (f"new {label} {new:.4f} vs {baseline} {base:.4f} (gain {gain:+.4f}, "
+              f"--min-gain {min_gain:+.4f})")
+    if gain < min_gain - GAIN_ROUNDING:
+        action, reason, with_calibration = "kept", f"kept current router: {versus}", False
+    elif not calibration_ok and live_calibrated:
+        action, with_calibration = "kept", False
+        reason = (f"kept current router: {versus}, but the new router's recall_target "
+                  "calibration missed its targets on held-out queries and publishing it without "
+                  "one would take recall_target away from the live router")
+    else:
+        action, with_calibration = "published", calibration_ok
+        reason = versus if calibration_ok else (
+            f"{versus}; published without its recall_target calibration, which missed its "
+            "targets on held-out queries (recall_target searches use the default nprobe)")
+    if dry_run:
+        would = "would publish" if action == "published" else "would keep the current router"
+        return Decision("dry-run", baseline, gain, f"dry run ({would}): {versus}", with_calibration)
+    return Decision(action, baseline, gain, reason, with_calibration)
+
+
+# ----------------------------------------------------------------------------- the job
+def publish(registry: ModelRegistry, collection: str, path: Path, version: str, metrics: dict) -> None:
+    """``registry.publish``; a failure after the pointer already names ``version`` (pruning
+    old versions) is logged, not raised, so that exit code 1 keeps meaning "not published"."""
+    try:
+        registry.publish(collection, path, version, metrics)
+    except (OSError, OperationalError) as exc:
+        try:
+            live = registry.current(collection)
+        except Exception:
+            live = None
+        if live is None or live.version != version:
+            raise
+        log.error("router %s of %r is published, but the registry failed afterwards: %s",
+                  version, collection, exc)
 
 
 def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
-    """Run the whole job once; see the module docstring. Raises :class:`RetrainError`."""
+    """Run the whole job once; see the module docstring.
+
+    Raises :class:`RetrainInputError` (bad options or input, exit 2) before any
+    work, :class:`RetrainError` or another operational error (exit 1), or
+    :class:`~.registry.LockedError` (exit 3); nothing is published then.
+    """
     try:
         import onnx  # noqa: F401
         import torch  # noqa: F401
     except ImportError as exc:
         raise RetrainError(f"retraining needs the [train] extra ({exc.name} is missing): "
                            "pip install 'milvus-ltr-router[train]'") from exc
+    validate_config(cfg)
     from .export import export_router
     from .train import LinearRouterTrainer, split_indices
 
@@ -140,15 +331,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     layout = read_layout(client, cfg.collection)
-    if not 1 <= cfg.nprobe <= layout.n_partitions:
-        raise RetrainError(f"--nprobe {cfg.nprobe} out of range [1, {layout.n_partitions}] "
-                           f"for layout {layout.layout_id}")
-    if cfg.metric not in ("top1", "recall"):
-        raise RetrainError(f"--metric must be top1 or recall, got {cfg.metric!r}")
-    if cfg.label_k < 1:
-        raise RetrainError(f"--label-k must be >= 1, got {cfg.label_k}")
-    if not 0.0 <= cfg.top1_weight <= 1.0:
-        raise RetrainError(f"--top1-weight must be in [0, 1], got {cfg.top1_weight}")
+    check_nprobe(cfg.nprobe, layout)
     with registry.lock(layout.collection):
         queries = gather_queries(client, layout, cfg)
         seconds["queries"] = time.perf_counter() - t0
@@ -158,9 +341,12 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         t0 = time.perf_counter()
         neighbours = label_queries(client, layout, queries, max(cfg.k, cfg.label_k), cfg.batch_size)
         seconds["label"] = time.perf_counter() - t0
-        labels = neighbours.partitions[:, :cfg.label_k] if cfg.label_k > 1 else neighbours.labels
         if (neighbours.partitions[:, 0] < 0).any():
             raise RetrainError("some queries got no neighbour: is the collection empty?")
+        queries, neighbours = drop_tied(queries, neighbours)
+        require_queries(len(queries), cfg, layout.collection,
+                        "queries with an untied exact top-1 neighbour")
+        labels = neighbours.partitions[:, :cfg.label_k] if cfg.label_k > 1 else neighbours.labels
 
         t0 = time.perf_counter()
         tr, va, te = split_indices(len(queries), cfg.seed)
@@ -216,7 +402,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                     log.warning("current router %s is not usable for layout %s (%s); comparing "
                                 "with centroid routing", current.version, layout.layout_id, exc)
             nprobes = sorted(set(nprobe_grid(layout.n_partitions)) | {cfg.nprobe})
-            test_q, test_nb = queries[te], _subset(neighbours, te)
+            test_q, test_nb = queries[te], neighbours.subset(te)
             table = {name: evaluate_router(r, test_q, test_nb, nprobes, cfg.k)
                      for name, r in routers.items()}
             adaptive = [{"recall_target": t, **asdict(q)} for t, q in
@@ -225,49 +411,51 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                 log.info("adaptive nprobe, recall_target %.2f: held-out recall@%d %.4f with %.1f "
                          "partitions on average", row["recall_target"], cfg.k, row["recall"],
                          row["mean_probed"])
+            misses = calibration_misses(adaptive)
+            for target, recall in misses:
+                log.warning("adaptive nprobe missed recall_target %.2f on held-out queries: "
+                            "recall@%d %.4f (more than %.2f below)", target, cfg.k, recall,
+                            CALIBRATION_TOLERANCE)
             seconds["evaluate"] = time.perf_counter() - t0
 
-            def score(name: str) -> float:
-                row = next(q for q in table[name] if q.nprobe == cfg.nprobe)
-                return row.top1_accuracy if cfg.metric == "top1" else row.recall
-
-            best_base = max(["centroid"] + (["current"] if "current" in routers else []), key=score)
-            gain = score("learned") - score(best_base)
-            better = gain > 0 and gain >= cfg.min_gain
+            at = {name: next(q for q in rows if q.nprobe == cfg.nprobe) for name, rows in table.items()}
+            live = routers.get("current")
+            decision = decide(at["learned"], at.get("current"), at["centroid"], cfg.min_gain,
+                              metric=cfg.metric, calibration_ok=not misses,
+                              live_calibrated=bool(live is not None and live.recall_thresholds),
+                              dry_run=cfg.dry_run)
             metrics = {name: [asdict(q) for q in rows] for name, rows in table.items()}
+            training["calibration_published"] = decision.action == "published" and \
+                decision.with_calibration
             result = RetrainResult(
-                decision="kept", reason="", collection=layout.collection, layout_id=layout.layout_id,
-                n_queries=len(queries), nprobe=cfg.nprobe, baseline=best_base, gain=gain,
-                table=metrics, adaptive=adaptive, training=training, seconds=seconds)
-            label = f"{cfg.metric}@nprobe={cfg.nprobe}"
-            if cfg.dry_run:
-                result.decision = "dry-run"
-                result.reason = (f"dry run: learned {score('learned'):.4f} vs {best_base} "
-                                 f"{score(best_base):.4f} ({label})")
-            elif better:
+                decision=decision.action, reason=decision.reason, collection=layout.collection,
+                layout_id=layout.layout_id, n_queries=len(queries), nprobe=cfg.nprobe,
+                baseline=decision.baseline, gain=decision.gain, table=metrics, adaptive=adaptive,
+                calibration_misses=[list(m) for m in misses], training=training, seconds=seconds)
+            if decision.action == "published":
+                label = f"{cfg.metric}@nprobe={cfg.nprobe}"
                 export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
-                              metrics={"test": metrics["learned"], "gain": gain, "baseline": best_base},
+                              metrics={"test": metrics["learned"], "gain": decision.gain,
+                                       "baseline": decision.baseline},
                               nprobe=cfg.nprobe, adaptive_head=head, training=training,
-                              **calibration)
+                              **(calibration if decision.with_calibration else {}))
                 tmp_path.replace(final_path)
-                registry.publish(layout.collection, final_path, version,
-                                 {"gain": gain, "baseline": best_base, label: score("learned")})
-                result.decision, result.version = "published", version
-                result.reason = (f"published router {version}: {label} {score('learned'):.4f} vs "
-                                 f"{best_base} {score(best_base):.4f} (gain {gain:+.4f})")
-            else:
-                result.reason = (f"kept current router: new {label} {score('learned'):.4f} is not "
-                                 f"at least {cfg.min_gain:+.4f} better than {best_base} "
-                                 f"{score(best_base):.4f}")
+                publish(registry, layout.collection, final_path, version,
+                        {"gain": decision.gain, "baseline": decision.baseline,
+                         label: _score(at["learned"], cfg.metric)})
+                result.version = version
+                result.reason = f"published router {version}: {decision.reason}"
         finally:
             tmp_path.unlink(missing_ok=True)
     if cfg.report_dir:
-        result.report_paths = write_report(result, cfg.report_dir)
+        try:
+            result.report_paths = write_report(result, cfg.report_dir)
+        except OSError as exc:     # after a publish, a failed report must not read as a failed run
+            log.error("report not written to %s: %s", cfg.report_dir, exc)
     log.info(result.reason)
     return result
 
 
-ADAPTIVE_TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def write_report(result: RetrainResult, report_dir: str) -> list[str]:

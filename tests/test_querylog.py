@@ -28,6 +28,41 @@ class SlowClient:
         return {"insert_count": len(rows)}
 
 
+class RecordingClient:
+    """A Milvus that accepts everything and remembers what was inserted."""
+
+    def __init__(self):
+        self.rows = []
+
+    def has_collection(self, name):
+        return True
+
+    def insert(self, name, rows):
+        self.rows.extend(rows)
+        return {"insert_count": len(rows)}
+
+
+def test_non_finite_vectors_are_never_written(caplog):
+    import logging
+    client = RecordingClient()
+    logger = QueryLogger(client, max_queue=10)
+    batch = np.arange(12, dtype=np.float32).reshape(4, 3)
+    batch[1, 0], batch[3, 2] = np.nan, np.inf
+    with caplog.at_level(logging.DEBUG, logger="milvus_ltr_router.querylog"):
+        logger.submit("docs", batch)
+        logger.submit("docs", np.full((2, 3), np.nan))      # nothing usable: nothing queued
+        assert logger.flush(5)
+    written = np.array([r["vector"] for r in client.rows])
+    np.testing.assert_array_equal(written, batch[[0, 2]])
+    s = logger.stats
+    assert s.submitted == 6 and s.non_finite == 4 and s.written == 2 and s.failed == 0
+    assert "query log of 'docs': dropped 2 of 4 vectors with NaN or inf" in caplog.text
+    # the direct writer refuses them too
+    assert write_queries(client, "docs", [[np.nan, 1, 2], [1, 2, 3]]) == 1
+    assert client.rows[-1]["vector"] == [1, 2, 3]
+    logger.close()
+
+
 def test_failed_log_writes_are_counted_not_raised():
     logger = QueryLogger(FailingClient(), max_queue=10)
     logger.submit("c", np.ones((3, 4)))

@@ -1,0 +1,262 @@
+"""Every CLI error path: its exit code (README: 0 ok, 1 operational, 2 bad input, 3 locked),
+its message, and that nothing was published. Runs ``cli.main`` in-process on milvus-lite."""
+import logging
+import os
+
+import numpy as np
+import pytest
+from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from milvus_ltr_router import cli
+from milvus_ltr_router.errors import (EXIT_FAIL, EXIT_LOCKED, EXIT_USAGE, InputError,
+                                      LockHeldError, OperationalError, describe, exit_code)
+from milvus_ltr_router.layout import LayoutError, build_layout
+from milvus_ltr_router.milvus_io import CollectionError, create_vector_collection, release_lite
+from milvus_ltr_router.registry import LockedError, ModelRegistry, RegistryError
+from milvus_ltr_router.router import RouterError
+
+DEAD = "http://127.0.0.1:9"      # nothing listens: a command that contacts Milvus fails with 1
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory, fixture_data):
+    """A milvus-lite file with 'src' (1,500 MiniLM documents) laid out as 'docs' (8 partitions)."""
+    uri = str(tmp_path_factory.mktemp("cli_errors") / "test.db")
+    client = MilvusClient(uri)
+    create_vector_collection(client, "src", fixture_data.docs[:1500])
+    build_layout(client, "src", "docs", n_clusters=8, seed=0)
+    client.close()
+    release_lite(uri)            # milvus-lite serves a file to one client at a time
+    yield uri
+    release_lite(uri)
+
+
+def run(caplog, *argv):
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code = cli.main([str(a) for a in argv])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    return code, "\n".join(errors), caplog.text
+
+
+def retrain(uri, model_dir, *extra):
+    return ["retrain", "--uri", uri, "--collection", "docs", "--model-dir", model_dir, *extra]
+
+
+def nothing_published(model_dir):
+    return not (model_dir / "docs" / "CURRENT.json").exists() and \
+        not list(model_dir.glob("docs/*.onnx"))
+
+
+# ---------------------------------------------------------------- exit_code and describe
+@pytest.mark.parametrize("exc,code", [
+    (InputError("x"), EXIT_USAGE), (CollectionError("unknown collection"), EXIT_USAGE),
+    (OperationalError("x"), EXIT_FAIL), (LayoutError("x"), EXIT_FAIL),
+    (RouterError("corrupt"), EXIT_FAIL), (RegistryError("x"), EXIT_FAIL),
+    (LockedError("held"), EXIT_LOCKED), (LockHeldError("held"), EXIT_LOCKED),
+    (MilvusException(message="down"), EXIT_FAIL), (ConnectionError("refused"), EXIT_FAIL),
+    (PermissionError(13, "Permission denied", "/srv/models"), EXIT_FAIL),
+    (ValueError("plain bad value"), EXIT_USAGE),
+])
+def test_exit_code_of_each_error(exc, code):
+    assert exit_code(exc) == code
+
+
+def test_router_errors_are_operational_and_old_bases_still_hold():
+    assert not issubclass(RouterError, ValueError) and issubclass(RouterError, RuntimeError)
+    assert issubclass(CollectionError, ValueError) and issubclass(LayoutError, RuntimeError)
+    assert issubclass(LockedError, RegistryError)
+
+
+def test_only_connection_failures_mention_reaching_milvus():
+    perm = describe(PermissionError(13, "Permission denied", "/srv/models/docs"), "http://m:19530")
+    assert perm == "file system error: [Errno 13] Permission denied: '/srv/models/docs'"
+    assert describe(ConnectionError("refused"), "http://m:19530") == \
+        "cannot reach Milvus at http://m:19530: refused"
+    assert describe(MilvusException(message="no such field"), "http://m:19530") == \
+        "Milvus at http://m:19530: no such field"
+
+
+def test_permission_error_on_the_model_dir_exits_1_without_blaming_milvus(lite, tmp_path,
+                                                                          caplog, monkeypatch):
+    def denied(self, collection):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "m" / collection))
+    monkeypatch.setattr(ModelRegistry, "lock", denied)
+    code, err, _ = run(caplog, *retrain(lite, tmp_path / "m", "--queries", tmp_path / "none.npy"))
+    assert code == EXIT_USAGE and "query file not found" in err      # input checks come first
+    code, err, _ = run(caplog, *retrain(lite, tmp_path / "m"))
+    assert code == EXIT_FAIL and "Permission denied" in err and "Milvus" not in err
+
+
+# ---------------------------------------------------------------- retrain: bad options, no work
+@pytest.mark.parametrize("option,message", [
+    (["--nprobe", "0"], "--nprobe must be an integer >= 1, got 0"),
+    (["--label-k", "0"], "--label-k must be an integer >= 1, got 0"),
+    (["--top1-weight", "2"], "--top1-weight must be in [0, 1], got 2.0"),
+    (["--sample", "0"], "--sample must be an integer >= 1, got 0"),
+    (["--k", "0"], "--k must be an integer >= 1, got 0"),
+    (["--min-queries", "0"], "--min-queries must be an integer >= 10, got 0"),
+    (["--keep", "0"], "--keep must be an integer >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (["--min-gain", "nan"], "--min-gain must be a finite number"),
+])
+def test_bad_retrain_options_exit_2_before_contacting_milvus(tmp_path, caplog, option, message):
+    code, err, _ = run(caplog, *retrain(DEAD, tmp_path / "m", *option))
+    assert code == EXIT_USAGE and message in err
+    assert "Milvus" not in err and not (tmp_path / "m").exists()
+
+
+def test_report_path_that_is_a_file_exits_2_and_publishes_nothing(tmp_path, caplog):
+    report = tmp_path / "report.txt"
+    report.write_text("not a directory")
+    code, err, _ = run(caplog, *retrain(DEAD, tmp_path / "m", "--report", report))
+    assert code == EXIT_USAGE and f"--report {report} is a file, not a directory" in err
+    assert nothing_published(tmp_path / "m")
+
+
+def test_model_dir_that_is_a_file_exits_2(tmp_path, caplog):
+    models = tmp_path / "models"
+    models.write_text("")
+    code, err, _ = run(caplog, *retrain(DEAD, models))
+    assert code == EXIT_USAGE and f"--model-dir {models} is a file" in err
+
+
+def test_nprobe_above_the_partitions_exits_2_before_labelling(lite, tmp_path, caplog):
+    np.save(tmp_path / "q.npy", np.random.default_rng(0).standard_normal((300, 384)))
+    code, err, text = run(caplog, *retrain(lite, tmp_path / "m", "--queries", tmp_path / "q.npy",
+                                           "--nprobe", "999"))
+    assert code == EXIT_USAGE and "--nprobe 999 out of range [1, 8]" in err
+    assert "queries" not in text.replace(err, "")       # no query read, nothing labelled
+    assert nothing_published(tmp_path / "m")
+
+
+# ---------------------------------------------------------------- retrain: bad query files
+@pytest.mark.parametrize("name,array,message", [
+    ("nan", np.full((300, 384), np.nan, np.float32), "has no usable query vectors: all 300 rows"),
+    ("zero", np.zeros((300, 384), np.float32), "has no usable query vectors: all 300 rows"),
+    ("constant", np.full((300, 384), 0.5, np.float32), "has no usable query vectors"),
+    ("three_d", np.ones((2, 150, 384), np.float32),
+     "expected a 2-D array [n, dim], got shape (2, 150, 384)"),
+    ("dim", np.ones((300, 7), np.float32), "dimension 7 does not match the collection's 384"),
+])
+def test_unusable_query_files_exit_2_and_publish_nothing(lite, tmp_path, caplog, name, array,
+                                                         message):
+    path = tmp_path / f"{name}.npy"
+    np.save(path, array)
+    code, err, _ = run(caplog, *retrain(lite, tmp_path / "m", "--queries", path))
+    assert code == EXIT_USAGE and message in err, err
+    assert nothing_published(tmp_path / "m")
+
+
+def test_mostly_degenerate_query_file_says_how_many_were_dropped(lite, tmp_path, caplog,
+                                                                 fixture_data):
+    """300 all-zero queries once published 'top-1 1.0000 vs centroid 0.0000': now refused."""
+    mixed = np.vstack([np.zeros((290, 384), np.float32), fixture_data.queries[:20]])
+    np.save(tmp_path / "q.npy", mixed)
+    code, err, text = run(caplog, *retrain(lite, tmp_path / "m", "--queries", tmp_path / "q.npy",
+                                           "--min-queries", "100"))
+    assert code == EXIT_USAGE and "only 20 queries in query file" in err
+    assert "dropped 290 all-zero or constant rows" in text
+    assert nothing_published(tmp_path / "m")
+
+
+# ---------------------------------------------------------------- retrain: operational failures
+def test_unknown_collection_exits_2(lite, tmp_path, caplog):
+    code, err, _ = run(caplog, "retrain", "--uri", lite, "--collection", "nope",
+                       "--model-dir", tmp_path / "m")
+    assert code == EXIT_USAGE and "unknown collection 'nope'" in err
+
+
+def test_collection_without_layout_exits_1(lite, tmp_path, caplog):
+    code, err, _ = run(caplog, "retrain", "--uri", lite, "--collection", "src",
+                       "--model-dir", tmp_path / "m")
+    assert code == EXIT_FAIL and "has no layout" in err
+
+
+def test_empty_query_log_exits_1(lite, tmp_path, caplog):
+    code, err, _ = run(caplog, *retrain(lite, tmp_path / "m"))
+    assert code == EXIT_FAIL and "only 0 queries in the query log of 'docs'" in err
+    assert nothing_published(tmp_path / "m")
+
+
+def test_unreachable_milvus_exits_1_naming_the_uri(tmp_path, caplog):
+    code, err, _ = run(caplog, *retrain(DEAD, tmp_path / "m"))
+    assert code == EXIT_FAIL and err.startswith(f"Milvus at {DEAD}:")
+
+
+def test_held_lock_exits_3(lite, tmp_path, caplog):
+    with ModelRegistry(tmp_path / "m").lock("docs"):
+        code, err, _ = run(caplog, *retrain(lite, tmp_path / "m"))
+    assert code == EXIT_LOCKED and "another retrain" in err
+
+
+# ---------------------------------------------------------------- other commands
+def test_build_layout_source_equal_to_target_exits_2_before_any_work(tmp_path, caplog):
+    code, err, _ = run(caplog, "build-layout", "--uri", DEAD, "--source", "a", "--target", "a")
+    assert code == EXIT_USAGE and "--target must differ from --source ('a')" in err
+
+
+@pytest.mark.parametrize("clusters,message", [
+    ("0", "--clusters must be >= 1, got 0"),
+    ("2000", "--clusters 2000 is more than the 1500 rows of 'src'"),
+])
+def test_build_layout_bad_cluster_count_exits_2(lite, caplog, clusters, message):
+    code, err, _ = run(caplog, "build-layout", "--uri", lite, "--source", "src", "--target",
+                       "new", "--clusters", clusters)
+    assert code == EXIT_USAGE and message in err
+    client = MilvusClient(lite)
+    try:
+        assert not client.has_collection("new")
+    finally:
+        client.close()
+        release_lite(lite)
+
+
+def test_build_layout_bad_index_params_exit_2(caplog):
+    code, err, _ = run(caplog, "build-layout", "--uri", DEAD, "--source", "a", "--target", "b",
+                       "--index-params", "{nlist: 4}")
+    assert code == EXIT_USAGE and "--index-params is not valid JSON" in err
+
+
+def test_evaluate_bad_options_exit_2(lite, tmp_path, caplog):
+    code, err, _ = run(caplog, "evaluate", "--uri", DEAD, "--collection", "docs", "--queries",
+                       tmp_path / "q.npy", "--k", "0")
+    assert code == EXIT_USAGE and "--k must be >= 1, got 0" in err
+    np.save(tmp_path / "q.npy", np.full((5, 384), np.nan, np.float32))
+    code, err, _ = run(caplog, "evaluate", "--uri", lite, "--collection", "docs", "--queries",
+                       tmp_path / "q.npy")
+    assert code == EXIT_USAGE and "has no usable query vectors" in err
+    np.save(tmp_path / "q.npy", np.random.default_rng(0).standard_normal((5, 384)))
+    code, err, _ = run(caplog, "evaluate", "--uri", lite, "--collection", "docs", "--queries",
+                       tmp_path / "q.npy", "--nprobe", "999")
+    assert code == EXIT_USAGE and "nprobe values [999] out of range [1, 8]" in err
+
+
+def test_corrupt_published_router_exits_1_not_2(lite, tmp_path, caplog, fixture_data):
+    registry = ModelRegistry(tmp_path / "m")
+    path = registry.version_path("docs", "v1")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not onnx")
+    registry.publish("docs", path, "v1", {})
+    np.save(tmp_path / "q.npy", fixture_data.queries[:20])
+    code, err, _ = run(caplog, "evaluate", "--uri", lite, "--collection", "docs", "--queries",
+                       tmp_path / "q.npy", "--model-dir", tmp_path / "m")
+    assert code == EXIT_FAIL and "not a loadable ONNX model" in err
+
+
+def test_rollback_without_history_exits_1(tmp_path, caplog):
+    code, err, _ = run(caplog, "rollback", "--collection", "docs", "--model-dir", tmp_path / "m")
+    assert code == EXIT_FAIL and "no router of 'docs' was published" in err
+
+
+def test_drop_layout_of_a_plain_collection_exits_2(lite, caplog, capsys):
+    code, _, _ = run(caplog, "drop-layout", "--uri", lite, "--collection", "src")
+    assert code == EXIT_USAGE and "'src' has no layout; refusing to drop it" in capsys.readouterr().err
+
+
+def test_demo_bad_options_exit_2(caplog):
+    code, err, _ = run(caplog, "demo", "--nprobe", "0")
+    assert code == EXIT_USAGE and "--nprobe must be >= 1, got 0" in err
+    code, err, _ = run(caplog, "demo", "--clusters", "0")
+    assert code == EXIT_USAGE and "--clusters must be >= 1, got 0" in err
