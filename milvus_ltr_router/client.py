@@ -19,7 +19,10 @@ from typing import Any
 
 import numpy as np
 from pymilvus import MilvusClient
+from pymilvus.client.types import OmitZeroDict
+from pymilvus.exceptions import DataNotMatchException, ParamError
 
+from .errors import InputError, OperationalError
 from .layout import Layout, cluster_of, current_layout_id, laid_out_name, read_layout
 from .storage import DEFAULT_PARTITION, storage_status
 from .querylog import QueryLogger
@@ -198,17 +201,23 @@ class RoutedMilvusClient(MilvusClient):
         state = self._state(collection_name)
         if state is None:
             raise ValueError(f"collection {collection_name!r} has no layout; nothing to route")
-        queries = self._query_matrix(state, data)
+        queries = self._query_matrix(state, data, one_vector_ok=True)
         return [row.tolist() for row in self._probe(state, queries, nprobe, recall_target,
                                                     min_nprobe, max_nprobe)]
 
-    def _query_matrix(self, state: _Routing, data) -> np.ndarray:
-        queries = np.asarray(data, dtype=np.float32)
-        if queries.ndim == 1:
+    def _query_matrix(self, state: _Routing, data, one_vector_ok: bool = False) -> np.ndarray:
+        """``data`` as a float32 [nq, dim] matrix, or pymilvus's error for the same mistake."""
+        try:
+            queries = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise RoutedParamError(f"search data for {state.layout.collection!r} is not a list of "
+                                   f"float vectors: {exc}") from exc
+        if queries.ndim == 1 and one_vector_ok and len(queries):
             queries = queries[None, :]
-        if queries.ndim != 2 or queries.shape[1] != state.layout.dim:
-            raise ValueError(f"search vectors of shape {queries.shape} do not match collection "
-                             f"{state.layout.collection!r} (dim={state.layout.dim})")
+        if queries.ndim != 2 or len(queries) == 0 or queries.shape[1] != state.layout.dim:
+            raise RoutedParamError(f"search data of shape {queries.shape} does not match collection "
+                                   f"{state.layout.collection!r}: expected a non-empty list of "
+                                   f"vectors of dim {state.layout.dim}")
         return queries
 
     def _probe(self, state: _Routing, queries: np.ndarray, nprobe, recall_target, min_nprobe,
@@ -243,7 +252,7 @@ class RoutedMilvusClient(MilvusClient):
     # ------------------------------------------------------------------ search
     def search(self, collection_name: str, data=None, filter: str = "", limit: int = 10,
                output_fields=None, search_params=None, timeout=None, partition_names=None,
-               anns_field=None, nprobe: int | None = None, recall_target: float | None = None,
+               anns_field=None, *args, nprobe: int | None = None, recall_target: float | None = None,
                min_nprobe: int = 1, max_nprobe: int | None = None, **kwargs):
         """``MilvusClient.search``, restricted per query to the clusters the router picks.
 
@@ -255,18 +264,18 @@ class RoutedMilvusClient(MilvusClient):
         combined with ``filter`` by ``and``) follows the layout's storage mode.
 
         Passes through untouched when the collection has no layout, when the
-        caller names ``partition_names`` or another ``anns_field``, or searches by ``ids``.
+        caller names ``partition_names`` or another ``anns_field``, searches by
+        ``ids``, or passes pymilvus's later parameters positionally (``ranker``, ...).
+        The plugin's own parameters are keyword-only.
         """
         state = None
-        if partition_names is None and kwargs.get("ids") is None and data is not None:
+        if partition_names is None and kwargs.get("ids") is None and data is not None and not args:
             state = self._state(collection_name)
         if state is not None and anns_field not in (None, "", state.layout.vector_field):
             state = None
         if state is None:
-            return super().search(collection_name, data=data, filter=filter, limit=limit,
-                                  output_fields=output_fields, search_params=search_params,
-                                  timeout=timeout, partition_names=partition_names,
-                                  anns_field=anns_field, **kwargs)
+            return super().search(collection_name, data, filter, limit, output_fields, search_params,
+                                  timeout, partition_names, anns_field, *args, **kwargs)
         queries = self._query_matrix(state, data)
         probed = self._probe(state, queries, nprobe, recall_target, min_nprobe, max_nprobe)
         self._log_queries(state.layout.collection, queries)
@@ -332,7 +341,7 @@ class RoutedMilvusClient(MilvusClient):
         field = layout.vector_field
         missing = [i for i, r in enumerate(rows) if field not in r]
         if missing:
-            raise ValueError(f"rows {missing[:5]} have no vector field {field!r}; a laid-out "
+            raise RoutedDataError(f"rows {missing[:5]} have no vector field {field!r}; a laid-out "
                              f"collection needs it to pick each row's cluster")
         clusters = cluster_of(layout, np.asarray([r[field] for r in rows], dtype=np.float32))
         if storage.cluster_field is not None:
@@ -342,7 +351,7 @@ class RoutedMilvusClient(MilvusClient):
         by_partition: dict[str, list[int]] = {}
         for i, c in enumerate(clusters):
             by_partition.setdefault(storage.write_partition(c), []).append(i)
-        total, ids, done = 0, [None] * len(rows), []
+        total, cost, ids, done = 0, 0, [None] * len(rows), []
         for part, idx in by_partition.items():
             try:
                 res = write(collection_name, [rows[i] for i in idx], timeout=timeout,
@@ -354,6 +363,7 @@ class RoutedMilvusClient(MilvusClient):
                                  f"were written (into {done or 'none'}): {exc}",
                                  written=written, partitions_done=done) from exc
             total += res.get("insert_count", res.get("upsert_count", len(idx)))
+            cost += res.get("cost", 0) or 0
             for i, pk in zip(idx, res.get("ids", []) or []):
                 ids[i] = pk
             done.append(part)
@@ -365,7 +375,7 @@ class RoutedMilvusClient(MilvusClient):
                              f"failed; repeat the upsert to remove them: {exc}",
                              written=len(rows), partitions_done=done) from exc
         key = "upsert_count" if kind == "upsert" else "insert_count"
-        return {key: total, "ids": ids}
+        return OmitZeroDict({key: total, "ids": ids, "cost": cost})
 
     def _stored_partitions(self, state: _Routing, rows: list[dict], timeout) -> dict:
         """Primary key -> partitions holding a stored row with that key (before an upsert)."""
@@ -411,7 +421,30 @@ class RoutedMilvusClient(MilvusClient):
         super().close()
 
 
-class WriteError(RuntimeError):
+class RoutedParamError(InputError, ParamError):
+    """Bad search input on a laid-out collection: both what pymilvus raises for the same
+    mistake (``ParamError``, a ``MilvusException``) and the plugin's ``InputError``."""
+
+    def __init__(self, message: str):
+        ParamError.__init__(self, message=message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RoutedDataError(InputError, DataNotMatchException):
+    """A written row that does not fit a laid-out collection (pymilvus: DataNotMatchException)."""
+
+    def __init__(self, message: str):
+        DataNotMatchException.__init__(self, message=message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class WriteError(OperationalError):
     """A routed insert/upsert that failed part-way: ``written`` rows landed, in
     ``partitions_done``; the rest did not."""
 

@@ -74,7 +74,8 @@ def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
         assert status["mode"] == "centroid" and status["error"] == "no router published"
         res = routed.search("docs", data=queries.tolist(), limit=5, output_fields=["title"])
         assert len(res) == 40 and all(len(r) == 5 for r in res)
-        order = routed._state("docs").router.partitions(queries, 3)
+        names = routed.layout("docs").partition_names
+        order = [[names[c] for c in row] for row in routed.route("docs", queries, nprobe=3)]
         for q, hits, parts in zip(queries, res, order):
             direct = MilvusClient.search(routed, "docs", data=[q.tolist()], limit=5,
                                          output_fields=["title"], partition_names=parts)[0]
@@ -83,7 +84,7 @@ def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
         # numpy input and adaptive nprobe (recall_target) return the same shape
         adaptive = routed.search("docs", data=queries[:6], limit=5, recall_target=0.6, max_nprobe=4)
         assert len(adaptive) == 6 and all(len(r) == 5 for r in adaptive)
-        single = routed.search("docs", data=queries[0], limit=5)
+        single = routed.search("docs", data=[queries[0].tolist()], limit=5)
         assert [h["id"] for h in single[0]] == [h["id"] for h in res[0]]
         assert routed.flush_query_log()
         assert routed.router_status("docs")["query_log"]["written"] == 47
@@ -104,8 +105,46 @@ def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
             assert len(got) == 1
         with pytest.raises(ValueError, match="no vector field 'vector'"):
             routed.insert("docs", [{"id": 1, "title": "no vector"}])
-        with pytest.raises(ValueError, match=r"shape \(1, 7\) do not match"):
+        with pytest.raises(ValueError, match=r"shape \(1, 7\) does not match"):
             routed.search("docs", data=[[0.0] * 7], limit=1)
+    finally:
+        routed.close()
+
+
+def test_drop_in_errors_and_results_match_pymilvus(lite_uri, lite_layout, fixture_data, tmp_path):
+    """On a laid-out collection the routed client fails where pymilvus fails, with an exception
+    pymilvus code already catches (and the plugin's InputError), and returns pymilvus's types."""
+    from pymilvus.exceptions import MilvusException
+    from milvus_ltr_router.errors import InputError
+    client, report, docs = lite_layout
+    client.close()
+    release_lite(lite_uri)
+    routed = RoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "models"), nprobe=3, log_rate=0)
+    try:
+        q = fixture_data.queries[0]
+        bad_searches = {"one 1-D vector": q.tolist(), "wrong dimension": [[0.0] * 7], "no vectors": []}
+        for what, data in bad_searches.items():
+            with pytest.raises(MilvusException) as plain_err:
+                MilvusClient.search(routed, "docs", data=data, limit=3)
+            with pytest.raises(type(plain_err.value)) as routed_err:
+                routed.search("docs", data=data, limit=3)
+            assert isinstance(routed_err.value, InputError), what
+        with pytest.raises(MilvusException) as plain_err:
+            MilvusClient.insert(routed, "docs", [{"id": 1, "title": "no vector"}])
+        with pytest.raises(type(plain_err.value)):
+            routed.insert("docs", [{"id": 1, "title": "no vector"}])
+        assert routed.insert("docs", []) == MilvusClient.insert(routed, "docs", []) == \
+            {"insert_count": 0, "ids": []}
+        row = {"id": 300_000, "vector": fixture_data.docs[1].tolist(), "title": "t"}
+        res = routed.insert("docs", [row])
+        assert type(res) is type(MilvusClient.upsert(routed, "docs", [row]))
+        assert res["insert_count"] == 1 and res["ids"] == [300_000]
+        # the plugin's own parameters are keyword-only: a 10th positional argument is pymilvus's
+        # (ranker), and the call passes through to pymilvus untouched
+        import inspect
+        params = inspect.signature(RoutedMilvusClient.search).parameters
+        assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY
+                   for p in ("nprobe", "recall_target", "min_nprobe", "max_nprobe"))
     finally:
         routed.close()
 
