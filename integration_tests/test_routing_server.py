@@ -27,6 +27,13 @@ from milvus_ltr_router.router import CentroidRouter, Router
 NPROBE = 2
 
 
+def restricted_search(plain, layout, q, clusters, limit: int = 10, **kwargs):
+    """A plain MilvusClient search restricted to ``clusters`` however the layout stores them."""
+    parts, expr = layout.storage.search_target(clusters, kwargs.pop("filter", ""))
+    return plain.search(layout.collection, data=[q.tolist()], limit=limit, partition_names=parts,
+                        filter=expr, **kwargs)[0]
+
+
 def retrain_cmd(uri, collection, model_dir, *extra):
     return [sys.executable, "-m", "milvus_ltr_router.cli", "retrain", "--uri", uri,
             "--collection", collection, "--model-dir", str(model_dir), "--nprobe", str(NPROBE),
@@ -97,21 +104,19 @@ def test_client_hot_reloads_and_hits_equal_partition_restricted_search(scenario)
     assert scenario["centroid_status"]["adaptive"] is None     # centroid fallback: uncalibrated
     queries = scenario["held_out"][:60]
     hits = client.search(collection, data=queries.tolist(), limit=10, output_fields=["title"])
-    parts = client._state(collection).router.partitions(queries, NPROBE)
+    probed = client.route(collection, queries, nprobe=NPROBE)
     plain = MilvusClient(uri=scenario["uri"])
-    for q, got, p in zip(queries, hits, parts):
-        want = plain.search(collection, data=[q.tolist()], limit=10, output_fields=["title"],
-                            partition_names=p)[0]
+    layout = client.layout(collection)
+    for q, got, clusters in zip(queries, hits, probed):
+        want = restricted_search(plain, layout, q, clusters, output_fields=["title"])
         assert [h["id"] for h in got] == [h["id"] for h in want]
         assert [h["entity"]["title"] for h in got] == [h["entity"]["title"] for h in want]
     # adaptive nprobe: the published router carries its recall calibration
-    router = client._state(collection).router
-    assert router.recall_thresholds
-    routes = router.route(queries[:10], recall_target=0.8)
+    assert client.router(collection).recall_thresholds
+    routes = client.route(collection, queries[:10], recall_target=0.8)
     adaptive = client.search(collection, data=queries[:10].tolist(), limit=10, recall_target=0.8)
-    for q, got, r in zip(queries[:10], adaptive, routes):
-        want = plain.search(collection, data=[q.tolist()], limit=10,
-                            partition_names=[router.partition_names[i] for i in r])[0]
+    for q, got, clusters in zip(queries[:10], adaptive, routes):
+        want = restricted_search(plain, layout, q, clusters)
         assert [h["id"] for h in got] == [h["id"] for h in want]
     # filters keep working through routing
     filtered = client.search(collection, data=queries[:5].tolist(), limit=5, filter="grp == 3",
@@ -126,15 +131,14 @@ def test_learned_recall_through_milvus_at_least_centroid(scenario, fixture_data)
     ids = np.arange(len(fixture_data.docs)) * 7 + 3
     exact = exact_knn(held, array_blocks(fixture_data.docs, np.zeros(len(ids), int), ids=ids), k=10)
     layout = read_layout(client, collection)
-    centroid_parts = CentroidRouter(layout).partitions(held, NPROBE)
+    centroid_clusters = CentroidRouter(layout).rank(held, NPROBE)
     plain = MilvusClient(uri=scenario["uri"])
 
     def recall(rows):
         return float(np.mean([len({h["id"] for h in r} & set(t)) / 10 for r, t in zip(rows, exact.ids)]))
 
     learned = recall(client.search(collection, data=held.tolist(), limit=10))
-    centroid = recall([plain.search(collection, data=[q.tolist()], limit=10, partition_names=p)[0]
-                       for q, p in zip(held, centroid_parts)])
+    centroid = recall([restricted_search(plain, layout, q, c) for q, c in zip(held, centroid_clusters)])
     plain.close()
     print(f"held-out recall@10 through Milvus at nprobe={NPROBE}: learned {learned:.4f}, "
           f"centroid {centroid:.4f}")
@@ -214,7 +218,7 @@ def test_retrain_faults_publish_nothing(scenario, tmp_path):
     assert out.returncode == 3 and "another retrain" in out.stderr
     # nprobe out of range
     out = run(retrain_cmd(uri, collection, model_dir) + ["--nprobe", "65"])
-    assert out.returncode == 1 and "out of range [1, 64]" in out.stderr
+    assert out.returncode == 2 and "out of range [1, 64]" in out.stderr
     after = (registry.pointer_path(collection).read_text(), sorted(registry.versions(collection)))
     assert after == before
 
