@@ -64,6 +64,11 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=["auto", "centroids", "random"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=int, default=5, help="published versions to keep")
+    p.add_argument("--labels", choices=["auto", "milvus", "local"], default="auto",
+                   help="where exact neighbours are computed: 'milvus' asks the server (exact "
+                        "search over a cluster-id layout with a FLAT index; moves ids, not "
+                        "vectors), 'local' streams every vector here; default auto (milvus "
+                        "where its search is exact)")
     p.add_argument("--dry-run", action="store_true", help="train and evaluate, publish nothing")
     p.add_argument("--report", metavar="DIR", help="write a JSON and PNG report here")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -291,7 +296,7 @@ def _cmd_retrain(args) -> int:
                         adaptive_head=args.adaptive_head,
                         min_queries=args.min_queries, max_epochs=args.epochs,
                         init=args.init, seed=args.seed, dry_run=args.dry_run,
-                        report_dir=args.report, keep=args.keep)
+                        report_dir=args.report, keep=args.keep, labels=args.labels)
     validate_config(cfg)            # bad options exit 2 before Milvus is even contacted
     with _connected(args) as client:
         result = retrain(client, cfg)

@@ -25,6 +25,7 @@ from .layout import Layout, iter_layout_blocks, read_layout
 from .progress import ProgressCounter
 from .querylog import sample_queries
 from .registry import ModelRegistry
+from .server_knn import LABEL_PATHS, choose_label_path, milvus_knn
 from .router import CentroidRouter, Router, RouterError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class RetrainConfig:
     report_dir: str | None = None
     keep: int = 5
     batch_size: int = 4096
+    labels: str = "auto"                 # exact neighbours from: milvus (server search), local, auto
 
 
 @dataclass
@@ -137,6 +139,8 @@ def validate_config(cfg: RetrainConfig) -> None:
     _check_int(cfg.batch_size, "batch_size", 1)
     if cfg.metric not in ("top1", "recall"):
         raise RetrainInputError(f"--metric must be top1 or recall, got {cfg.metric!r}")
+    if cfg.labels not in LABEL_PATHS:
+        raise RetrainInputError(f"--labels must be one of {', '.join(LABEL_PATHS)}, got {cfg.labels!r}")
     if cfg.init not in ("auto", "centroids", "random"):
         raise RetrainInputError(f"--init must be auto, centroids or random, got {cfg.init!r}")
     if not 0.0 <= cfg.top1_weight <= 1.0:      # NaN fails this too
@@ -208,8 +212,12 @@ def gather_queries(client: MilvusClient, layout: Layout, cfg: RetrainConfig) -> 
 
 
 def label_queries(client: MilvusClient, layout: Layout, queries: np.ndarray, k: int,
-                  batch_size: int = 4096) -> Neighbours:
-    """Exact top-k neighbours over the whole laid-out collection, streamed from Milvus."""
+                  batch_size: int = 4096, path: str = "local") -> Neighbours:
+    """Exact top-k neighbours over the whole laid-out collection: computed by Milvus
+    (``path="milvus"``, see :mod:`.server_knn`) or here, from vectors streamed out of it."""
+    if path == "milvus":
+        with ProgressCounter(len(queries), "label (Milvus search)", "queries") as bar:
+            return milvus_knn(client, layout, queries, k, progress=bar)
     with ProgressCounter(int(layout.sizes.sum()), "label", "rows") as bar:
         return exact_knn(queries, iter_layout_blocks(client, layout, batch_size, bar), k=k,
                          metric=layout.metric)
@@ -339,7 +347,11 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                  len(queries))
 
         t0 = time.perf_counter()
-        neighbours = label_queries(client, layout, queries, max(cfg.k, cfg.label_k), cfg.batch_size)
+        label_path = choose_label_path(cfg.labels, client, layout, len(queries))
+        log.info("labelling %d queries: exact neighbours computed %s", len(queries),
+                 "by Milvus" if label_path == "milvus" else "here, from vectors streamed out of Milvus")
+        neighbours = label_queries(client, layout, queries, max(cfg.k, cfg.label_k), cfg.batch_size,
+                                   label_path)
         seconds["label"] = time.perf_counter() - t0
         if (neighbours.partitions[:, 0] < 0).any():
             raise RetrainError("some queries got no neighbour: is the collection empty?")
