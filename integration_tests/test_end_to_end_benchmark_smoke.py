@@ -20,3 +20,17 @@ def test_end_to_end_benchmark_runs(milvus_server, tmp_path, monkeypatch):
     flat = next(r for r in out["rows"] if r["method"] == "FLAT")
     assert flat["recall@10"] > 0.99          # exact search finds the exact neighbours
     assert flat["partitions"] == out["L"]
+
+
+def test_label_path_benchmark_runs(milvus_server, tmp_path, monkeypatch):
+    from benchmarks import bench_labels
+    monkeypatch.setenv("MILVUS_URI", milvus_server.uri)
+    assert bench_labels.main(["--dataset", "fixture", "--sizes", "3000", "--queries", "200",
+                              "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "labels_fixture.json").read_text())["runs"]
+    assert {r["path"] for r in runs} == {"milvus", "local"}
+    # the local path reads every vector (3000 x 384 float32 = 4.4 MiB at least); Milvus sends ids
+    local = next(r for r in runs if r["path"] == "local")
+    remote = next(r for r in runs if r["path"] == "milvus")
+    assert local["moved_mib"] > 4.3 and remote["moved_mib"] < local["moved_mib"]
+    assert all(r["top1_labels_equal"] > 0.99 for r in runs)
