@@ -34,3 +34,27 @@ def lite_uri(tmp_path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def second_lock_attempt():
+    """A function that tries the registry lock of ``collection`` from another thread while the
+    caller holds it, and returns the LockedError that attempt got (None if it got the lock)."""
+    import threading
+    from milvus_ltr_router.registry import LockedError, ModelRegistry
+
+    def attempt(model_dir, collection: str):
+        errors = []
+
+        def second():
+            try:
+                with ModelRegistry(model_dir).lock(collection):
+                    pass
+            except LockedError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join()
+        return errors[0] if errors else None
+    return attempt

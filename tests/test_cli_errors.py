@@ -1,7 +1,6 @@
 """Every CLI error path: its exit code (README: 0 ok, 1 operational, 2 bad input, 3 locked),
 its message, and that nothing was published. Runs ``cli.main`` in-process on milvus-lite."""
 import logging
-import os
 
 import numpy as np
 import pytest

@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -388,24 +387,13 @@ def test_rollback_takes_the_retrain_lock(tmp_path):
     assert reg.rollback("docs").version == "20260101T000000000000Z"
 
 
-def test_lock_file_keeps_the_holders_pid(tmp_path):
+def test_lock_file_keeps_the_holders_pid(tmp_path, second_lock_attempt):
     reg = ModelRegistry(tmp_path)
     lock_file = reg.collection_dir("c") / ".retrain.lock"
     with reg.lock("c"):
         assert lock_file.read_text() == str(os.getpid())
-        errors = []
-
-        def second():
-            try:
-                with ModelRegistry(tmp_path).lock("c"):
-                    pass
-            except LockedError as exc:
-                errors.append(exc)
-
-        t = threading.Thread(target=second)
-        t.start()
-        t.join()
-        assert errors and f"pid {os.getpid()}" in str(errors[0])
+        error = second_lock_attempt(tmp_path, "c")
+        assert error is not None and f"pid {os.getpid()}" in str(error)
         assert lock_file.read_text() == str(os.getpid())      # the failed attempt erased nothing
 
 

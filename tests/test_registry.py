@@ -1,9 +1,8 @@
 import json
-import threading
 
 import pytest
 
-from milvus_ltr_router.registry import LockedError, ModelRegistry, RegistryError
+from milvus_ltr_router.registry import ModelRegistry, RegistryError
 
 
 def publish(reg, collection, n):
@@ -43,21 +42,10 @@ def test_publish_missing_file_and_corrupt_pointer(tmp_path):
         reg.current("c")
 
 
-def test_lock_excludes_a_second_run(tmp_path):
+def test_lock_excludes_a_second_run(tmp_path, second_lock_attempt):
     reg = ModelRegistry(tmp_path)
     with reg.lock("c"):
-        errors = []
-
-        def second():
-            try:
-                with ModelRegistry(tmp_path).lock("c"):
-                    pass
-            except LockedError as exc:
-                errors.append(exc)
-
-        t = threading.Thread(target=second)
-        t.start()
-        t.join()
-        assert errors and "another retrain" in str(errors[0])
+        error = second_lock_attempt(tmp_path, "c")
+        assert error is not None and "another retrain" in str(error)
     with reg.lock("c"):      # released afterwards
         pass
