@@ -100,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["IP", "COSINE", "L2"],
                    help="search metric (default: the source index's, else IP)")
     p.add_argument("--field", help="vector field (needed when there are several)")
-    p.add_argument("--sample-size", type=int, help="k-means sample (default 39 rows per cluster)")
+    p.add_argument("--sample-size", "--sample", dest="sample_size",
+                   help="k-means sample: rows (50000), rows per cluster (256x) or 'all' "
+                        "(default 256 per cluster, at most 131072 rows)")
+    p.add_argument("--refine-passes", type=int, default=0,
+                   help="Lloyd passes over the whole source after k-means on the sample "
+                        "(streamed; each pass reads the source once; default 0)")
+    p.add_argument("--max-cluster-ratio", type=float,
+                   help="bound every cluster at this multiple of the mean size when rows are "
+                        "assigned at build time (e.g. 2.0; default unbounded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index-type", default="FLAT", help="vector index per partition (default FLAT)")
     p.add_argument("--index-params", default="{}", help='index params as JSON, e.g. \'{"nlist": 16}\'')
@@ -202,7 +210,9 @@ def _cmd_build_layout(args) -> int:
                               metric=args.metric, vector_field=args.field, index=index,
                               alias=args.alias, overwrite=args.overwrite,
                               max_partitions=args.max_partitions, storage=args.storage,
-                              groups=args.groups, clustering_key=args.clustering_key)
+                              groups=args.groups, clustering_key=args.clustering_key,
+                              refine_passes=args.refine_passes,
+                              max_cluster_ratio=args.max_cluster_ratio)
     lay = report.layout
     print(f"layout {lay.layout_id}: {report.rows} rows of {args.source!r} -> {lay.n_clusters} "
           f"clusters of {lay.collection!r} ({lay.algorithm}, {lay.metric}); storage "
@@ -361,6 +371,7 @@ def check_demo_args(args) -> None:
 
 
 def check_build_layout_args(args, count_source_rows=None) -> None:
+    from .clustering import resolve_sample_size
     """build-layout: refuse arguments that can never work (exit 2) before anything is read.
 
     ``count_source_rows()``, when given, returns ``(real source name, rows)``
@@ -372,9 +383,22 @@ def check_build_layout_args(args, count_source_rows=None) -> None:
                          "never modified; name a new collection")
     if args.clusters is not None and args.clusters < 1:
         raise InputError(f"--clusters must be >= 1, got {args.clusters}")
-    for flag, value in (("--sample-size", args.sample_size), ("--max-partitions", args.max_partitions)):
-        if value is not None and value < 1:
-            raise InputError(f"{flag} must be >= 1, got {value}")
+    if args.max_partitions is not None and args.max_partitions < 1:
+        raise InputError(f"--max-partitions must be >= 1, got {args.max_partitions}")
+    if args.sample_size is not None:
+        try:      # the spec's form; its size against L and N is checked once N is known
+            resolve_sample_size(args.sample_size, 1 << 62, 1)
+        except ValueError as exc:
+            raise InputError(f"--sample-size: {exc}") from exc
+        if args.sample_size.strip().isdigit():
+            args.sample_size = int(args.sample_size)
+    if args.refine_passes < 0:
+        raise InputError(f"--refine-passes must be >= 0, got {args.refine_passes}")
+    if args.max_cluster_ratio is not None and not args.max_cluster_ratio >= 1.0:
+        raise InputError(f"--max-cluster-ratio must be >= 1 (a multiple of the mean cluster size), "
+                         f"got {args.max_cluster_ratio}")
+    if args.groups is not None and args.groups < 1:
+        raise InputError(f"--groups must be >= 1, got {args.groups}")
     try:
         params = json.loads(args.index_params)
     except ValueError as exc:

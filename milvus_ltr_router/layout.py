@@ -24,7 +24,9 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 
 from .errors import OperationalError
-from .clustering import as_vector_batch, assign_clusters, check_algorithm, default_n_clusters, fit_centroids, normalize_rows
+from .clustering import (as_vector_batch, assign_balanced, assign_clusters, balanced_capacity, check_algorithm,
+                         default_n_clusters, fit_centroids, normalize_rows, refine_centroids,
+                         resolve_sample_size)
 from .labels import Block, check_metric
 from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, CollectionInfo,
                         clone_schema, count_rows, describe, ensure_loaded, is_milvus_lite, iter_rows, rows_to_arrays,
@@ -364,13 +366,18 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
                  batch_size: int = 4096, max_partitions: int | None = None,
                  max_iter: int = 25, storage: str = "auto", groups: int | None = None,
                  clustering_key: bool = False, clusters_from: Layout | None = None,
-                 spill_dir: str | None = None) -> BuildReport:
+                 spill_dir: str | None = None, refine_passes: int = 0,
+                 max_cluster_ratio: float | None = None) -> BuildReport:
     """Cluster ``source`` into a new collection ``target`` stored by cluster, and store its layout.
 
     The source is streamed twice (a reservoir sample for k-means, then every
     row with all its fields) and never modified. ``n_clusters`` defaults to
     round(sqrt(N)) (clipped to the server's partition limit in ``partition``
-    storage); ``sample_size`` to 39 rows per cluster as in faiss. ``storage``
+    storage). ``sample_size`` is a row count, ``"NNNx"`` (rows per cluster) or
+    ``"all"`` (default: :func:`.clustering.resolve_sample_size`);
+    ``refine_passes`` Lloyd passes over the whole source follow (streamed, sums
+    per cluster, never all rows in memory); ``max_cluster_ratio`` bounds every
+    cluster at that multiple of the mean size when rows are assigned. ``storage``
     is ``auto``, ``partition``, ``grouped`` (``groups`` partitions) or
     ``single`` (see :mod:`.storage`); rows are written in cluster order, so
     each cluster's rows sit together in its segments. ``clusters_from`` reuses
@@ -427,8 +434,16 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
         raise LayoutError(f"source has {n_rows} rows, fewer than the {n_clusters} clusters asked for")
     seconds: dict[str, float] = {}
 
+    if max_cluster_ratio is not None and not max_cluster_ratio >= 1.0:
+        raise LayoutError(f"max_cluster_ratio must be >= 1 (a multiple of the mean cluster size), "
+                          f"got {max_cluster_ratio}")
+    if refine_passes < 0:
+        raise LayoutError(f"refine_passes must be >= 0, got {refine_passes}")
     if clusters_from is None:
-        sample_size = min(n_rows, sample_size or 39 * n_clusters)
+        try:
+            sample_size = resolve_sample_size(sample_size, n_rows, n_clusters, dim=info.dim)
+        except ValueError as exc:
+            raise LayoutError(f"sample size: {exc}") from exc
         t0 = time.perf_counter()
         with ProgressCounter(n_rows, "sample", "rows") as bar:
             sample = reservoir_sample(_vector_blocks(client, info, batch_size, bar), sample_size, seed)
@@ -438,6 +453,13 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
         centroids = fit_centroids(sample, n_clusters, algorithm, seed=seed, max_iter=max_iter)
         del sample
         seconds["cluster"] = time.perf_counter() - t0
+        if refine_passes:
+            t0 = time.perf_counter()
+            with ProgressCounter(n_rows * refine_passes, "refine", "rows") as bar:
+                centroids = refine_centroids(
+                    lambda: _vector_blocks(client, info, batch_size, bar), centroids, algorithm,
+                    passes=refine_passes)
+            seconds["refine"] = time.perf_counter() - t0
         names, clustering_id = partition_names_for(n_clusters), ""
     else:
         centroids = clusters_from.centroids.copy()
@@ -458,8 +480,12 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
                     storage=make_storage(mode, names, group_of, clustering_key),
                     clustering_id=clustering_id)
     try:
+        capacity = None if max_cluster_ratio is None else \
+            balanced_capacity(n_rows, n_clusters, max_cluster_ratio)
+        if capacity is not None:
+            layout.extra["max_cluster_ratio"] = max_cluster_ratio
         seconds.update(_write_target(client, info, layout, n_rows, overwrite, index, batch_size,
-                                     lite, spill_dir))
+                                     lite, spill_dir, capacity))
         t0 = time.perf_counter()
         _write_layout_meta(client, layout)
         empty = _verify(client, layout, n_rows)
@@ -542,7 +568,7 @@ class _ClusterSpill:
 
 def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, overwrite: bool,
                   index: dict | None, batch_size: int, lite: bool = False,
-                  spill_dir: str | None = None) -> dict[str, float]:
+                  spill_dir: str | None = None, capacity: int | None = None) -> dict[str, float]:
     target, storage = layout.collection, layout.storage
     if client.has_collection(target) and overwrite:
         drop_layout(client, target)
@@ -564,8 +590,9 @@ def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, ove
         with ProgressCounter(n_rows, "assign", "rows") as bar:
             for batch in iter_rows(client, info.name, out_fields, batch_size):
                 _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
-                cluster = assign_clusters(vecs, layout.centroids, layout.algorithm)
-                layout.sizes += np.bincount(cluster, minlength=layout.n_clusters)
+                # sizes are updated by the assignment (balanced: best cluster with room)
+                cluster = assign_balanced(vecs, layout.centroids, layout.algorithm, capacity,
+                                          layout.sizes)
                 spill.add(batch, cluster)
                 bar.update(len(batch))
         read_s = time.perf_counter() - t0

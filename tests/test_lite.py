@@ -209,3 +209,28 @@ def test_client_notices_a_rebuilt_layout(lite_uri, lite_layout, tmp_path):
     finally:
         routed.close()
 
+
+
+def test_layout_build_options_sample_refine_balance(lite_layout):
+    """Issue 16 on the build path: a sample spec, Lloyd refinement over the whole source (the
+    k-means objective does not get worse), and a size bound honoured exactly."""
+    from milvus_ltr_router.clustering import array_block_source, kmeans_objective
+    from milvus_ltr_router.layout import cluster_sizes
+    client, report, docs = lite_layout
+    plain = build_layout(client, "src", "opt_plain", n_clusters=24, seed=0, sample_size="39x").layout
+    refined = build_layout(client, "src", "opt_refined", n_clusters=24, seed=0, sample_size="39x",
+                           refine_passes=2).layout
+    blocks = array_block_source(docs)
+    assert kmeans_objective(blocks, refined.centroids, "spherical") <= \
+        kmeans_objective(blocks, plain.centroids, "spherical") + 1e-6     # lower is better
+    balanced = build_layout(client, "src", "opt_balanced", n_clusters=24, seed=0, sample_size="all",
+                            max_cluster_ratio=1.2)
+    cap = int(np.ceil(1.2 * 3000 / 24))
+    sizes = cluster_sizes(client, balanced.layout)
+    assert sizes.max() <= cap and sizes.sum() == 3000
+    np.testing.assert_array_equal(sizes, balanced.layout.sizes)
+    assert read_layout(client, "opt_balanced").extra["max_cluster_ratio"] == 1.2
+    with pytest.raises(LayoutError, match="max_cluster_ratio must be >= 1"):
+        build_layout(client, "src", "opt_bad", n_clusters=24, max_cluster_ratio=0.5)
+    with pytest.raises(LayoutError, match="sample size"):
+        build_layout(client, "src", "opt_bad", n_clusters=24, sample_size="10")
