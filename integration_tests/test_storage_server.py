@@ -129,6 +129,25 @@ def test_upsert_that_changes_cluster_keeps_one_row(milvus_uri, layouts, fixture_
         hits = routed.search(lay.collection, data=[va.tolist()], limit=20, nprobe=lay.n_clusters,
                              output_fields=["title"], consistency_level="Strong")[0]
         assert not [h for h in hits if h["id"] in keys and h["entity"]["title"] != "moved"]
+        # inserted and moved at once (nothing in between makes the insert visible), and one key
+        # twice in one batch going to two partitions: still one row per key, the last one
+        fresh = [10_000_011, 10_000_012]
+        routed.insert(lay.collection, [{"id": k, "vector": va.tolist(), "title": "old", "grp": 99,
+                                        "weight": 0.0} for k in fresh])
+        routed.upsert(lay.collection, [{"id": k, "vector": vb.tolist(), "title": "new", "grp": 99,
+                                        "weight": 0.0} for k in fresh])
+        routed.upsert(lay.collection, [{"id": 10_000_013, "vector": va.tolist(), "title": "first",
+                                        "grp": 99, "weight": 0.0},
+                                       {"id": 10_000_013, "vector": vb.tolist(), "title": "last",
+                                        "grp": 99, "weight": 0.0}])
+        for k, title in ((fresh[0], "new"), (fresh[1], "new"), (10_000_013, "last")):
+            per_partition = [r["title"] for p in (lay.storage.partitions if lay.storage.n_groups > 1
+                                                  else [None])
+                             for r in routed.query(lay.collection, filter=f"id == {k}",
+                                                   output_fields=["title"], consistency_level="Strong",
+                                                   partition_names=[p] if p else None)]
+            assert per_partition == [title], (k, per_partition)
+        keys += fresh + [10_000_013]
         routed.delete(lay.collection, ids=keys)
         assert count_rows(routed, lay.collection) == before
     finally:

@@ -9,7 +9,6 @@ method, and every collection without a layout, behaves exactly as in pymilvus.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import threading
 import time
@@ -23,7 +22,9 @@ from pymilvus.client.types import OmitZeroDict
 from pymilvus.exceptions import DataNotMatchException, ParamError
 
 from .errors import InputError, OperationalError
-from .layout import Layout, cluster_of, current_layout_id, laid_out_name, read_layout
+from .layout import (Layout, cluster_of, current_layout_id, has_stray_partition, laid_out_name,
+                     read_layout, stray_rows)
+from .milvus_io import is_milvus_lite, key_list_literal
 from .storage import DEFAULT_PARTITION, storage_status
 from .querylog import QueryLogger
 from .registry import ModelRegistry
@@ -77,6 +78,7 @@ class RoutedMilvusClient(MilvusClient):
         self._routing: dict[str, tuple[_Routing | None, float]] = {}   # name -> (state, checked)
         self._routing_lock = threading.Lock()
         self._strays: dict[str, tuple[int, float]] = {}   # collection -> (_default rows, checked)
+        self._lite: bool | None = None
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ltr-search")
         self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds) \
             if log_rate > 0 else None
@@ -232,17 +234,23 @@ class RoutedMilvusClient(MilvusClient):
             return state.router.rank_adaptive(queries, recall_target, min_nprobe, max_nprobe)
         return state.router.rank(queries, self._default_nprobe(state) if nprobe is None else nprobe)
 
+    def _is_lite(self) -> bool:
+        """milvus-lite (asked once): its upsert and delete act on every partition."""
+        if self._lite is None:
+            self._lite = is_milvus_lite(self)
+        return self._lite
+
     def _stray_partition(self, state: _Routing) -> str | None:
-        """``_default`` while it holds rows in ``partition`` storage (rows written around the
+        """``_default`` while it holds rows outside the layout's partitions (written around the
         layout, e.g. by a plain MilvusClient): routed searches include it so no row is invisible
         until ``milvus-ltr-router repair-layout`` moves them. Re-checked every reload interval."""
-        if state.layout.storage.mode != "partition":
+        if not has_stray_partition(state.layout):
             return None
         name = state.layout.collection
         cached = self._strays.get(name)
         if cached is None or time.monotonic() - cached[1] >= self.reload_interval:
             try:
-                count = int(self.get_partition_stats(name, DEFAULT_PARTITION)["row_count"])
+                count = stray_rows(self, state.layout)
             except Exception:           # unknown: search it rather than risk hiding rows
                 count = -1
             cached = (count, time.monotonic())
@@ -327,7 +335,9 @@ class RoutedMilvusClient(MilvusClient):
         An upsert keeps one row per primary key: where a key's new vector belongs
         to another partition than its stored row, the new row is written first
         and the old copy is then deleted from its old partition (Milvus servers
-        upsert within one partition only).
+        upsert within one partition only; milvus-lite's upsert already replaces
+        the key in every partition). A key given twice in one upsert keeps its
+        last row, as within one Milvus request.
         """
         write = super().insert if kind == "insert" else super().upsert
         state = None if partition_name else self._state(collection_name)
@@ -338,16 +348,22 @@ class RoutedMilvusClient(MilvusClient):
         rows = [data] if isinstance(data, dict) else list(data)
         if not rows:
             return write(collection_name, rows, timeout=timeout, **kwargs)
-        field = layout.vector_field
-        missing = [i for i, r in enumerate(rows) if field not in r]
+        field, pk = layout.vector_field, layout.primary_field
+        missing = [i for i, r in enumerate(rows) if not isinstance(r, dict) or r.get(field) is None]
         if missing:
             raise RoutedDataError(f"rows {missing[:5]} have no vector field {field!r}; a laid-out "
-                             f"collection needs it to pick each row's cluster")
-        clusters = cluster_of(layout, np.asarray([r[field] for r in rows], dtype=np.float32))
+                                  f"collection needs it to pick each row's cluster")
+        if kind == "upsert":        # the last row of a key wins, and lands in one partition only
+            last = {r[pk]: i for i, r in enumerate(rows) if pk in r}
+            rows = [r for i, r in enumerate(rows) if pk not in r or last[r[pk]] == i]
+        try:
+            clusters = cluster_of(layout, np.asarray([r[field] for r in rows], dtype=np.float32))
+        except ValueError as exc:
+            raise RoutedDataError(f"rows for {collection_name!r}: {exc}") from exc
         if storage.cluster_field is not None:
             rows = [{**r, storage.cluster_field: int(c)} for r, c in zip(rows, clusters)]
-        old_parts = self._stored_partitions(state, rows, timeout) if kind == "upsert" and \
-            storage.n_groups > 1 else {}
+        old_parts = self._stored_partitions(state, rows, timeout) \
+            if kind == "upsert" and storage.mode != "single" and not self._is_lite() else {}
         by_partition: dict[str, list[int]] = {}
         for i, c in enumerate(clusters):
             by_partition.setdefault(storage.write_partition(c), []).append(i)
@@ -357,6 +373,8 @@ class RoutedMilvusClient(MilvusClient):
                 res = write(collection_name, [rows[i] for i in idx], timeout=timeout,
                             partition_name=part, **kwargs)
             except Exception as exc:
+                if not done:            # nothing written: the caller sees what pymilvus raised
+                    raise
                 written = sum(len(by_partition[p]) for p in done)
                 raise WriteError(f"{kind} into {collection_name!r} failed at partition "
                                  f"{part or DEFAULT_PARTITION!r} after {written} of {len(rows)} rows "
@@ -384,17 +402,18 @@ class RoutedMilvusClient(MilvusClient):
         keys = [r[pk] for r in rows if pk in r]
         if not keys:
             return {}
-        expr = f"{pk} in {_literal_list(keys)}"
+        expr = f"{pk} in {key_list_literal(keys)}"
         if storage.cluster_field is not None:
             found = self.query(layout.collection, filter=expr, output_fields=[pk, storage.cluster_field],
-                               timeout=timeout)
+                               timeout=timeout, consistency_level="Strong")
             out: dict = {}
             for r in found:
                 out.setdefault(r[pk], set()).add(storage.write_partition(r[storage.cluster_field]))
             return out
         # partition storage: Milvus does not say which partition a row is in; ask which keys
         # exist at all, then every partition is a candidate for those keys
-        found = self.query(layout.collection, filter=expr, output_fields=[pk], timeout=timeout)
+        found = self.query(layout.collection, filter=expr, output_fields=[pk], timeout=timeout,
+                           consistency_level="Strong")
         every = set(storage.partitions) | {DEFAULT_PARTITION}
         return {r[pk]: every for r in found}
 
@@ -411,7 +430,7 @@ class RoutedMilvusClient(MilvusClient):
                 if (part or DEFAULT_PARTITION) != (new or DEFAULT_PARTITION):
                     stale.setdefault(part or DEFAULT_PARTITION, []).append(r[pk])
         for part, keys in stale.items():
-            super().delete(collection_name, filter=f"{pk} in {_literal_list(keys)}",
+            super().delete(collection_name, filter=f"{pk} in {key_list_literal(keys)}",
                            partition_name=part, timeout=timeout)
 
     def close(self) -> None:
@@ -452,12 +471,6 @@ class WriteError(OperationalError):
         super().__init__(message)
         self.written = written
         self.partitions_done = list(partitions_done or [])
-
-
-def _literal_list(values) -> str:
-    """A Milvus list literal of primary keys (ints or strings)."""
-    return "[" + ", ".join(json.dumps(v if not isinstance(v, np.generic) else v.item())
-                           for v in values) + "]"
 
 
 def _merge_results(results: list, row_groups: list[list[int]], n_queries: int):

@@ -29,7 +29,8 @@ from .clustering import (as_vector_batch, assign_balanced, assign_clusters, bala
                          resolve_sample_size)
 from .labels import Block, check_metric
 from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, CollectionInfo,
-                        clone_schema, count_rows, describe, ensure_loaded, is_milvus_lite, iter_rows, rows_to_arrays,
+                        clone_schema, count_rows, describe, ensure_loaded, is_milvus_lite, iter_rows,
+                        key_list_literal, rows_to_arrays,
                         vector_index_params)
 from .progress import ProgressCounter
 from .sampling import reservoir_sample
@@ -279,22 +280,36 @@ def cluster_sizes(client: MilvusClient, layout: Layout, batch_size: int = 16384)
     return counts
 
 
+def has_stray_partition(layout: Layout) -> bool:
+    """Whether ``_default`` lies outside the layout (rows there were written around it)."""
+    return layout.storage.mode != "single" and DEFAULT_PARTITION not in layout.storage.partitions
+
+
 def stray_rows(client: MilvusClient, layout: Layout) -> int:
-    """Rows outside the layout's clusters: in ``partition`` storage, rows in ``_default``
-    (written by a client that did not route them). 0 in the cluster-field modes, where
-    Milvus refuses a row without the cluster id."""
-    if layout.storage.mode != "partition" or DEFAULT_PARTITION in layout.storage.partitions:
+    """Rows in ``_default`` when it is not one of the layout's partitions (written by a client
+    that did not route them); 0 in ``single`` storage, where ``_default`` holds the layout."""
+    if not has_stray_partition(layout):
         return 0
-    return int(client.get_partition_stats(layout.collection, DEFAULT_PARTITION)["row_count"])
+    if is_milvus_lite(client):   # count(*) ignores partition_names there
+        return int(client.get_partition_stats(layout.collection, DEFAULT_PARTITION)["row_count"])
+    # not partition statistics: on servers they lag behind unflushed rows and ignore deletes
+    res = client.query(layout.collection, filter="", output_fields=["count(*)"],
+                       partition_names=[DEFAULT_PARTITION])
+    return int(res[0]["count(*)"])
 
 
 def move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int = 4096) -> int:
-    """Move every row of ``_default`` into the partition of its cluster (``partition``
-    storage): each batch is written to its clusters first and only then deleted from
-    ``_default``, so an interruption leaves a row twice (repaired by the next run), never
-    nowhere. Returns the number of rows moved."""
-    if layout.storage.mode != "partition":
+    """Move every row of ``_default`` into its cluster when ``_default`` lies outside the layout.
+
+    Each batch is written to its clusters first and only then deleted from ``_default``, so
+    an interruption leaves a row twice (repaired by the next run), never nowhere. A key that
+    also has an older copy in a cluster partition keeps the ``_default`` row (the newer
+    write). On milvus-lite an upsert replaces the key in every partition, so no deletes are
+    needed (and its deletes ignore the partition). Returns the number of rows moved.
+    """
+    if not has_stray_partition(layout):
         return 0
+    storage, lite = layout.storage, is_milvus_lite(client)
     info = describe(client, layout.collection, layout.vector_field)
     fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
     pk, moved = layout.primary_field, 0
@@ -305,20 +320,23 @@ def move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int = 4096
             return moved
         _, vecs = rows_to_arrays(batch, pk, layout.vector_field)
         clusters = cluster_of(layout, vecs)
-        keys = ", ".join(json.dumps(r[pk]) for r in batch)
-        # a key written around the layout may also have an older copy in a cluster partition:
-        # the _default row is the newer write, so older copies go first (the _default copy
-        # is still there if this is interrupted)
-        older = client.query(layout.collection, filter=f"{pk} in [{keys}]", output_fields=[pk],
-                             partition_names=list(layout.partition_names), consistency_level="Strong")
-        if older:
-            expr = f"{pk} in [{', '.join(json.dumps(r[pk]) for r in older)}]"
-            for name in layout.partition_names:
-                client.delete(layout.collection, filter=expr, partition_name=name)
-        for c in np.unique(clusters):
-            client.upsert(layout.collection, [batch[i] for i in np.flatnonzero(clusters == c)],
-                          partition_name=layout.partition_names[c])
-        client.delete(layout.collection, filter=f"{pk} in [{keys}]", partition_name=DEFAULT_PARTITION)
+        keys = key_list_literal(r[pk] for r in batch)
+        if not lite:
+            older = client.query(layout.collection, filter=f"{pk} in {keys}", output_fields=[pk],
+                                 partition_names=storage.partitions, consistency_level="Strong")
+            if older:
+                expr = f"{pk} in {key_list_literal(r[pk] for r in older)}"
+                for name in storage.partitions:
+                    client.delete(layout.collection, filter=expr, partition_name=name)
+        if storage.cluster_field is not None:
+            for r, c in zip(batch, clusters):
+                r[storage.cluster_field] = int(c)
+        parts = np.asarray([storage.write_partition(c) for c in clusters])
+        for part in np.unique(parts):
+            client.upsert(layout.collection, [batch[i] for i in np.flatnonzero(parts == part)],
+                          partition_name=str(part))
+        if not lite:
+            client.delete(layout.collection, filter=f"{pk} in {keys}", partition_name=DEFAULT_PARTITION)
         moved += len(batch)
         log.info("moved %d rows out of _default (%d so far)", len(batch), moved)
 
@@ -523,8 +541,9 @@ class _ClusterSpill:
     cluster order with memory bounded by one bucket (not by the collection)."""
 
     def __init__(self, n_clusters: int, n_rows: int, directory: str | None,
-                 rows_per_bucket: int = 50_000):
-        self.n_buckets = max(1, min(n_clusters, -(-n_rows // rows_per_bucket)))
+                 rows_per_bucket: int = 50_000, max_buckets: int = 256):
+        # at most max_buckets files open at once (ulimit -n); buckets grow past rows_per_bucket
+        self.n_buckets = max(1, min(n_clusters, max_buckets, -(-n_rows // rows_per_bucket)))
         self.n_clusters = n_clusters
         self._dir = tempfile.TemporaryDirectory(prefix="ltr-layout-", dir=directory)
         self._files = [open(os.path.join(self._dir.name, f"b{i:04d}"), "wb")
@@ -597,6 +616,9 @@ def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, ove
                 bar.update(len(batch))
         read_s = time.perf_counter() - t0
         t0 = time.perf_counter()
+        # a partition's rows are sent once a request's worth is pending or its last cluster
+        # has come, so memory holds about one request per partition still being written
+        last_cluster = {storage.write_partition(c): c for c in range(layout.n_clusters)}
         with ProgressCounter(n_rows, "write", "rows") as bar:
             pending: dict[str, list[dict]] = {}
             for cluster, rows in spill.sorted_runs():
@@ -606,11 +628,11 @@ def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, ove
                 part = storage.write_partition(cluster)
                 buf = pending.setdefault(part, [])
                 buf.extend(rows)
-                if len(buf) >= batch_size:
+                if len(buf) >= batch_size or last_cluster[part] == cluster:
                     client.insert(target, buf, partition_name=part)
                     bar.update(len(buf))
                     pending[part] = []
-            for part, buf in pending.items():
+            for part, buf in pending.items():      # partitions whose last clusters were empty
                 if buf:
                     client.insert(target, buf, partition_name=part)
                     bar.update(len(buf))

@@ -6,6 +6,7 @@ milvus-lite collections), so memory is bounded by ``batch_size``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -129,6 +130,13 @@ def iter_rows(client: MilvusClient, collection: str, output_fields: list[str],
             yield batch
     finally:
         it.close()
+
+
+def key_list_literal(values) -> str:
+    """A Milvus list literal of primary keys for ``pk in [...]`` filters: ints or strings with
+    any characters (JSON escapes for quotes and backslashes, non-ASCII kept as is)."""
+    return "[" + ", ".join(json.dumps(v.item() if isinstance(v, np.generic) else v, ensure_ascii=False)
+                           for v in values) + "]"
 
 
 def rows_to_arrays(batch: list[dict], primary: str, vector: str) -> tuple[np.ndarray, np.ndarray]:

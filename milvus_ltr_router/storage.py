@@ -168,7 +168,7 @@ def group_clusters(centroids: np.ndarray, n_groups: int, algorithm: str, seed: i
 
 def default_groups(n_clusters: int) -> int:
     """G for ``grouped`` when none is given: about the cube root of L (8 at L = 512)."""
-    return max(2, min(n_clusters, int(round(n_clusters ** (1 / 3)))))
+    return min(n_clusters, max(2, int(round(n_clusters ** (1 / 3)))))
 
 
 def choose_mode(requested: str, lite: bool) -> str:
