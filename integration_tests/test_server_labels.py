@@ -10,7 +10,10 @@ from milvus_ltr_router.server_knn import LabelPathError, choose_label_path, milv
 def test_milvus_and_local_labels_agree(client, wordnet_layout, fixture_data):
     layout = read_layout(client, wordnet_layout.layout.collection)
     queries = fixture_data.queries[:300].astype(np.float32)
-    assert choose_label_path("auto", client, layout, len(queries)) == "milvus"
+    assert choose_label_path("milvus", client, layout, len(queries)) == "milvus"
+    # auto: local for a small collection, Milvus once the vectors to stream pass the threshold
+    assert choose_label_path("auto", client, layout, len(queries)) == "local"
+    assert choose_label_path("auto", client, layout, len(queries), auto_bytes=1 << 20) == "milvus"
     remote = milvus_knn(client, layout, queries, k=10, nq=64, workers=2)
     local = exact_knn(queries, iter_layout_blocks(client, layout), k=10, metric=layout.metric)
     np.testing.assert_allclose(remote.scores, local.scores, rtol=1e-5, atol=1e-5)

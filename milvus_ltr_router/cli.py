@@ -67,8 +67,9 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", choices=["auto", "milvus", "local"], default="auto",
                    help="where exact neighbours are computed: 'milvus' asks the server (exact "
                         "search over a cluster-id layout with a FLAT index; moves ids, not "
-                        "vectors), 'local' streams every vector here; default auto (milvus "
-                        "where its search is exact)")
+                        "vectors), 'local' streams every vector here (faster on one machine); "
+                        "default auto: local until the vectors to stream pass 8 GiB, then "
+                        "milvus where its search is exact")
     p.add_argument("--dry-run", action="store_true", help="train and evaluate, publish nothing")
     p.add_argument("--report", metavar="DIR", help="write a JSON and PNG report here")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
