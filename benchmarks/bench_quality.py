@@ -48,7 +48,7 @@ class ClusterConfig:
     """How a layout's clusters are built (defaults: the build as it was before issue 16)."""
 
     sample: str | int | None = "39x"   # resolve_sample_size spec; None = its default rule
-    init_rows: str | int | None = None # k-means++ seeds from this many sample rows (None: 39x)
+    init_rows: str | int | None = "all"  # k-means++ seed rows (None: fit_centroids' default, 16x)
     fit_rows: str | int | None = None  # k-means (seeds + max_iter) on this many sample rows ...
     sample_passes: int = 0             # ... then Lloyd passes over the whole sample
     refine_passes: int = 0             # then Lloyd passes over the whole collection
@@ -112,7 +112,7 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100,
     from milvus_ltr_router.evaluate import evaluate_adaptive, routing_quality
     from milvus_ltr_router.labels import Neighbours, array_blocks, exact_knn
     from milvus_ltr_router.layout import Layout, partition_names_for
-    from milvus_ltr_router.router import CentroidRouter
+    from milvus_ltr_router.router import CentroidRouter, LinearRouter
     from milvus_ltr_router.train import LinearRouterTrainer, split_indices
 
     t0 = time.perf_counter()
@@ -125,12 +125,8 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100,
     layout = Layout("bench", centroids, partition_names_for(n_parts), np.bincount(parts, minlength=n_parts),
                     "IP", algorithm, docs.shape[1], "bench")
 
-    class Linear(CentroidRouter):
-        kind = "learned"
-
-        def __init__(self, w, b, temperature=1.0):
-            super().__init__(layout, temperature)
-            self._wt, self._b = np.ascontiguousarray(w.T), b
+    def Linear(w, b):
+        return LinearRouter(w, b, layout.partition_names, layout.clustering_id, kind="learned")
 
     routers = {"centroid": CentroidRouter(layout)}
     training = {}
@@ -242,9 +238,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", default="39x",
                         help="k-means sample: rows, 'NNNx' (rows per cluster), 'all' or 'default' "
                              "(clustering.resolve_sample_size's rule); default 39x, the old build")
-    parser.add_argument("--init-rows", default=None,
-                        help="seed k-means++ from this many sample rows (same forms as --sample); "
-                             "default: fit_centroids's, 39 per cluster")
+    parser.add_argument("--init-rows", default="all",
+                        help="seed k-means++ from this many sample rows (same forms as --sample, or "
+                             "'default': fit_centroids' 16 per cluster); default: all, the old build")
     parser.add_argument("--fit-rows", default=None,
                         help="run k-means on this many of the sample rows (same forms), then "
                              "--sample-passes Lloyd passes over the whole sample; default: all")
@@ -260,7 +256,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     num = lambda v: int(v) if isinstance(v, str) and v.isdigit() else v  # noqa: E731
     cfg = ClusterConfig(sample=None if args.sample == "default" else num(args.sample),
-                        init_rows=num(args.init_rows), fit_rows=num(args.fit_rows),
+                        init_rows=None if args.init_rows == "default" else num(args.init_rows),
+                        fit_rows=num(args.fit_rows),
                         sample_passes=args.sample_passes, refine_passes=args.refine_passes,
                         max_cluster_ratio=args.max_cluster_ratio, max_iter=args.max_iter)
     setup_logging()

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("spherical", "kmeans")
 
 FAISS_SAMPLE_PER_CLUSTER = 39          # faiss's minimum (and the old default)
+DEFAULT_INIT_PER_CLUSTER = 16          # k-means++ seed rows per cluster (as good as 39 on MiniLM)
 DEFAULT_SAMPLE_PER_CLUSTER = 256       # faiss's default max_points_per_centroid
 DEFAULT_MAX_SAMPLE_ROWS = 131_072      # cap of the default: k-means cost grows with rows x L
 DEFAULT_MAX_SAMPLE_BYTES = 512 << 20   # and its memory: rows x dim x 4 bytes (float32)
@@ -60,12 +61,13 @@ def fit_centroids(sample: np.ndarray, n_clusters: int, algorithm: str = "spheric
                   seed: int = 0, max_iter: int = 25, init_rows: int | None = None) -> np.ndarray:
     """Centroids ``[n_clusters, d]`` float32 learned from ``sample`` (k-means++ start).
 
-    Spherical centroids are unit vectors; standard ones are plain means. k-means++ seeds come
-    from ``init_rows`` random sample rows (default: 39 per cluster, faiss's minimum sample;
-    never fewer than ``n_clusters``), and the ``max_iter`` Lloyd iterations then run on the
-    whole sample. k-means++ costs several Lloyd iterations' worth per row, so this keeps big
-    samples affordable; samples of at most 39 rows per cluster are seeded from every row, as
-    before. Pass ``init_rows=len(sample)`` to always seed from the whole sample.
+    Spherical centroids are unit vectors; standard ones are plain means. k-means++ (greedy,
+    sklearn's) seeds come from ``init_rows`` random sample rows (default:
+    ``DEFAULT_INIT_PER_CLUSTER`` = 16 per cluster, never fewer than ``n_clusters``), and the
+    ``max_iter`` Lloyd iterations then run on the whole sample. k-means++ costs tens of Lloyd
+    iterations' worth per row, so seeding from a subset is what keeps big samples affordable;
+    on the MiniLM sets 16 seed rows per cluster reach the same objective as 39 or all.
+    ``init_rows=len(sample)`` seeds from the whole sample (the behaviour before issue 16).
     """
     check_algorithm(algorithm)
     sample = np.ascontiguousarray(sample, dtype=np.float32)
@@ -74,7 +76,7 @@ def fit_centroids(sample: np.ndarray, n_clusters: int, algorithm: str = "spheric
     if algorithm == "spherical":
         sample = normalize_rows(sample)
     if init_rows is None:
-        init_rows = FAISS_SAMPLE_PER_CLUSTER * n_clusters
+        init_rows = DEFAULT_INIT_PER_CLUSTER * n_clusters
     seeds = sample
     if init_rows < len(sample):
         pick = np.random.default_rng(seed).choice(len(sample), max(init_rows, n_clusters), replace=False)

@@ -279,11 +279,11 @@ def test_size_summary():
 
 def test_fit_centroids_seeds_from_a_subset_of_big_samples(fixture_data):
     x = fixture_data.docs[:3000]
-    # up to 39 rows per cluster: seeded from every row, as before init_rows existed
-    np.testing.assert_array_equal(fit_centroids(x[:39 * 20], 20, seed=1),
-                                  fit_centroids(x[:39 * 20], 20, seed=1, init_rows=10**6))
+    # up to 16 rows per cluster: seeded from every row, as before init_rows existed
+    np.testing.assert_array_equal(fit_centroids(x[:16 * 20], 20, seed=1),
+                                  fit_centroids(x[:16 * 20], 20, seed=1, init_rows=10**6))
     for algorithm in ("spherical", "kmeans"):
-        sub = fit_centroids(x, 20, algorithm, seed=1)                 # seeds from 780 rows
+        sub = fit_centroids(x, 20, algorithm, seed=1)                 # seeds from 320 rows
         full = fit_centroids(x, 20, algorithm, seed=1, init_rows=len(x))
         assert not np.array_equal(sub, full)
         blocks = array_block_source(x)
