@@ -116,9 +116,9 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
           f"nprobe={nprobe} of {layout.n_partitions}: recall@10 = {recall:.4f}")
     adaptive = {}
     if status.get("adaptive"):
-        router = routed._state("wordnet_ivf").router
         for target in (0.8, 0.9):
-            probed = np.mean([len(r) for r in router.route(held_out, recall_target=target)])
+            probed = np.mean([len(r) for r in routed.route("wordnet_ivf", held_out,
+                                                           recall_target=target)])
             adaptive[target] = {"recall@10": milvus_recall(recall_target=target),
                                 "mean_partitions": float(probed)}
             print(f"search(..., recall_target={target}): recall@10 = "

@@ -156,25 +156,55 @@ def linear_centroid_scorer(centroids: np.ndarray, metric: str) -> tuple[np.ndarr
     return c.copy(), np.zeros(len(c), dtype=np.float32)
 
 
-class CentroidRouter(BaseRouter):
-    """Rank partitions by their centroid: classic IVF routing, from a layout."""
+class LinearRouter(BaseRouter):
+    """A linear router in numpy: ``scores = q @ weight.T + bias``, one row per cluster.
 
-    kind = "centroid"
+    For routers held in memory (benchmarks, experiments, a trainer's ``coef_`` before
+    export); :meth:`from_layout` is centroid routing. Served routers come from ONNX files
+    (:class:`Router`).
+    """
 
-    def __init__(self, layout, temperature: float = 1.0):
+    kind = "linear"
+
+    def __init__(self, weight, bias, partition_names, layout_id: str = "",
+                 temperature: float = 1.0, kind: str | None = None, metric: str = "IP"):
+        weight = np.asarray(weight, dtype=np.float32)
+        bias = np.zeros(len(weight), np.float32) if bias is None else np.asarray(bias, np.float32)
+        if weight.ndim != 2 or bias.shape != (len(weight),) or len(partition_names) != len(weight):
+            raise ValueError(f"weight {weight.shape}, bias {bias.shape} and {len(partition_names)} "
+                             f"partition names do not agree")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise ValueError("weight and bias must be finite")
+        self.partition_names = list(partition_names)
+        self.dim = int(weight.shape[1])
+        self.layout_id = layout_id
         self.temperature = temperature
-        self.partition_names = list(layout.partition_names)
-        self.dim = int(layout.dim)
-        self.layout_id = layout.clustering_id
-        self.metadata = {"metric": layout.metric, "layout_id": layout.clustering_id}
-        w, b = linear_centroid_scorer(layout.centroids, layout.metric)
-        self._wt = np.ascontiguousarray(w.T)
-        self._b = b
+        self.metadata = {"metric": metric, "layout_id": layout_id}
+        if kind is not None:
+            self.kind = kind
+        self._wt = np.ascontiguousarray(weight.T)
+        self._b = bias
+
+    @classmethod
+    def from_layout(cls, layout, temperature: float = 1.0) -> "CentroidRouter":
+        """Centroid routing for ``layout`` (classic IVF: rank clusters by their centroid)."""
+        return CentroidRouter(layout, temperature)
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         s = queries @ self._wt
         s += self._b
         return s
+
+
+class CentroidRouter(LinearRouter):
+    """Rank partitions by their centroid: classic IVF routing, from a layout."""
+
+    kind = "centroid"
+
+    def __init__(self, layout, temperature: float = 1.0):
+        w, b = linear_centroid_scorer(layout.centroids, layout.metric)
+        super().__init__(w, b, layout.partition_names, layout.clustering_id, temperature,
+                         metric=layout.metric)
 
 
 class Router(BaseRouter):

@@ -221,3 +221,22 @@ def test_rank_single_query_path_matches_batch_path(rng):
     for i in range(20):
         np.testing.assert_array_equal(router.rank(q[i], 7)[0], batch[i])
     np.testing.assert_array_equal(router.rank(q[:1], 50)[0], np.argsort(-(q[0] @ c.T)))
+
+
+def test_linear_router_is_public_and_centroid_routing_is_one():
+    """A numpy linear router from weights, and centroid routing as LinearRouter.from_layout."""
+    from milvus_ltr_router.router import CentroidRouter, LinearRouter
+    layout = make_layout(np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32))
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((5, 8)).astype(np.float32)
+    w, b = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    lin = LinearRouter(w, b, layout.partition_names, layout.layout_id, kind="learned")
+    np.testing.assert_allclose(lin.scores(q), q @ w.T + b, rtol=1e-5)
+    assert lin.kind == "learned" and lin.rank(q, 3).shape == (5, 3)
+    cen = LinearRouter.from_layout(layout)
+    assert isinstance(cen, CentroidRouter) and cen.kind == "centroid"
+    np.testing.assert_array_equal(cen.rank(q, 4), CentroidRouter(layout).rank(q, 4))
+    with pytest.raises(ValueError, match="do not agree"):
+        LinearRouter(w, b[:3], layout.partition_names)
+    with pytest.raises(ValueError, match="finite"):
+        LinearRouter(np.full((16, 8), np.nan), b, layout.partition_names)
