@@ -382,7 +382,7 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
                  metric: str | None = None, vector_field: str | None = None,
                  index: dict | None = None, alias: str | None = None, overwrite: bool = False,
                  batch_size: int = 4096, max_partitions: int | None = None,
-                 max_iter: int = 25, storage: str = "auto", groups: int | None = None,
+                 max_iter: int = 10, storage: str = "auto", groups: int | None = None,
                  clustering_key: bool = False, clusters_from: Layout | None = None,
                  spill_dir: str | None = None, refine_passes: int = 0,
                  max_cluster_ratio: float | None = None) -> BuildReport:

@@ -61,8 +61,9 @@ def choose_label_path(requested: str, client: MilvusClient, layout: Layout, n_qu
     """``milvus`` or ``local`` for ``requested`` (``auto``, ``milvus`` or ``local``).
 
     Both paths do the same N x Q dot products; the local one moves every vector to this host
-    (N x dim x 4 bytes), the Milvus one ~k ids and scores per query. On one 2-core machine the
-    local BLAS path was ~4-5x faster at 289k rows (README, "Labels computed by Milvus"), so
+    (N x dim x 4 bytes), the Milvus one ~k ids and scores per query. On one 2-core machine
+    with the server beside it the local BLAS path was ~7x faster at 289k rows and 58k queries
+    (~180 s against ~1,250 s; README, "Labels computed by Milvus"), so
     ``auto`` streams locally until the vectors to move exceed ``auto_bytes`` (8 GiB: ~5.6M
     384-d rows), where moving them dominates and a Milvus cluster's query nodes share the
     work - and only where the search is exact. An explicit ``milvus`` that cannot be exact is
