@@ -47,8 +47,8 @@ def as_vector_batch(vectors, dim: int, owner: str) -> np.ndarray:
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] != dim:
-        raise ValueError(f"vector dimension {x.shape[-1] if x.ndim else '?'} does not match "
-                         f"{owner} dim={dim}")
+        raise ValueError(f"vectors of shape {x.shape} do not match {owner} dim={dim}: expected "
+                         f"one vector of {dim} values or a list of them")
     return np.ascontiguousarray(x)
 
 

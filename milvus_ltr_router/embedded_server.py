@@ -63,9 +63,16 @@ def start_embedded_server(base_dir: str | Path, port: int | None = None,
     for key, value in config.items():
         server.config.set(key, value)
     t0 = time.perf_counter()
-    server.start()
     uri = f"http://127.0.0.1:{server.listen_port}"
-    _wait_ready(uri, timeout)
+    try:
+        server.start()
+        _wait_ready(uri, timeout)
+    except BaseException:       # a half-started server must not outlive the failed start
+        try:
+            server.stop()
+        except Exception as stop_exc:   # pragma: no cover - best effort
+            log.warning("stopping the failed embedded Milvus at %s: %s", uri, stop_exc)
+        raise
     log.info("embedded Milvus 2.3.5 serving at %s after %.1f s (data in %s)", uri,
              time.perf_counter() - t0, base_dir)
     return EmbeddedServer(uri=uri, base_dir=base_dir, _server=server)

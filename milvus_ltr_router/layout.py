@@ -215,6 +215,10 @@ def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False
     if meta_text is None:
         raise LayoutError(f"layout collection {meta_name!r} has no metadata row")
     meta = json.loads(meta_text)
+    if int(meta.get("n_partitions", len(rows))) != len(rows):
+        raise LayoutError(f"layout collection {meta_name!r} holds {len(rows)} of the "
+                          f"{meta['n_partitions']} clusters its metadata names: it is being "
+                          f"written (build-layout --overwrite?) or was left half-written")
     known = {"version", "collection", "metric", "algorithm", "dim", "layout_id", "vector_field",
              "primary_field", "seed", "created_at", "source", "n_partitions", "clustering_id",
              "storage", "cluster_field", "clustering_key", "group_names", "group_of_cluster"}

@@ -283,3 +283,12 @@ def test_writes_keep_one_row_per_key_on_lite(tmp_path, fixture_data, storage):
     finally:
         routed.close()
         release_lite(uri)
+
+
+def test_half_written_layout_is_refused(lite_layout):
+    """A reader that meets a layout collection missing some cluster rows (a build or
+    --overwrite in progress, or a crash) gets a clear error instead of a partial layout."""
+    client, report, docs = lite_layout
+    client.delete("docs__ltr_layout", filter="cluster >= 20")
+    with pytest.raises(LayoutError, match="holds 20 of the 24 clusters"):
+        read_layout(client, "docs")

@@ -157,8 +157,11 @@ def test_router_refuses_bad_input(tmp_path, small_layout_arrays, trained):
         router.rank(queries[:2], 0)
     with pytest.raises(ValueError, match="nprobe"):
         router.rank(queries[:2], 33)
-    with pytest.raises(ValueError, match="vector dimension 10 does not match the router.s dim=384"):
+    with pytest.raises(ValueError, match=r"shape \(2, 10\) do not match the router.s dim=384"):
         router.rank(np.ones((2, 10)), 1)
+    # a 3-D batch names its shape, not a dimension that looks equal to the expected one
+    with pytest.raises(ValueError, match=r"shape \(2, 1, 384\) do not match the router.s dim=384"):
+        router.rank(np.ones((2, 1, 384)), 1)
     with pytest.raises(RouterError, match="trained for layout 'L1'.*'L2'"):
         Router.load(path, layout=make_layout(centroids, layout_id="L2"))
     with pytest.raises(RouterError, match="not found"):
