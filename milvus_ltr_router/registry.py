@@ -177,6 +177,10 @@ class ModelRegistry:
     def publish(self, collection: str, model_path: Path, version: str, metrics: dict) -> Published:
         """Make ``version`` (already written at ``model_path``) the live router.
 
+        Callers hold :meth:`lock` for ``collection`` (retrain does; rollback takes it
+        itself): an unlocked publish racing a rollback can lose history entries. Publish
+        one version at a time: pruning removes router files the history does not name.
+
         A corrupt pointer does not block publishing: it is replaced, with the history
         rebuilt from the router files on disk (so rollback still has earlier versions).
         """
