@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound every cluster at this multiple of the mean size when rows are "
                         "assigned at build time (e.g. 2.0; default unbounded)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--index-type", default="FLAT", help="vector index per partition (default FLAT)")
+    p.add_argument("--index-type", default="FLAT",
+                   help="vector index of the laid-out collection (default FLAT: exact scans of the "
+                        "probed clusters, and what --labels milvus needs)")
     p.add_argument("--index-params", default="{}", help='index params as JSON, e.g. \'{"nlist": 16}\'')
     p.add_argument("--alias", help="point this alias at the new collection when done")
     p.add_argument("--overwrite", action="store_true", help="replace an existing target")
