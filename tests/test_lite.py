@@ -46,7 +46,7 @@ def test_layout_bad_input_on_lite(lite_layout):
         build_layout(client, "src", "docs")
     with pytest.raises(LayoutError, match="fewer than the 5000 clusters"):
         build_layout(client, "src", "too_many", n_clusters=5000)
-    with pytest.raises(ValueError, match="dimension 3 does not match"):
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) do not match"):
         assign(report.layout, np.ones((2, 3)))
     with pytest.raises(LayoutError, match="has no layout"):
         read_layout(client, "src")
