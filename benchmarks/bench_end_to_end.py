@@ -69,9 +69,8 @@ def timed_interleaved(configs: list[tuple[str, str, float, object]], queries, ex
 def winners(rows: list[dict], target: float) -> list[dict]:
     out = []
     for method in sorted({r["method"] for r in rows}):
-        ok = [r for r in rows if r["method"] == method and r["recall@10"] >= target]
-        if ok:
-            best = min(ok, key=lambda r: r["median_ms"])
+        best = cheapest_reaching(rows, method, target)
+        if best:
             out.append({"recall_target": target, "method": method, "param": best["param"],
                         "recall@10": best["recall@10"], "median_ms": best["median_ms"],
                         "mean_ms": best["mean_ms"],

@@ -220,8 +220,8 @@ def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False
                           f"{meta['n_partitions']} clusters its metadata names: it is being "
                           f"written (build-layout --overwrite?) or was left half-written")
     known = {"version", "collection", "metric", "algorithm", "dim", "layout_id", "vector_field",
-             "primary_field", "seed", "created_at", "source", "n_partitions", "clustering_id",
-             "storage", "cluster_field", "clustering_key", "group_names", "group_of_cluster"}
+             "primary_field", "seed", "created_at", "source", "n_partitions",
+             "clustering_id"} | Storage.META_KEYS
     names = [r["partition_name"] for r in rows]
     try:
         storage = Storage.from_meta(meta, names)

@@ -99,6 +99,10 @@ class Storage:
         name = self.cluster_partitions[int(cluster)]
         return "" if name == DEFAULT_PARTITION else name
 
+    # every key meta() may write: readers keep the rest of the layout metadata apart from these
+    META_KEYS = frozenset({"storage", "cluster_field", "clustering_key", "group_names",
+                           "group_of_cluster"})
+
     def meta(self) -> dict:
         meta = {"storage": self.mode}
         if self.mode != "partition":

@@ -29,6 +29,7 @@ def test_write_partition_and_metadata_round_trip():
                     make_storage("grouped", NAMES, np.array([1, 0, 1, 0, 2, 2]))):
         back = Storage.from_meta(storage.meta(), NAMES)
         assert back == storage
+        assert set(storage.meta()) <= Storage.META_KEYS     # read_layout keeps these out of extra
     assert make_storage("single", NAMES).write_partition(3) == ""          # the default partition
     assert make_storage("partition", NAMES).write_partition(3) == "c0003"
     # layouts written before storage modes had no "storage" key: one partition per cluster
