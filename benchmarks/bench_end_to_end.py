@@ -28,7 +28,7 @@ from benchmarks.bench_quality import fixed_nprobe_for
 from benchmarks.common import RESULTS, plot_lines, print_table, save, setup_logging
 from milvus_ltr_router.calibration import ranks_in
 from milvus_ltr_router.clustering import assign_clusters
-from milvus_ltr_router.datasets import DATASETS
+from benchmarks.datasets import DATASETS
 from milvus_ltr_router.progress import progress
 
 log = logging.getLogger("benchmarks.end_to_end")
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     from pymilvus import MilvusClient
     from milvus_ltr_router.client import RoutedMilvusClient
     from milvus_ltr_router.clustering import normalize_rows
-    from milvus_ltr_router.datasets import EmbeddingDataset, load_or_build
+    from benchmarks.datasets import EmbeddingDataset, load_or_build
     from milvus_ltr_router.labels import array_blocks, exact_knn
     from milvus_ltr_router.layout import build_layout
     from milvus_ltr_router.milvus_io import create_vector_collection, vector_index_params

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         print(json.dumps(one_path(uri, coll, qfile, path, args.k, out)))
         return 0
     from pymilvus import MilvusClient
-    from milvus_ltr_router.datasets import load_or_build
+    from benchmarks.datasets import load_or_build
     from milvus_ltr_router.layout import build_layout, drop_layout
     from milvus_ltr_router.milvus_io import create_vector_collection
     from benchmarks.server import milvus_uri

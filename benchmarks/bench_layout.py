@@ -19,7 +19,7 @@ from benchmarks.common import peak_rss_mib, print_table, save, setup_logging
 
 
 def tiled_vectors(n_rows: int, seed: int = 0) -> np.ndarray:
-    from milvus_ltr_router.datasets import load_fixture
+    from milvus_ltr_router.fixture import load_fixture
     base = load_fixture().docs
     rng = np.random.default_rng(seed)
     reps = int(np.ceil(n_rows / len(base)))

@@ -36,7 +36,7 @@ TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
 
 
 def load(name: str, quick: bool):
-    from milvus_ltr_router.datasets import load_or_build
+    from benchmarks.datasets import load_or_build
     data = load_or_build(name)
     if quick:
         return data.docs[:3000], data.queries[:1500]

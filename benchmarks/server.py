@@ -12,7 +12,7 @@ def milvus_uri():
     if uri:
         yield uri, f"MILVUS_URI={uri}"
         return
-    from milvus_ltr_router.embedded_server import start_embedded_server
+    from benchmarks.embedded_server import start_embedded_server
     with tempfile.TemporaryDirectory(prefix="bench-milvus-") as base:
         server = start_embedded_server(base)
         try:

@@ -91,7 +91,7 @@ def milvus_server(tmp_path_factory):
                 _TARGET = MilvusTarget(url, "", "docker", f"testcontainers {MILVUS_IMAGE} at {url}")
                 yield _TARGET
             return
-        from milvus_ltr_router.embedded_server import start_embedded_server
+        from benchmarks.embedded_server import start_embedded_server
         server = start_embedded_server(tmp_path_factory.mktemp("milvus-server"))
     except Exception as exc:
         _ERROR = str(exc)
@@ -128,7 +128,7 @@ def unique_name():
 
 @pytest.fixture(scope="session")
 def fixture_data():
-    from milvus_ltr_router.datasets import load_fixture
+    from milvus_ltr_router.fixture import load_fixture
     return load_fixture()
 
 

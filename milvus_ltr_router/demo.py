@@ -34,7 +34,7 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
     from pymilvus import MilvusClient
 
     from .client import RoutedMilvusClient
-    from .datasets import load_fixture
+    from .fixture import load_fixture
     from .evaluate import evaluate_router, nprobe_grid
     from .layout import build_layout, read_layout
     from .milvus_io import create_vector_collection, release_lite

@@ -5,7 +5,7 @@ import pytest
 @pytest.fixture(scope="session")
 def fixture_data():
     """The committed real-data fixture: 20k WordNet glosses, 4k real questions, MiniLM."""
-    from milvus_ltr_router.datasets import load_fixture
+    from milvus_ltr_router.fixture import load_fixture
     return load_fixture()
 
 

@@ -1,7 +1,8 @@
 """Dataset sources parse real formats; nothing here downloads anything."""
 import numpy as np
 
-from milvus_ltr_router.datasets import EmbeddingDataset, _dictd_number, parse_gcide_entry
+from benchmarks.datasets import dictd_number, parse_gcide_entry
+from milvus_ltr_router.fixture import EmbeddingDataset
 
 NUMBERED = """Allocate \\Al"lo*cate\\, v. t. [LL. allocatus, p. p. of allocare,
    fr. L. ad + locare to place. See {Allow}.]
@@ -35,9 +36,9 @@ def test_gcide_unnumbered_definition_skips_the_header():
 
 
 def test_dictd_base64_numbers():
-    assert _dictd_number("A") == 0
-    assert _dictd_number("Fz") == 5 * 64 + 51
-    assert _dictd_number("BNy") == 1 * 64 * 64 + 13 * 64 + 50
+    assert dictd_number("A") == 0
+    assert dictd_number("Fz") == 5 * 64 + 51
+    assert dictd_number("BNy") == 1 * 64 * 64 + 13 * 64 + 50
 
 
 def test_exact_neighbours_are_computed_once_and_saved(tmp_path):

@@ -1,4 +1,9 @@
-"""Real embedding datasets built offline from what pip and Debian packages ship.
+"""Building the real embedding datasets offline from what pip and Debian packages ship.
+
+Run as ``python -m benchmarks.datasets NAME`` (``fixture``, ``small``,
+``medium``, ``large``). This is tooling beside the package: the runtime
+package never imports it; it only loads the fixture this module builds
+(:mod:`milvus_ltr_router.fixture`).
 
 Why this exists: every quality claim must rest on real queries against real
 documents, and no machine here reaches a model or data hub. The sources:
@@ -12,11 +17,12 @@ documents, and no machine here reaches a model or data hub. The sources:
   products keep the documents' unequal norms (true MIPS); the large set uses a
   static model2vec model distilled from it offline (256-d, ~100x faster).
 
-Sets: ``fixture`` (committed, 20k x 384), ``small`` (10k), ``medium`` (all
-117,659 glosses, MiniLM: every quality claim) and ``large`` (~289k WordNet +
-GCIDE texts, model2vec: scale and latency only - its neighbours overlap
-MiniLM's only ~24%, so never quote quality from it). Each carries the exact
-top-100 MIPS neighbours of its queries.
+Sets: ``fixture`` (20k x 384, shipped in the wheel as package data:
+``milvus_ltr_router/data/``), ``small`` (10k), ``medium`` (all 117,659
+glosses, MiniLM: every quality claim) and ``large`` (~289k WordNet + GCIDE
+texts, model2vec: scale and latency only - its neighbours overlap MiniLM's
+only ~24%, so never quote quality from it). Each carries the exact top-100
+MIPS neighbours of its queries.
 
 Built arrays are cached as ``.npz`` under :func:`cache_dir`. The text itself is
 never redistributed (licences differ per topic set); only vectors are stored.
@@ -34,61 +40,20 @@ import re
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from milvus_ltr_router.fixture import FIXTURE_FILE, EmbeddingDataset, load_fixture
 
 log = logging.getLogger(__name__)
 
 PYSERINI_WHEEL = "pyserini==0.12.0"
 QUERY_TOPICS = ("dpr.nq.test", "msmarco-passage.dev-subset", "dpr.nq.dev", "dpr.trivia.test",
                 "dpr.trivia.dev", "dpr.squad.test", "dpr.wq.test", "msmarco-passage.test-subset")
-FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "data" / "wordnet20k_minilm.npz"
-
-
-@dataclass
-class EmbeddingDataset:
-    """Document vectors and real query vectors of one embedding model."""
-
-    name: str
-    docs: np.ndarray            # [N, d] float32
-    queries: np.ndarray         # [Q, d] float32
-    meta: dict = field(default_factory=dict)
-    neighbour_ids: np.ndarray | None = None    # [Q, k] exact MIPS top-k row indices, best first
-
-    @property
-    def dim(self) -> int:
-        return int(self.docs.shape[1])
-
-    def exact_neighbours(self, k: int = 100) -> np.ndarray:
-        """Row indices of each query's exact top-``k`` inner-product neighbours (computed once)."""
-        if self.neighbour_ids is None or self.neighbour_ids.shape[1] < k:
-            from .labels import array_blocks, exact_knn
-            log.info("exact top-%d neighbours of %d queries over %d documents",
-                     k, len(self.queries), len(self.docs))
-            self.neighbour_ids = exact_knn(
-                self.queries, array_blocks(self.docs, np.zeros(len(self.docs), int)), k=k
-            ).ids.astype(np.int32)
-        return self.neighbour_ids[:, :k]
-
-    def save(self, path: str | Path, dtype=np.float16) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        extra = {} if self.neighbour_ids is None else {"neighbour_ids": self.neighbour_ids}
-        np.savez(tmp, docs=self.docs.astype(dtype), queries=self.queries.astype(dtype),
-                 meta=np.frombuffer(json.dumps({"name": self.name, **self.meta}).encode(), np.uint8),
-                 **extra)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "EmbeddingDataset":
-        with np.load(path) as z:
-            meta = json.loads(z["meta"].tobytes().decode())
-            return cls(name=meta.pop("name"), docs=z["docs"].astype(np.float32),
-                       queries=z["queries"].astype(np.float32), meta=meta,
-                       neighbour_ids=z["neighbour_ids"] if "neighbour_ids" in z.files else None)
+#: Where ``python -m benchmarks.datasets fixture`` writes: the package data of this checkout,
+#: which the next wheel ships (not an installed copy of the package).
+FIXTURE_PATH = Path(__file__).resolve().parent.parent / "milvus_ltr_router" / "data" / FIXTURE_FILE
 
 
 def cache_dir() -> Path:
@@ -166,7 +131,7 @@ _SENSE = re.compile(r"^ {3}(\d+)\.\s+(.*)$")
 _SOURCE = re.compile(r"^\s*\[[^\]]*\]\s*$")
 
 
-def _dictd_number(text: str) -> int:
+def dictd_number(text: str) -> int:
     """dictd index offsets and lengths: base 64, most significant digit first."""
     value = 0
     for char in text:
@@ -234,7 +199,7 @@ def read_gcide_definitions(directory: Path, min_chars: int = 8) -> list[str]:
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 3 or parts[0].startswith("00-"):   # database info entries
                 continue
-            offset, length = _dictd_number(parts[1]), _dictd_number(parts[2])
+            offset, length = dictd_number(parts[1]), dictd_number(parts[2])
             if offset in seen_offsets:                          # several headwords, one entry
                 continue
             seen_offsets.add(offset)
@@ -315,7 +280,7 @@ def model2vec_encoder(pca_dims: int = 256):
 
 def embed(encoder, texts: list[str], batch_size: int = 128, desc: str = "embed") -> np.ndarray:
     """Embed ``texts`` in batches with a progress bar; float32 [len(texts), d]."""
-    from .progress import progress
+    from milvus_ltr_router.progress import progress
     out = []
     starts = range(0, len(texts), batch_size)
     for start in progress(starts, total=len(starts), desc=desc, unit="batch"):
@@ -365,14 +330,6 @@ def build_large_model2vec(seed: int = 0) -> EmbeddingDataset:
     )
 
 
-def load_fixture() -> EmbeddingDataset:
-    """The committed test fixture: 20k WordNet glosses and 4k real questions, MiniLM, fp16."""
-    if not FIXTURE.exists():
-        raise FileNotFoundError(f"test fixture missing: {FIXTURE}; rebuild it with "
-                                "'python -m milvus_ltr_router.datasets fixture'")
-    return EmbeddingDataset.load(FIXTURE)
-
-
 DATASETS = ("fixture", "small", "medium", "large")
 MINILM_SIZES = {"small": (10_000, 2_000), "medium": (None, None)}
 
@@ -404,14 +361,15 @@ def load_or_build(name: str, neighbours: int = 100) -> EmbeddingDataset:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(description="Build the real embedding datasets.")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.datasets",
+                                     description="Build the real embedding datasets.")
     parser.add_argument("name", choices=list(DATASETS))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.name == "fixture":
         data = build_wordnet_minilm(20_000, 4_000, num_threads=args.threads)
-        data.save(FIXTURE)
+        data.save(FIXTURE_PATH)
     else:
         data = load_or_build(args.name)
     print(f"{data.name}: docs {data.docs.shape}, queries {data.queries.shape}")
