@@ -8,8 +8,9 @@ Nothing is read or written outside the model directory: collection names must
 be Milvus names (letters, digits, underscore) and versions plain file-name
 stems, both in arguments and in the pointer. A corrupt pointer is an error for
 readers and is replaced (history rebuilt from the files on disk) by the next
-publish. Publishing, rollback and retraining (under :meth:`ModelRegistry.lock`)
-remove temp files that a killed writer left behind.
+publish. Publishing, pruning and rollback run under the collection's lock
+(:meth:`ModelRegistry.lock`, re-entrant for one registry object within a thread, so
+a retrain that holds it can publish), and remove temp files that a killed writer left behind.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,6 +40,11 @@ MAX_NAME_LENGTH = 255                            # Milvus's limit on collection 
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")   # no separators, no leading dot
 RETRY_MAX_S = 300.0
+
+# Locks this process holds, by (lock file, thread, registry object): flock conflicts between
+# two open files even inside one process, so a nested ``lock()`` must not lock again.
+_HELD: dict[tuple[str, int, int], int] = {}
+_HELD_GUARD = threading.Lock()
 
 
 class RegistryError(OperationalError):
@@ -177,9 +184,10 @@ class ModelRegistry:
     def publish(self, collection: str, model_path: Path, version: str, metrics: dict) -> Published:
         """Make ``version`` (already written at ``model_path``) the live router.
 
-        Callers hold :meth:`lock` for ``collection`` (retrain does; rollback takes it
-        itself): an unlocked publish racing a rollback can lose history entries. Publish
-        one version at a time: pruning removes router files the history does not name.
+        Runs under the collection's :meth:`lock` (taken here unless this thread already
+        holds it through this registry object, as retrain does from before it writes the file): a publish never
+        interleaves with another publish, a prune or a rollback. Raises
+        :class:`LockedError` when another process holds the lock.
 
         A corrupt pointer does not block publishing: it is replaced, with the history
         rebuilt from the router files on disk (so rollback still has earlier versions).
@@ -187,7 +195,12 @@ class ModelRegistry:
         check_version(version)
         if not Path(model_path).is_file():
             raise RegistryError(f"cannot publish missing model {model_path}")
-        self.clean_leftovers(collection)
+        with self.lock(collection):
+            return self._publish(collection, model_path, version, metrics)
+
+    def _publish(self, collection: str, model_path: Path, version: str, metrics: dict) -> Published:
+        if not Path(model_path).is_file():      # removed while waiting for the lock
+            raise RegistryError(f"cannot publish missing model {model_path}")
         try:
             data = self._read_pointer(collection) or {"history": []}
         except RegistryError as exc:
@@ -234,21 +247,45 @@ class ModelRegistry:
         return sorted(p.stem for p in self.collection_dir(collection).glob("*.onnx")
                       if not p.name.startswith("."))
 
-    def prune(self, collection: str) -> list[str]:
-        """Delete versions beyond the newest ``keep`` (never the live one)."""
-        data = self._read_pointer(collection) or {"history": []}
-        live = data.get("version")
-        keep = set(data["history"][-self.keep:]) | ({live} if live else set())
-        removed = []
-        for version in self.versions(collection):
-            if version not in keep:
-                (self.collection_dir(collection) / f"{version}.onnx").unlink(missing_ok=True)
-                removed.append(version)
-        if removed:
-            data["history"] = [v for v in data["history"] if v not in removed]
-            if live:
+    def prune(self, collection: str, min_age_s: float = LEFTOVER_MIN_AGE_S) -> list[str]:
+        """Delete published versions beyond the newest ``keep`` (never the live one), under
+        the collection's lock.
+
+        The pointer is rewritten first and the files deleted after, so a crash in between
+        leaves files the pointer no longer names (removed by the next prune), never a
+        history naming deleted files. A router file the history never named (a writer
+        killed between writing and publishing) is deleted only when older than
+        ``min_age_s``: a younger one may be a version about to be published.
+        """
+        with self.lock(collection):
+            data = self._read_pointer(collection) or {"history": []}
+            live = data.get("version")
+            keep = set(data["history"][-self.keep:]) | ({live} if live else set())
+            named = set(data["history"]) | {data.get("rolled_back_from")}
+            now = time.time()
+            doomed = []
+            for version in self.versions(collection):
+                if version in keep:
+                    continue
+                path = self.collection_dir(collection) / f"{version}.onnx"
+                if version not in named:
+                    try:
+                        if now - path.stat().st_mtime < min_age_s:
+                            continue
+                    except OSError:
+                        continue
+                doomed.append(version)
+            if not doomed:
+                return []
+            trimmed = [v for v in data["history"] if v not in doomed]
+            if live and trimmed != data["history"]:
+                data["history"] = trimmed
                 self._write_pointer(collection, data)
-        return removed
+            for version in doomed:
+                (self.collection_dir(collection) / f"{version}.onnx").unlink(missing_ok=True)
+            log.info("pruned %d router version(s) of %r: %s", len(doomed), collection,
+                     ", ".join(doomed))
+            return doomed
 
     def clean_leftovers(self, collection: str, min_age_s: float = LEFTOVER_MIN_AGE_S) -> list[str]:
         """Remove temp files (``.tmp-*``, ``.candidate-*``) older than ``min_age_s`` that a
@@ -281,10 +318,25 @@ class ModelRegistry:
         """An exclusive, non-blocking lock: two retrains (or a retrain and a rollback) of one
         collection never overlap. Holding it, leftover temp files are cleaned.
 
+        Re-entrant for this registry object within one thread (publish and prune take it
+        themselves, and retrain calls them while holding it); another thread, process or
+        registry object gets :class:`LockedError`.
         The lock file is opened without truncation and only written once locked, so a
         second process that fails to lock never erases the holder's pid.
         """
         path = self.collection_dir(collection) / LOCK_FILE
+        key = (os.path.abspath(path), threading.get_ident(), id(self))
+        with _HELD_GUARD:
+            nested = key in _HELD
+            if nested:
+                _HELD[key] += 1
+        if nested:
+            try:
+                yield
+            finally:
+                with _HELD_GUARD:
+                    _HELD[key] -= 1
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -297,6 +349,8 @@ class ModelRegistry:
                 holder = fh.read().strip()
                 raise LockedError(f"another retrain or rollback of {collection!r} is running "
                                   f"(lock {path}{', pid ' + holder if holder else ''})") from exc
+            with _HELD_GUARD:
+                _HELD[key] = 1
             try:
                 fh.seek(0)
                 fh.truncate()
@@ -305,4 +359,6 @@ class ModelRegistry:
                 self.clean_leftovers(collection)
                 yield
             finally:
+                with _HELD_GUARD:
+                    del _HELD[key]
                 fcntl.flock(fh, fcntl.LOCK_UN)
