@@ -301,7 +301,8 @@ def _cmd_repair_layout(args) -> int:
 
 
 def _cmd_retrain(args) -> int:
-    from .retrain import RetrainConfig, format_table, retrain, validate_config
+    from .report import format_table, write_report
+    from .retrain import RetrainConfig, check_output_dir, retrain, validate_config
     cfg = RetrainConfig(collection=args.collection, model_dir=args.model_dir,
                         queries_file=args.queries, sample=args.sample, since_seconds=args.since,
                         nprobe=args.nprobe, min_gain=args.min_gain, metric=args.metric, k=args.k,
@@ -309,10 +310,18 @@ def _cmd_retrain(args) -> int:
                         adaptive_head=args.adaptive_head,
                         min_queries=args.min_queries, max_epochs=args.epochs,
                         init=args.init, seed=args.seed, dry_run=args.dry_run,
-                        report_dir=args.report, keep=args.keep, labels=args.labels)
+                        keep=args.keep, labels=args.labels)
     validate_config(cfg)            # bad options exit 2 before Milvus is even contacted
+    if args.report:
+        check_output_dir(args.report, "--report")
     with _connected(args) as client:
         result = retrain(client, cfg)
+    if args.report:
+        try:
+            result.report_paths = write_report(result, args.report)
+        except OSError as exc:     # after a publish, a failed report must not read as a failed run
+            logging.getLogger("milvus-ltr-router").error("report not written to %s: %s",
+                                                         args.report, exc)
     if args.json:
         print(result.to_json())
     else:
@@ -327,9 +336,9 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_router, nprobe_grid, to_json
     from .layout import read_layout
     from .registry import ModelRegistry
-    from .retrain import format_table, label_queries, load_query_file
+    from .report import format_table
+    from .retrain import label_queries, load_query_file
     from .router import CentroidRouter, Router, validate_nprobes
-    from dataclasses import asdict
     with _connected(args) as client:
         lay = read_layout(client, args.collection)
         queries = load_query_file(args.queries, lay.dim)
@@ -341,7 +350,7 @@ def _cmd_evaluate(args) -> int:
         routers["learned"] = Router.load(current.path, layout=lay)
     results = {name: evaluate_router(r, queries, neighbours, nprobes, args.k)
                for name, r in routers.items()}
-    print(format_table({n: [asdict(q) for q in rows] for n, rows in results.items()}, args.k))
+    print(format_table(results, args.k))
     if args.json:
         with open(args.json, "w") as fh:
             fh.write(to_json(results))

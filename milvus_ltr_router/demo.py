@@ -40,7 +40,8 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
     from .milvus_io import create_vector_collection, release_lite
     from .progress import progress
     from .registry import ModelRegistry
-    from .retrain import format_table, label_queries, plot_quality
+    from .report import format_table, plot_quality
+    from .retrain import label_queries
     from .router import CentroidRouter, Router
 
     t_start = time.perf_counter()
@@ -100,7 +101,7 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
     nprobes = nprobe_grid(layout.n_partitions)
     table = {name: evaluate_router(r, held_out, neighbours, nprobes) for name, r in routers.items()}
     print("routing quality vs exact MIPS neighbours (top-1 accuracy, recall@10):")
-    print(format_table({n: [asdict(q) for q in rows] for n, rows in table.items()}))
+    print(format_table(table))
     png = plot_quality(table, out_dir / "demo_routing_quality.png",
                        title=f"{layout.n_partitions} partitions, {len(held_out)} held-out questions")
 

@@ -68,7 +68,6 @@ class RetrainConfig:
     init: str = "auto"
     seed: int = 0
     dry_run: bool = False
-    report_dir: str | None = None
     keep: int = 5
     batch_size: int = 4096
     labels: str = "auto"                 # exact neighbours from: milvus (server search), local, auto
@@ -90,7 +89,7 @@ class RetrainResult:
     calibration_misses: list = field(default_factory=list)   # (target, held-out recall) below target
     training: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
-    report_paths: list = field(default_factory=list)
+    report_paths: list = field(default_factory=list)   # filled by whoever writes a report (.report)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -152,8 +151,6 @@ def validate_config(cfg: RetrainConfig) -> None:
     if cfg.queries_file is not None and not Path(cfg.queries_file).is_file():
         raise QueryInputError(f"query file not found: {cfg.queries_file}")
     check_output_dir(cfg.model_dir, "--model-dir")
-    if cfg.report_dir:
-        check_output_dir(cfg.report_dir, "--report")
 
 
 def check_nprobe(nprobe: int, layout: Layout) -> None:
@@ -459,73 +456,6 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                 result.reason = f"published router {version}: {decision.reason}"
         finally:
             tmp_path.unlink(missing_ok=True)
-    if cfg.report_dir:
-        try:
-            result.report_paths = write_report(result, cfg.report_dir)
-        except OSError as exc:     # after a publish, a failed report must not read as a failed run
-            log.error("report not written to %s: %s", cfg.report_dir, exc)
     log.info(result.reason)
     return result
 
-
-
-
-def write_report(result: RetrainResult, report_dir: str) -> list[str]:
-    """JSON plus, when matplotlib is installed, a PNG of accuracy and recall vs nprobe."""
-    out = Path(report_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"retrain-{result.collection}-{time.strftime('%Y%m%dT%H%M%S')}"
-    paths = [out / f"{stem}.json"]
-    paths[0].write_text(result.to_json())
-    table = {k: [RoutingQuality(**q) for q in v] for k, v in result.table.items()}
-    if result.adaptive:
-        table["learned, adaptive"] = [RoutingQuality(**{k: v for k, v in row.items()
-                                                         if k != "recall_target"})
-                                      for row in result.adaptive]
-    png = plot_quality(table, out / f"{stem}.png", title=f"{result.collection}: {result.decision}")
-    if png:
-        paths.append(png)
-    return [str(p) for p in paths]
-
-
-def plot_quality(table: dict[str, list[RoutingQuality]], path, title: str = "") -> Path | None:
-    """Top-1 accuracy and recall@k against nprobe, one line per router."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib not installed; skipping the PNG report")
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, rows in table.items():
-        x = [r.mean_probed for r in rows]
-        style = "--" if "adaptive" in name else "-"
-        axes[0].plot(x, [r.top1_accuracy for r in rows], style, marker="o", label=name)
-        axes[1].plot(x, [r.recall for r in rows], style, marker="o", label=name)
-    k = next(iter(table.values()))[0].k if table else 10
-    for ax, ylabel in zip(axes, ["top-1 accuracy", f"recall@{k}"]):
-        ax.set_xscale("log")
-        ax.set_xlabel("partitions probed (nprobe, or mean for adaptive)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def format_table(table: dict[str, list[dict]], k: int = 10) -> str:
-    """A plain-text table: one row per nprobe, top-1 and recall@k per router."""
-    names = list(table)
-    header = "nprobe " + " ".join(f"{n + ' top1':>16} {n + f' R@{k}':>16}" for n in names)
-    lines = [header]
-    for i, row in enumerate(table[names[0]]):
-        cells = []
-        for n in names:
-            q = table[n][i]
-            cells.append(f"{q['top1_accuracy']:>16.4f} {q['recall']:>16.4f}")
-        lines.append(f"{row['nprobe']:>6} " + " ".join(cells))
-    return "\n".join(lines)

@@ -41,3 +41,48 @@ def test_all_zero_queries_give_no_router_a_free_top1_hit(rng):
     nb = exact_knn(np.zeros((30, 8), np.float32), array_blocks(docs, doc_parts, block_rows=64), k=3)
     learned_the_tie_break = nb.partitions[:, :1]        # a router that memorised the label
     assert routing_quality(learned_the_tie_break, nb, k=3).top1_accuracy == 0.0
+
+
+def test_report_table_takes_quality_rows_or_their_dicts():
+    from dataclasses import asdict
+    from milvus_ltr_router.evaluate import RoutingQuality
+    from milvus_ltr_router.report import format_table
+    rows = {"centroid": [RoutingQuality(1, 0.25, 0.5, 10, 1.0), RoutingQuality(4, 0.5, 0.75, 10, 4.0)],
+            "learned": [RoutingQuality(1, 0.375, 0.625, 10, 1.0), RoutingQuality(4, 0.875, 0.9, 10, 4.0)]}
+    text = format_table(rows)
+    assert text == format_table({n: [asdict(q) for q in r] for n, r in rows.items()}, 10)
+    lines = text.splitlines()
+    assert "centroid top1" in lines[0] and "learned R@10" in lines[0] and len(lines) == 3
+    assert lines[2].split() == ["4", "0.5000", "0.7500", "0.8750", "0.9000"]
+
+
+def test_write_report_writes_the_result_json_and_a_plot(tmp_path):
+    import json
+    from milvus_ltr_router.evaluate import RoutingQuality
+    from milvus_ltr_router.report import retrain_quality, write_report
+    from milvus_ltr_router.retrain import RetrainResult
+    from dataclasses import asdict
+    row = asdict(RoutingQuality(2, 0.5, 0.6, 10, 2.0))
+    result = RetrainResult(decision="kept", reason="r", collection="docs", layout_id="L",
+                           n_queries=100, nprobe=2, table={"centroid": [row], "learned": [row]},
+                           adaptive=[{"recall_target": 0.9, **row, "mean_probed": 3.5}])
+    paths = write_report(result, tmp_path / "reports" / "new")
+    assert json.loads(open(paths[0]).read())["table"]["learned"] == [row]
+    table = retrain_quality(result)
+    assert list(table) == ["centroid", "learned", "learned, adaptive"]
+    assert table["learned, adaptive"][0].mean_probed == 3.5
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert len(paths) == 1
+    else:
+        assert paths[1].endswith(".png") and open(paths[1], "rb").read(4) == b"\x89PNG"
+
+
+def test_retrain_does_not_import_the_report():
+    import subprocess
+    import sys
+    code = ("import sys, milvus_ltr_router.retrain; "
+            "assert 'milvus_ltr_router.report' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

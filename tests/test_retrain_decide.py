@@ -108,13 +108,15 @@ def test_bad_options_are_input_errors(tmp_path, change, message):
 
 
 def test_output_dirs_are_checked_before_any_work(tmp_path):
-    validate_config(RetrainConfig(collection="c", model_dir=str(tmp_path / "a" / "b"),
-                                  report_dir=str(tmp_path / "r")))     # creatable: fine
-    assert not (tmp_path / "a").exists()                                # and nothing created
+    validate_config(RetrainConfig(collection="c", model_dir=str(tmp_path / "a" / "b")))
+    check_output_dir(tmp_path / "r" / "s", "--report")                 # creatable: fine
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()   # nothing created
     afile = tmp_path / "file"
     afile.write_text("x")
     with pytest.raises(InputError, match=f"--report {afile} is a file, not a directory"):
-        validate_config(RetrainConfig(collection="c", model_dir=str(tmp_path), report_dir=str(afile)))
+        check_output_dir(afile, "--report")
+    with pytest.raises(InputError, match=f"--model-dir {afile} is a file, not a directory"):
+        validate_config(RetrainConfig(collection="c", model_dir=str(afile)))
     with pytest.raises(InputError, match=f"--model-dir {afile}/m cannot be created: {afile} is a file"):
         check_output_dir(afile / "m", "--model-dir")
 
@@ -211,3 +213,25 @@ def test_a_failure_after_the_pointer_swap_still_counts_as_published(tmp_path, mo
     # a failure before the swap is raised: nothing was published
     with pytest.raises(RegistryError, match="cannot publish missing model"):
         publish(registry, "docs", tmp_path / "m" / "docs" / "v2.onnx", "v2", {})
+
+
+def test_a_report_that_fails_after_a_publish_does_not_fail_the_command(tmp_path, monkeypatch,
+                                                                         caplog, capsys):
+    """The CLI writes the report after retrain() returns; an OSError then is logged, exit 0."""
+    import contextlib
+    from milvus_ltr_router import cli, report, retrain as job
+    published = job.RetrainResult(decision="published", reason="published router v1",
+                                  collection="docs", layout_id="L", n_queries=300, nprobe=2,
+                                  version="v1")
+    monkeypatch.setattr(job, "retrain", lambda client, cfg: published)
+    monkeypatch.setattr(cli, "_connected", lambda args: contextlib.nullcontext(None))
+
+    def disk_full(result, report_dir):
+        raise OSError(28, "No space left on device", str(report_dir))
+    monkeypatch.setattr(report, "write_report", disk_full)
+    code = cli.main(["retrain", "--uri", "http://unused:1", "--collection", "docs",
+                     "--model-dir", str(tmp_path / "m"), "--report", str(tmp_path / "r"), "--json"])
+    assert code == 0
+    assert "report not written to" in caplog.text and "No space left on device" in caplog.text
+    out = capsys.readouterr().out
+    assert '"version": "v1"' in out and '"report_paths": []' in out
