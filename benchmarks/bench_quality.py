@@ -139,8 +139,9 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100,
         training[name] = {"init": m.init_, "best_epoch": m.best_epoch_, "top1_weight": weight}
     # the same mixed router, adaptive from calibrated probabilities alone (no stopping model)
     routers["learned top-10 mixed, prob. threshold"] = Linear(m.coef_, m.intercept_)
-    for name, r in routers.items():   # calibration from the validation split only
-        r.calibrate(queries[va], nb.partitions[va], stopping_model="prob. threshold" not in name)
+    routers = {name: r.calibrate(queries[va], nb.partitions[va],   # validation split only
+                                 stopping_model="prob. threshold" not in name)
+               for name, r in routers.items()}
     # the paper's budgets, plus 10% and 20% of L so the fixed curves span the adaptive ones
     nprobes = sorted({max(1, int(round(f * n_parts))) for f in FRACTIONS + (0.1, 0.2)} | {1, 2})
     fixed, adaptive, curves = [], [], {}

@@ -176,6 +176,55 @@ class StoppingModel:
         return model
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What adaptive nprobe needs, fitted on held-out queries: pure data.
+
+    ``temperature`` scales the router's adaptive scores before the softmax,
+    ``stopping_model`` predicts each partition's neighbour share (``None``:
+    threshold the probabilities themselves) and ``recall_thresholds`` holds
+    ``(threshold, recall@k, mean partitions probed)`` rows. A router carries
+    one through :meth:`~.router.BaseRouter.with_calibration`; an exported
+    router in its metadata (:meth:`to_metadata`).
+    """
+
+    temperature: float
+    recall_thresholds: list
+    stopping_model: StoppingModel | None = None
+
+    def to_metadata(self) -> dict:
+        """Keyword values for :func:`~.export.export_router` / :class:`~.contract.RouterMetadata`."""
+        return {"temperature": self.temperature,
+                "recall_thresholds": [list(row) for row in self.recall_thresholds],
+                "stopping_model": None if self.stopping_model is None else self.stopping_model.to_json()}
+
+
+def fit_calibration(scores: np.ndarray, neighbour_partitions: np.ndarray,
+                    stopping_model: bool = True, seed: int = 0) -> Calibration:
+    """Calibrate adaptive nprobe from held-out queries' adaptive scores ``[Q, L]`` and the
+    partitions of their top-k neighbours ``[Q, k]``.
+
+    The temperature uses all queries; the stopping model one half and the
+    recall table the other (with >= 200 queries), so the table measures the
+    model on queries it was not fitted to.
+    """
+    scores = np.asarray(scores)
+    parts = np.asarray(neighbour_partitions)
+    if scores.ndim != 2 or parts.ndim not in (1, 2) or len(parts) != len(scores) or not len(scores):
+        raise ValueError(f"calibration needs scores [Q, L] and neighbour partitions [Q, k] for "
+                         f"the same Q > 0 queries, got {scores.shape} and {parts.shape}")
+    temperature = fit_temperature(scores, target_distribution(parts, scores.shape[1]))
+    probs = softmax(scores, temperature)
+    model, table_rows = None, np.arange(len(probs))
+    if stopping_model:
+        perm = np.random.default_rng(seed).permutation(len(probs))
+        fit_rows, table_rows = (perm[: len(perm) // 2], perm[len(perm) // 2:]) \
+            if len(perm) >= 200 else (perm, perm)
+        model = StoppingModel.fit(probs[fit_rows], parts[fit_rows], seed=seed)
+    table = recall_table(probs[table_rows], parts[table_rows], model=model)
+    return Calibration(temperature, [list(row) for row in table], model)
+
+
 def expected_shares(probabilities: np.ndarray,
                     model: StoppingModel | None) -> tuple[np.ndarray, np.ndarray]:
     """``(order, values)`` for threshold routing: the stopping model's shares, or the

@@ -131,6 +131,19 @@ def assign_clusters(vectors: np.ndarray, centroids: np.ndarray, algorithm: str,
     return out
 
 
+def linear_centroid_scorer(centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` so that ``W q + b`` ranks centroids as centroid routing does.
+
+    IP and COSINE rank by ``<q, c>`` (the paper's MIPS routing); L2 ranks by
+    ``-||q - c||^2``, which up to a per-query constant is ``2<q, c> - ||c||^2``.
+    The scorer of centroid routing and the starting point of a trained router.
+    """
+    c = np.asarray(centroids, dtype=np.float32)
+    if metric.upper() == "L2":
+        return 2 * c, -np.einsum("ij,ij->i", c, c).astype(np.float32)
+    return c.copy(), np.zeros(len(c), dtype=np.float32)
+
+
 # --------------------------------------------------------------------------- sample size
 
 

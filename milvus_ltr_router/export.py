@@ -1,66 +1,66 @@
 """Export a linear router ``scores = W q + b`` to ONNX, with the metadata serving needs.
 
 The graph is built with :mod:`onnx` directly from numpy arrays, so exporting
-needs no torch, and the centroid scorer can be exported the same way.
-Input ``query`` float32 ``[batch, dim]``; output ``scores`` float32 ``[batch, L]``
-(fixed-nprobe ranking). A router with a second head trained for adaptive nprobe
-(see :mod:`.retrain`) also takes the optional boolean input ``adaptive``.
+needs no torch, and the centroid scorer can be exported the same way. What the
+file holds - tensor names, the optional ``adaptive`` input of a router with a
+second head trained for adaptive nprobe (see :mod:`.retrain`), the metadata
+and its checks - is the contract in :mod:`.contract`, which serving reads
+without importing this module.
 """
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import write_atomic
+from .contract import ADAPTIVE_INPUT, QUERY_INPUT, SCORES_OUTPUT, RouterMetadata
+from .errors import InputError
 
 OPSET = 17
 IR_VERSION = 8   # old enough for any onnxruntime >= 1.14
 
 
 def router_metadata(layout, collection: str, metrics: dict | None = None,
-                    nprobe: int | None = None, **extra) -> dict[str, str]:
-    """The ``metadata_props`` a router carries; :class:`~.router.Router` reads them back."""
-    from . import __version__
-    meta = {
-        "partition_names": json.dumps(list(layout.partition_names)),
-        "dim": str(layout.dim),
-        "metric": layout.metric,
-        "layout_id": layout.clustering_id,     # the clusters the router scores (same across storage)
-        "collection": collection,
-        "metrics": json.dumps(metrics or {}),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "package_version": __version__,
-    }
-    if nprobe:
-        meta["nprobe"] = str(int(nprobe))
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()
-                 if v is not None})
-    return meta
+                    nprobe: int | None = None, **values) -> dict[str, str]:
+    """The ``metadata_props`` of a router for ``layout``, checked by
+    :class:`~.contract.RouterMetadata` (a value out of range raises
+    :class:`~.contract.ContractError`). ``values`` are further metadata:
+    ``temperature``, ``recall_thresholds``, ``stopping_model``, ``training``."""
+    return RouterMetadata.for_layout(layout, collection, metrics=metrics or {},
+                                     nprobe=nprobe or None, **values).to_onnx()
 
 
 def _check_head(weight, bias, metadata: dict[str, str], what: str = "router"
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     weight = np.asarray(weight, dtype=np.float32)
+    if weight.ndim != 2:
+        raise InputError(f"{what} weight must be a [partitions, dim] matrix, got shape "
+                         f"{weight.shape}")
     n_parts, dim = weight.shape
     if str(dim) != metadata.get("dim", str(dim)):
-        raise ValueError(f"{what} weight dim {dim} != metadata dim {metadata['dim']}")
+        raise InputError(f"{what} weight dim {dim} != metadata dim {metadata['dim']}")
     names = json.loads(metadata.get("partition_names", "[]"))
     if names and len(names) != n_parts:
-        raise ValueError(f"{what} weight has {n_parts} rows but metadata names {len(names)} "
+        raise InputError(f"{what} weight has {n_parts} rows but metadata names {len(names)} "
                          "partitions")
-    return weight, None if bias is None else np.asarray(bias, dtype=np.float32).reshape(n_parts)
+    if bias is None:
+        return weight, None
+    bias = np.asarray(bias, dtype=np.float32)
+    if bias.size != n_parts:
+        raise InputError(f"{what} bias has {bias.size} values for {n_parts} partitions")
+    return weight, bias.reshape(n_parts)
 
 
-ADAPTIVE_INPUT = "adaptive"   # optional bool input: rank with the adaptive head (default false)
-
-
-def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: dict[str, str],
+def linear_router_model(weight: np.ndarray, bias: np.ndarray | None,
+                        metadata: RouterMetadata | dict[str, str],
                         adaptive_head: tuple[np.ndarray, np.ndarray | None] | None = None):
     """An :class:`onnx.ModelProto` computing ``scores = query @ weight.T + bias``; checked.
+
+    ``metadata`` is a :class:`~.contract.RouterMetadata` or the raw string
+    ``metadata_props`` (written as given: tests use that to make broken files).
 
     With ``adaptive_head = (weight, bias)`` the graph holds both heads behind an
     ``If`` on the optional boolean input ``adaptive`` (an initializer defaulting
@@ -71,6 +71,8 @@ def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: d
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    if isinstance(metadata, RouterMetadata):
+        metadata = metadata.to_onnx()
     heads = [("", *_check_head(weight, bias, metadata))]
     if adaptive_head is not None:
         heads.append(("adaptive_", *_check_head(*adaptive_head, metadata, "adaptive head")))
@@ -78,17 +80,17 @@ def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: d
     inits, branches = [], []
     for prefix, w, b in heads:
         if w.shape != (n_parts, dim):
-            raise ValueError(f"{prefix}head has shape {w.shape}, expected {(n_parts, dim)}")
-        out = "scores" if adaptive_head is None else f"{prefix}head_scores"
+            raise InputError(f"{prefix}head has shape {w.shape}, expected {(n_parts, dim)}")
+        out = SCORES_OUTPUT if adaptive_head is None else f"{prefix}head_scores"
         inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"{prefix}W_T"))
-        nodes = [helper.make_node("MatMul", ["query", f"{prefix}W_T"],
+        nodes = [helper.make_node("MatMul", [QUERY_INPUT, f"{prefix}W_T"],
                                   [out if b is None else f"{prefix}qw"])]
         if b is not None:
             inits.append(numpy_helper.from_array(b, f"{prefix}b"))
             nodes.append(helper.make_node("Add", [f"{prefix}qw", f"{prefix}b"], [out]))
         branches.append((nodes, helper.make_tensor_value_info(out, TensorProto.FLOAT,
                                                               ["batch", n_parts])))
-    inputs = [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["batch", dim])]
+    inputs = [helper.make_tensor_value_info(QUERY_INPUT, TensorProto.FLOAT, ["batch", dim])]
     if adaptive_head is None:
         nodes = branches[0][0]
     else:
@@ -96,12 +98,12 @@ def linear_router_model(weight: np.ndarray, bias: np.ndarray | None, metadata: d
         inits.append(numpy_helper.from_array(np.array(False), ADAPTIVE_INPUT))
         inputs.append(helper.make_tensor_value_info(ADAPTIVE_INPUT, TensorProto.BOOL, []))
         nodes = [helper.make_node(
-            "If", [ADAPTIVE_INPUT], ["scores"],
+            "If", [ADAPTIVE_INPUT], [SCORES_OUTPUT],
             then_branch=helper.make_graph(adaptive_nodes, "adaptive_head", [], [adaptive_out]),
             else_branch=helper.make_graph(fixed_nodes, "fixed_head", [], [fixed_out]))]
     graph = helper.make_graph(
         nodes, "linear_router", inputs,
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_parts])],
+        [helper.make_tensor_value_info(SCORES_OUTPUT, TensorProto.FLOAT, ["batch", n_parts])],
         initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="milvus-ltr-router")
@@ -117,7 +119,13 @@ def save_model(model, path: str | os.PathLike) -> Path:
 
 
 def export_router(weight, bias, layout, collection: str, path, metrics: dict | None = None,
-                  nprobe: int | None = None, adaptive_head=None, **extra) -> Path:
-    """Export and save a linear router for ``layout``; returns the written path."""
-    meta = router_metadata(layout, collection, metrics=metrics, nprobe=nprobe, **extra)
+                  nprobe: int | None = None, adaptive_head=None, **values) -> Path:
+    """Export and save a linear router for ``layout``; returns the written path.
+
+    ``values`` are further metadata (see :func:`router_metadata`), e.g. the
+    calibration: ``**Calibration.to_metadata()``. Nothing is written when a
+    value breaks the contract (:class:`~.contract.ContractError`) or the
+    weights do not fit the layout (:class:`~.errors.InputError`).
+    """
+    meta = router_metadata(layout, collection, metrics=metrics, nprobe=nprobe, **values)
     return save_model(linear_router_model(weight, bias, meta, adaptive_head), path)

@@ -392,12 +392,11 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         try:
             export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
                           metrics={}, nprobe=cfg.nprobe, adaptive_head=head, training=training)
-            new_router = Router.load(tmp_path, layout=layout).calibrate(
-                queries[va], neighbours.partitions[va, :cfg.k])      # for adaptive nprobe
-            calibration = {"temperature": new_router.temperature,
-                           "recall_thresholds": new_router.recall_thresholds,
-                           "stopping_model": new_router.stopping_model.to_json()}
-            training["temperature"] = new_router.temperature
+            uncalibrated = Router.load(tmp_path, layout=layout)
+            calibration = uncalibrated.fit_calibration(               # for adaptive nprobe
+                queries[va], neighbours.partitions[va, :cfg.k])
+            new_router = uncalibrated.with_calibration(calibration)
+            training["temperature"] = calibration.temperature
             routers = {"centroid": CentroidRouter(layout), "learned": new_router}
             try:
                 current = registry.current(layout.collection)
@@ -447,7 +446,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
                               metrics={"test": metrics["learned"], "gain": decision.gain,
                                        "baseline": decision.baseline},
                               nprobe=cfg.nprobe, adaptive_head=head, training=training,
-                              **(calibration if decision.with_calibration else {}))
+                              **(calibration.to_metadata() if decision.with_calibration else {}))
                 tmp_path.replace(final_path)
                 publish(registry, layout.collection, final_path, version,
                         {"gain": decision.gain, "baseline": decision.baseline,

@@ -7,17 +7,19 @@ model exists.
 """
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .calibration import StoppingModel
-from .export import ADAPTIVE_INPUT
-from .clustering import as_vector_batch
+from .calibration import Calibration, fit_calibration
+from .clustering import as_vector_batch, linear_centroid_scorer
+from .contract import ADAPTIVE_INPUT, QUERY_INPUT, SCORES_OUTPUT, ContractError, RouterMetadata, \
+    check_signature
 from .errors import OperationalError
 
 log = logging.getLogger(__name__)
@@ -83,29 +85,36 @@ class BaseRouter:
         from .calibration import softmax
         return softmax(self.adaptive_scores(self._check_queries(queries)), self.temperature)
 
+    def fit_calibration(self, queries, neighbour_partitions, stopping_model: bool = True,
+                        seed: int = 0) -> Calibration:
+        """What adaptive nprobe needs, fitted on held-out queries and their neighbours'
+        partitions (:func:`.calibration.fit_calibration` on this router's adaptive scores).
+        Pure: the router is unchanged."""
+        scores = self.adaptive_scores(self._check_queries(queries))
+        return fit_calibration(scores, neighbour_partitions, stopping_model, seed)
+
+    def with_calibration(self, calibration: Calibration) -> "BaseRouter":
+        """A copy of this router that routes adaptive nprobe with ``calibration``; this
+        router is unchanged (a served router may be in use by other threads)."""
+        new = copy.copy(self)
+        new._set_calibration(calibration)
+        return new
+
+    def _set_calibration(self, calibration: Calibration) -> None:
+        self.temperature = calibration.temperature
+        self.recall_thresholds = [list(row) for row in calibration.recall_thresholds]
+        self.stopping_model = calibration.stopping_model
+
     def calibrate(self, queries, neighbour_partitions, stopping_model: bool = True,
                   seed: int = 0) -> "BaseRouter":
-        """Fit what adaptive nprobe needs on held-out queries and their neighbours' partitions.
+        """A calibrated copy: ``with_calibration(fit_calibration(...))``; self is unchanged."""
+        return self.with_calibration(self.fit_calibration(queries, neighbour_partitions,
+                                                          stopping_model, seed))
 
-        The temperature uses all of them; the stopping model one half and the
-        recall table the other (with >= 200 queries), so the table measures the
-        model on queries it was not fitted to.
-        """
-        from .calibration import fit_temperature, recall_table, softmax, target_distribution
-        parts = np.asarray(neighbour_partitions)
-        scores = self.adaptive_scores(self._check_queries(queries))
-        self.temperature = fit_temperature(scores, target_distribution(parts, self.n_partitions))
-        probs = softmax(scores, self.temperature)
-        self.stopping_model = None
-        table_rows = np.arange(len(probs))
-        if stopping_model:
-            perm = np.random.default_rng(seed).permutation(len(probs))
-            fit_rows, table_rows = (perm[: len(perm) // 2], perm[len(perm) // 2:]) \
-                if len(perm) >= 200 else (perm, perm)
-            self.stopping_model = StoppingModel.fit(probs[fit_rows], parts[fit_rows], seed=seed)
-        self.recall_thresholds = recall_table(probs[table_rows], parts[table_rows],
-                                              model=self.stopping_model)
-        return self
+    @property
+    def calibration(self) -> Calibration:
+        """This router's calibration (temperature 1 and no table when uncalibrated)."""
+        return Calibration(self.temperature, self.recall_thresholds, self.stopping_model)
 
     def rank_adaptive(self, queries, recall_target: float, min_nprobe: int = 1,
                       max_nprobe: int | None = None) -> list[np.ndarray]:
@@ -142,18 +151,6 @@ class BaseRouter:
             raise RouterError(f"router dim={self.dim} does not match layout dim={layout.dim}")
         if list(layout.partition_names) != list(self.partition_names):
             raise RouterError("router partition names differ from the layout's partitions")
-
-
-def linear_centroid_scorer(centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(W, b)`` so that ``W q + b`` ranks centroids as centroid routing does.
-
-    IP and COSINE rank by ``<q, c>`` (the paper's MIPS routing); L2 ranks by
-    ``-||q - c||^2``, which up to a per-query constant is ``2<q, c> - ||c||^2``.
-    """
-    c = np.asarray(centroids, dtype=np.float32)
-    if metric.upper() == "L2":
-        return 2 * c, -np.einsum("ij,ij->i", c, c).astype(np.float32)
-    return c.copy(), np.zeros(len(c), dtype=np.float32)
 
 
 class LinearRouter(BaseRouter):
@@ -212,41 +209,43 @@ class Router(BaseRouter):
 
     kind = "learned"
 
-    def __init__(self, session, metadata: dict, path: str | None = None):
+    def __init__(self, session, metadata: dict | RouterMetadata, path: str | None = None):
         self._session = session
-        self.metadata = metadata
         self.path = path
         where = f"router {path or ''}".rstrip()
         try:
-            self.partition_names = list(json.loads(metadata["partition_names"]))
-            self.dim = int(metadata["dim"])
-            self.layout_id = str(metadata["layout_id"])
-            self.temperature = float(metadata.get("temperature", 1.0))
-            self.recall_thresholds = json.loads(metadata.get("recall_thresholds", "[]"))
-            self.stopping_model = StoppingModel.from_json(
-                json.loads(metadata.get("stopping_model", "null")))
-            nprobe = metadata.get("nprobe")
-            self._default_nprobe = int(nprobe) if nprobe else None
-        except (KeyError, ValueError, TypeError) as exc:
-            raise RouterError(f"{where} lacks valid metadata ({exc}); "
-                              "was it exported by milvus-ltr-router?") from exc
-        check_metadata_ranges(self, where)
-        inputs = session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != "query":
-            raise RouterError(f"{where}: expected one input named 'query'")
-        self._input = inputs[0].name
-        self._output = ["scores"]
-        if "scores" not in [o.name for o in session.get_outputs()]:
-            raise RouterError(f"{where}: no output named 'scores'")
+            info = metadata if isinstance(metadata, RouterMetadata) else \
+                RouterMetadata.from_onnx(metadata)
+            adaptive = check_signature([(i.name, i.shape) for i in session.get_inputs()],
+                                       [o.name for o in session.get_outputs()],
+                                       [i.name for i in session.get_overridable_initializers()],
+                                       info.dim)
+        except ContractError as exc:
+            raise RouterError(f"{where}: {exc}") from exc
+        self._set_info(info)
+        self._input = QUERY_INPUT
+        self._output = [SCORES_OUTPUT]
         # a second head trained for adaptive nprobe (top-k labels only), when exported with one:
         # selected by the optional boolean input (an overridable initializer, default false)
-        self._adaptive_feed = {ADAPTIVE_INPUT: np.array(True)} if ADAPTIVE_INPUT in [
-            i.name for i in session.get_overridable_initializers()] else None
-        shape = list(inputs[0].shape)
-        if len(shape) != 2 or shape[1] != self.dim:
-            raise RouterError(f"{where}: graph input shape {shape} is not [batch, {self.dim}] "
-                              f"(metadata dim {self.dim})")
+        self._adaptive_feed = {ADAPTIVE_INPUT: np.array(True)} if adaptive else None
         self._probe(where)
+
+    def _set_info(self, info: RouterMetadata) -> None:
+        self.info = info
+        self.partition_names = list(info.partition_names)
+        self.dim = info.dim
+        self.layout_id = info.layout_id
+        self.temperature = info.temperature
+        self.recall_thresholds = info.recall_thresholds
+        self.stopping_model = info.stopping_model
+
+    def _set_calibration(self, calibration: Calibration) -> None:
+        self._set_info(replace(self.info, **calibration.to_metadata()))
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The metadata as an exported file holds it (with the current calibration)."""
+        return self.info.to_onnx()
 
     def _probe(self, where: str) -> None:
         """Run each head once on fixed random queries: it must give one finite score per
@@ -314,46 +313,11 @@ class Router(BaseRouter):
 
     @property
     def metrics(self) -> dict:
-        try:
-            return json.loads(self.metadata.get("metrics", "{}"))
-        except ValueError:
-            return {}
+        return self.info.metrics
 
     @property
     def default_nprobe(self) -> int | None:
-        return self._default_nprobe
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
-def check_metadata_ranges(router: "Router", where: str = "router") -> None:
-    """Raise :class:`RouterError` naming the first metadata value out of its range."""
-    names, n = router.partition_names, len(router.partition_names)
-    if n == 0 or not all(isinstance(x, str) and x for x in names) or len(set(names)) != n:
-        raise RouterError(f"{where}: metadata partition_names must be distinct non-empty names, "
-                          f"got {len(names)} names ({len(set(map(str, names)))} distinct)")
-    if router.dim < 1:
-        raise RouterError(f"{where}: metadata dim must be >= 1, got {router.dim}")
-    if not (np.isfinite(router.temperature) and router.temperature > 0):
-        raise RouterError(f"{where}: metadata temperature must be finite and > 0, "
-                          f"got {router.temperature}")
-    if router.default_nprobe is not None and not 1 <= router.default_nprobe <= n:
-        raise RouterError(f"{where}: metadata nprobe {router.default_nprobe} is outside "
-                          f"[1, {n}] (the number of partitions)")
-    table = router.recall_thresholds
-    if not isinstance(table, list):
-        raise RouterError(f"{where}: metadata recall_thresholds must be a list of "
-                          f"(threshold, recall, mean partitions) rows, got {type(table).__name__}")
-    for row in table:
-        ok = isinstance(row, (list, tuple)) and len(row) == 3 and all(map(_finite, row))
-        if not ok or not (0 <= row[0] <= 1 and 0 <= row[1] <= 1 and 1 <= row[2] <= n):
-            raise RouterError(f"{where}: metadata recall_thresholds row {row!r} is not "
-                              f"(threshold in [0, 1], recall in [0, 1], mean partitions in [1, {n}])")
-    model = router.stopping_model
-    if model is not None and not all(map(np.isfinite, [*model.coef, model.intercept])):
-        raise RouterError(f"{where}: metadata stopping_model has non-finite coefficients")
+        return self.info.nprobe
 
 
 def validate_nprobes(nprobes: Sequence[int], n_partitions: int) -> list[int]:

@@ -139,7 +139,7 @@ class LinearRouterTrainer:
     def _fit_one(self, start, X, y, X_val, y_val, n_parts, centroids, metric) -> _Run:
         import torch
         from .progress import progress
-        from .router import linear_centroid_scorer
+        from .clustering import linear_centroid_scorer
 
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)

@@ -131,7 +131,7 @@ def test_adaptive_head_travels_in_the_same_model(tmp_path, small_layout_arrays, 
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(router.adaptive_scores(queries[:20]), queries[:20] @ w2.T + b2,
                                rtol=1e-4, atol=1e-4)
-    router.calibrate(queries[va], nb.partitions[va])
+    router = router.calibrate(queries[va], nb.partitions[va])
     expected = np.exp((queries[:5] @ w2.T + b2) / router.temperature)
     np.testing.assert_allclose(router.probabilities(queries[:5]),
                                expected / expected.sum(1, keepdims=True), rtol=1e-3)
@@ -243,3 +243,114 @@ def test_linear_router_is_public_and_centroid_routing_is_one():
         LinearRouter(w, b[:3], layout.partition_names)
     with pytest.raises(ValueError, match="finite"):
         LinearRouter(np.full((16, 8), np.nan), b, layout.partition_names)
+
+
+# ---------------------------------------------------------------- the ONNX router contract
+def contract_metadata(n=8, **changes):
+    from milvus_ltr_router.contract import RouterMetadata
+    values = dict(partition_names=partition_names_for(n), dim=4, layout_id="L1", metric="IP")
+    return RouterMetadata(**{**values, **changes})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"temperature": 0.0}, "temperature must be finite and > 0"),
+    ({"temperature": float("inf")}, "temperature must be finite and > 0"),
+    ({"nprobe": 9}, r"nprobe 9 is outside \[1, 8\]"),
+    ({"nprobe": 0}, r"nprobe 0 is outside \[1, 8\]"),
+    ({"dim": 0}, "dim must be an integer >= 1"),
+    ({"metric": "HAMMING"}, "metric must be one of IP, COSINE, L2"),
+    ({"layout_id": ""}, "layout_id must be a non-empty string"),
+    ({"partition_names": ["a", "a"]}, "distinct non-empty names"),
+    ({"partition_names": []}, "distinct non-empty names"),
+    ({"recall_thresholds": [[0.5, 1.2, 2.0]]}, "recall_thresholds row"),
+    ({"recall_thresholds": [[0.5, 0.9, 9.0]]}, r"mean partitions in \[1, 8\]"),
+    ({"recall_thresholds": [[0.5, 0.9, 2.0], [0.1, 0.8, 3.0]]}, "less recall or fewer partitions"),
+    ({"recall_thresholds": [[0.5, 0.9, 3.0], [0.1, 0.95, 2.0]]}, "less recall or fewer partitions"),
+    ({"stopping_model": {"coef": [0.0] * 3, "intercept": 0.0}}, "not a stopping model"),
+    ({"stopping_model": {"coef": [float("nan")] * 8, "intercept": 0.0}}, "non-finite"),
+])
+def test_contract_rejects_out_of_range_metadata(change, message):
+    from milvus_ltr_router.contract import ContractError
+    from milvus_ltr_router.errors import EXIT_FAIL, exit_code
+    with pytest.raises(ContractError, match=message) as info:
+        contract_metadata(**change)
+    assert exit_code(info.value) == EXIT_FAIL       # a broken router file is operational
+
+
+def test_contract_metadata_round_trips_through_onnx_props():
+    from milvus_ltr_router.contract import ContractError, RouterMetadata
+    meta = contract_metadata(nprobe=np.int64(3), temperature=np.float32(0.5),
+                             recall_thresholds=[(0.9, 0.5, 1.0), (0.1, 0.9, 4.0)],
+                             stopping_model={"coef": [0.5] * 8, "intercept": -1.0},
+                             metrics={"top1": 0.7}, training={"init": "random"},
+                             extra={"owner": "team-a"})
+    props = meta.to_onnx()
+    assert all(isinstance(v, str) for v in props.values()) and props["owner"] == "team-a"
+    back = RouterMetadata.from_onnx(props)
+    assert back == meta and back.nprobe == 3 and type(back.nprobe) is int
+    assert back.recall_thresholds == [[0.9, 0.5, 1.0], [0.1, 0.9, 4.0]]
+    with pytest.raises(ContractError, match=r"lacks valid metadata \('layout_id'\)"):
+        RouterMetadata.from_onnx({k: v for k, v in props.items() if k != "layout_id"})
+    with pytest.raises(ContractError, match="lacks valid metadata"):
+        RouterMetadata.from_onnx({**props, "dim": "four"})
+    # informational values that do not parse never block routing
+    assert RouterMetadata.from_onnx({**props, "metrics": "{not json"}).metrics == {}
+
+
+def test_export_load_round_trip_goes_through_the_contract(tmp_path, small_layout_arrays, trained):
+    from milvus_ltr_router.contract import ContractError, RouterMetadata
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    model, (tr, va, te) = trained
+    layout = make_layout(centroids)
+    path = export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "r.onnx",
+                         metrics={"top1": 0.5}, nprobe=4, training={"best_epoch": 3})
+    router = Router.load(path, layout=layout)
+    assert isinstance(router.info, RouterMetadata)
+    assert router.info == RouterMetadata.from_onnx(router.metadata)
+    assert (router.info.n_partitions, router.info.dim, router.info.nprobe) == (32, 384, 4)
+    assert router.info.training == {"best_epoch": 3} and router.info.collection == "docs"
+    with pytest.raises(ContractError, match="temperature must be finite and > 0"):
+        export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "bad.onnx",
+                      temperature=-1.0)
+    with pytest.raises(ContractError, match=r"nprobe 40 is outside \[1, 32\]"):
+        export_router(model.coef_, model.intercept_, layout, "docs", tmp_path / "bad.onnx",
+                      nprobe=40)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_calibration_returns_a_new_router_and_leaves_the_served_one_alone(tmp_path,
+                                                                          small_layout_arrays,
+                                                                          trained):
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    model, (tr, va, te) = trained
+    layout = make_layout(centroids)
+    served = Router.load(export_router(model.coef_, model.intercept_, layout, "docs",
+                                       tmp_path / "r.onnx"), layout=layout)
+    before = (served.temperature, served.recall_thresholds, served.stopping_model, served.info)
+    calibration = served.fit_calibration(queries[va], nb.partitions[va])
+    assert (served.temperature, served.recall_thresholds, served.stopping_model,
+            served.info) == before                                        # pure data, nothing set
+    calibrated = served.with_calibration(calibration)
+    assert calibrated is not served and served.recall_thresholds == []
+    assert calibrated.temperature == calibration.temperature != 1.0
+    assert calibrated.info.recall_thresholds == calibration.recall_thresholds
+    assert calibrated.calibration == calibration
+    with pytest.raises(ValueError, match="no recall calibration"):
+        served.route(queries[:2], recall_target=0.8)
+    assert len(calibrated.route(queries[:2], recall_target=0.8)) == 2
+    centroid = CentroidRouter(layout)
+    assert centroid.calibrate(queries[va], nb.partitions[va]).recall_thresholds
+    assert centroid.recall_thresholds == [] and centroid.temperature == 1.0
+
+
+def test_serving_does_not_import_the_exporter_and_training_not_serving():
+    code = ("import sys, milvus_ltr_router.router, milvus_ltr_router.client; "
+            "assert 'milvus_ltr_router.export' not in sys.modules, 'export imported'; "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    code = ("import sys, milvus_ltr_router.train; "
+            "assert 'milvus_ltr_router.router' not in sys.modules, 'router imported'; "
+            "assert 'milvus_ltr_router.export' not in sys.modules, 'export imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
