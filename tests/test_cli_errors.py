@@ -164,18 +164,21 @@ def test_mostly_degenerate_query_file_says_how_many_were_dropped(lite, tmp_path,
 def test_unknown_collection_exits_2(lite, tmp_path, caplog):
     code, err, _ = run(caplog, "retrain", "--uri", lite, "--collection", "nope",
                        "--model-dir", tmp_path / "m")
-    assert code == EXIT_USAGE and "unknown collection 'nope'" in err
+    assert code == EXIT_USAGE and err == f"unknown collection 'nope' at {lite}; collections there: docs, src"
+    code, err, _ = run(caplog, "status", "--uri", lite, "--collection", "nope")
+    assert code == EXIT_USAGE and err.startswith(f"unknown collection 'nope' at {lite}")
 
 
 def test_collection_without_layout_exits_1(lite, tmp_path, caplog):
     code, err, _ = run(caplog, "retrain", "--uri", lite, "--collection", "src",
                        "--model-dir", tmp_path / "m")
-    assert code == EXIT_FAIL and "has no layout" in err
+    assert code == EXIT_FAIL and err.startswith(f"Milvus at {lite}: collection 'src' has no layout")
 
 
 def test_empty_query_log_exits_1(lite, tmp_path, caplog):
     code, err, _ = run(caplog, *retrain(lite, tmp_path / "m"))
     assert code == EXIT_FAIL and "only 0 queries in the query log of 'docs'" in err
+    assert err.endswith(f"(Milvus at {lite})")
     assert nothing_published(tmp_path / "m")
 
 
@@ -242,6 +245,7 @@ def test_corrupt_published_router_exits_1_not_2(lite, tmp_path, caplog, fixture_
     code, err, _ = run(caplog, "evaluate", "--uri", lite, "--collection", "docs", "--queries",
                        tmp_path / "q.npy", "--model-dir", tmp_path / "m")
     assert code == EXIT_FAIL and "not a loadable ONNX model" in err
+    assert str(tmp_path / "m") in err                   # the model dir it looked in
 
 
 def test_rollback_without_history_exits_1(tmp_path, caplog):
@@ -249,9 +253,68 @@ def test_rollback_without_history_exits_1(tmp_path, caplog):
     assert code == EXIT_FAIL and "no router of 'docs' was published" in err
 
 
-def test_drop_layout_of_a_plain_collection_exits_2(lite, caplog, capsys):
-    code, _, _ = run(caplog, "drop-layout", "--uri", lite, "--collection", "src")
-    assert code == EXIT_USAGE and "'src' has no layout; refusing to drop it" in capsys.readouterr().err
+def test_rollback_with_one_version_exits_1_naming_the_model_dir(tmp_path, caplog):
+    registry = ModelRegistry(tmp_path / "m")
+    path = registry.version_path("docs", "v1")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not onnx")
+    registry.publish("docs", path, "v1", {})
+    code, err, _ = run(caplog, "rollback", "--collection", "docs", "--model-dir", tmp_path / "m")
+    assert code == EXIT_FAIL
+    assert err == f"no earlier router of 'docs' to roll back to (model dir {tmp_path / 'm'})"
+
+
+def test_drop_layout_of_a_plain_collection_exits_2(lite, caplog):
+    code, err, _ = run(caplog, "drop-layout", "--uri", lite, "--collection", "src")
+    assert code == EXIT_USAGE and f"'src' at {lite} has no layout; refusing to drop it" in err
+    client = MilvusClient(lite)
+    try:
+        assert client.has_collection("src")
+    finally:
+        client.close()
+        release_lite(lite)
+
+
+# ---------------------------------------------------------------- --uri: a mistyped milvus-lite path
+@pytest.mark.parametrize("argv", [
+    ["status", "--collection", "docs"],
+    ["evaluate", "--collection", "docs", "--queries", "q.npy"],
+    ["retrain", "--collection", "docs"],
+    ["drop-layout", "--collection", "docs"],
+    ["repair-layout", "--collection", "docs"],
+    ["adopt-layout", "--collection", "docs"],
+    ["build-layout", "--source", "src", "--target", "new"],
+    ["build-layout", "--source", "src", "--target", "new", "--clusters", "4"],
+])
+def test_a_missing_lite_file_exits_2_naming_it_and_is_never_created(tmp_path, caplog, argv):
+    missing = tmp_path / "typo" / "docs.db"
+    code, err, _ = run(caplog, *argv, "--uri", missing)
+    assert code == EXIT_USAGE and f"milvus-lite file {missing} does not exist" in err, err
+    assert "refusing to create an empty database there" in err
+    assert not missing.exists() and not missing.parent.exists()
+
+
+def test_retrain_router_refuses_a_missing_lite_file_too(tmp_path, caplog):
+    missing = tmp_path / "docs.db"
+    caplog.clear()
+    assert cli.retrain_main(["--uri", str(missing), "--collection", "docs"]) == EXIT_USAGE
+    assert f"milvus-lite file {missing} does not exist" in caplog.text
+    assert not missing.exists()
+
+
+def test_the_default_uri_when_missing_is_named_as_the_default(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err, _ = run(caplog, "status", "--collection", "docs")
+    assert code == EXIT_USAGE
+    assert f"milvus-lite file ./milvus_ltr.db ({tmp_path / 'milvus_ltr.db'}) does not exist" in err
+    assert "--uri defaults to ./milvus_ltr.db" in err
+    assert not (tmp_path / "milvus_ltr.db").exists()
+
+
+def test_a_uri_neither_server_nor_lite_file_exits_2(caplog):
+    code, err, _ = run(caplog, "status", "--uri", "localhost:19530", "--collection", "docs")
+    assert code == EXIT_USAGE
+    assert "--uri 'localhost:19530' is neither a server URI (http://" in err
 
 
 def test_demo_bad_options_exit_2(caplog):

@@ -151,14 +151,16 @@ def test_drop_in_errors_and_results_match_pymilvus(lite_uri, lite_layout, fixtur
 
 def test_cli_help_and_exit_codes(tmp_path):
     for args in ([], ["build-layout"], ["adopt-layout"], ["status"], ["retrain"], ["evaluate"],
-                 ["rollback"], ["demo"], ["drop-layout"]):
+                 ["rollback"], ["demo"], ["drop-layout"], ["repair-layout"]):
         out = subprocess.run([sys.executable, "-m", "milvus_ltr_router.cli", *args, "--help"],
                              capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout, args
+    # a mistyped milvus-lite path: refused (exit 2, the path named), no empty database created
     out = subprocess.run([sys.executable, "-m", "milvus_ltr_router.cli", "status", "--uri",
                           str(tmp_path / "x.db"), "--collection", "missing"],
                          capture_output=True, text=True)
-    assert out.returncode == 2 and "unknown collection 'missing'" in out.stderr
+    assert out.returncode == 2 and f"milvus-lite file {tmp_path / 'x.db'} does not exist" in out.stderr
+    assert not (tmp_path / "x.db").exists()
 
 
 def test_retrain_cli_on_lite_bootstrap_from_query_file(lite_uri, lite_layout, fixture_data, tmp_path):

@@ -1,0 +1,186 @@
+"""What the command line shows a person: help on every option with its default, and
+``status`` in readable lines (``--json`` for scripts). Runs ``cli.main`` in-process on
+milvus-lite."""
+import json
+
+import numpy as np
+import pytest
+from pymilvus import MilvusClient
+
+from milvus_ltr_router import cli
+from milvus_ltr_router.layout import build_layout
+from milvus_ltr_router.milvus_io import create_vector_collection, release_lite
+from milvus_ltr_router.registry import ModelRegistry
+
+PARSERS = {"milvus-ltr-router": cli.build_parser, "retrain-router": cli.retrain_parser}
+
+
+# ---------------------------------------------------------------- help text
+def all_options():
+    return [(parser.prog, "/".join(action.option_strings), action)
+            for build in PARSERS.values() for parser, action in cli.iter_options(build())]
+
+
+def test_every_option_of_every_command_has_help_and_says_its_default():
+    options = all_options()
+    commands = {prog for prog, _, _ in options}
+    # every subcommand and the cron entry point are walked, not just the top-level parser
+    assert {"milvus-ltr-router status", "milvus-ltr-router demo", "milvus-ltr-router adopt-layout",
+            "milvus-ltr-router retrain", "retrain-router"} <= commands
+    missing_help = [(prog, opt) for prog, opt, action in options if not (action.help or "").strip()]
+    assert missing_help == []
+    # an option that takes a value and may be left out says what happens then
+    no_default = [(prog, opt) for prog, opt, action in options
+                  if action.nargs != 0 and not action.required
+                  and "default" not in cli.option_help(action)]
+    assert no_default == []
+
+
+@pytest.mark.parametrize("argv,shown", [
+    (["retrain"], ["--min-queries MIN_QUERIES", "(default: 200)", "(default: 100)",
+                   "(default: auto)", "--model-dir DIR", "(default: onnx_models)"]),
+    (["status"], ["(default: onnx_models)", "(default: ./milvus_ltr.db)", "--json"]),
+    (["demo"], ["(default: ./demo_output/demo.db)", "(default: 2)", "round(sqrt(20000)) = 141"]),
+    (["adopt-layout"], ["(default: kmeans)", "(default: the collection index's, else IP)"]),
+    (["build-layout"], ["(default: spherical)", "(default FLAT: exact scans", "never created empty"]),
+])
+def test_rendered_help_shows_the_defaults(capsys, argv, shown):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())      # argparse wraps lines
+    for piece in shown:
+        assert " ".join(piece.split()) in text, piece
+
+
+def test_top_level_help_ends_with_the_next_commands_and_exit_codes(capsys):
+    for name, build in PARSERS.items():
+        text = build().format_help()
+        assert "exit codes: 0" in text, name
+    text = cli.build_parser().format_help()
+    assert "milvus-ltr-router build-layout --uri URI --source" in text
+    assert "retrain-router --uri URI --collection" in text
+    assert "top-1 accuracy: share of held-out queries" in cli.retrain_parser().format_help()
+
+
+# ---------------------------------------------------------------- status
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory, fixture_data):
+    """A milvus-lite file with 'src' (1,500 MiniLM documents) laid out as 'docs' (8 clusters)."""
+    uri = str(tmp_path_factory.mktemp("cli_output") / "test.db")
+    client = MilvusClient(uri)
+    create_vector_collection(client, "src", fixture_data.docs[:1500])
+    build_layout(client, "src", "docs", n_clusters=8, seed=0)
+    client.close()
+    release_lite(uri)
+    yield uri
+    release_lite(uri)
+
+
+def status(capsys, uri, model_dir, *extra):
+    code = cli.main(["status", "--uri", uri, "--collection", "docs", "--model-dir",
+                     str(model_dir), *extra])
+    out = capsys.readouterr().out
+    assert code == 0
+    return out
+
+
+def lines_of(text):
+    """``{key: value}`` of status's aligned ``key  value`` lines."""
+    pairs = [line.split("  ", 1) for line in text.splitlines() if "  " in line
+             and not line.startswith(" ")]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_status_without_a_router_names_the_uri_and_the_model_dir_it_looked_in(lite, tmp_path,
+                                                                             capsys):
+    models = tmp_path / "models"
+    out = status(capsys, lite, models)
+    got = lines_of(out)
+    assert got["collection"] == "docs (laid out from 'src')"
+    assert got["Milvus"] == lite
+    assert got["clusters"].startswith("8 (spherical k-means, metric IP, dim 384)")
+    assert got["storage"].startswith("partition: one partition per cluster (8 partitions in Milvus)")
+    assert got["rows"] == "1500 now, 1500 when laid out"
+    assert got["rows outside layout"] == "0"
+    assert got["query log"] == "0 queries logged"
+    assert got["model dir"] == f"{models} (looked in {models / 'docs'}, which does not exist)"
+    assert got["router"] == "none published: searches route by centroids"
+    assert f"retrain-router --uri {lite} --collection docs --model-dir {models}" in out
+    assert "{" not in out                                   # no raw Python dicts
+    # the keys are aligned: every value starts in the same column
+    starts = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in out.splitlines()
+              if "  " in line and not line.startswith(" ")}
+    assert len(starts) == 1
+
+
+def test_status_json_keeps_its_keys_and_adds_where_it_looked(lite, tmp_path, capsys):
+    models = tmp_path / "models"
+    data = json.loads(status(capsys, lite, models, "--json"))
+    assert data["partitions"] == 8 and data["rows"] == 1500 and data["rows_live"] == 1500
+    assert data["uri"] == lite and data["model_dir"] == str(models)
+    assert data["router_dir"] == str(models / "docs") and data["router_dir_exists"] is False
+    assert data["router"] == {"version": None} and data["logged_queries"] == 0
+    assert data["storage"]["mode"] == "partition" and data["cluster_sizes"]["empty"] == 0
+    assert data["versions"] == [] and data["rows_outside_layout"] == 0
+
+
+def test_status_with_a_published_router(lite, tmp_path, capsys, fixture_data):
+    models = tmp_path / "models"
+    np.save(tmp_path / "q.npy", fixture_data.queries[:600])
+    code = cli.main(["retrain", "--uri", lite, "--collection", "docs", "--model-dir", str(models),
+                     "--queries", str(tmp_path / "q.npy"), "--nprobe", "2", "--epochs", "5",
+                     "--min-gain", "-1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    # the retrain table says which split it is computed on, how many queries, what columns mean
+    assert "routing quality on the held-out test split: " in out and " of the 600 queries" in out
+    assert "top1 = top-1 accuracy: share of queries whose exact nearest neighbour" in out
+    assert "R@10 = recall@10: share of each query's exact 10 nearest neighbours" in out
+    version = ModelRegistry(models).current("docs").version
+    got = lines_of(status(capsys, lite, models))
+    assert got["model dir"] == f"{models} (looked in {models / 'docs'})"
+    assert got["router"].startswith(f"{version}, published ") and got["router"].endswith("usable")
+    assert got["router metrics"].startswith("top1@nprobe=2 0.")
+    assert "over centroid (retrain's held-out queries)" in got["router metrics"]
+    assert got["recall_target"].startswith("calibrated ")
+    assert got["versions kept"] == version
+
+
+def test_status_with_an_unusable_router_still_answers(lite, tmp_path, capsys):
+    registry = ModelRegistry(tmp_path / "m")
+    path = registry.version_path("docs", "v1")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not onnx")
+    registry.publish("docs", path, "v1", {})
+    got = lines_of(status(capsys, lite, tmp_path / "m"))
+    assert got["router"].startswith("v1, published ")
+    assert "NOT USABLE (" in got["router"] and got["router"].endswith("searches route by centroids")
+    assert "recall_target" not in got
+
+
+def test_format_status_of_an_adopted_grouped_layout_with_strays():
+    """The pure formatter over the dict that ``status --json`` prints."""
+    data = {"collection": "c", "uri": "http://m:19530", "model_dir": "/srv/m",
+            "router_dir": "/srv/m/c", "router_dir_exists": True, "layout_id": "L1",
+            "partitions": 4, "rows": 10, "algorithm": "kmeans", "metric": "L2", "dim": 3,
+            "created_at": "2026-01-01", "source": None,
+            "storage": {"mode": "grouped", "partitions": 1, "cluster_field": "_ltr_cluster",
+                        "clustering_key": True},
+            "rows_live": 12, "cluster_sizes": {"min": 0, "median": 2.5, "max": 6,
+                                               "max_over_mean": 2.0, "empty": 1},
+            "rows_outside_layout": 2, "logged_queries": 7, "versions": ["a", "b"],
+            "router": {"version": "b", "published_at": "t", "metrics": {}, "usable": True,
+                       "recall_target_calibrated": False, "stopping_model": False,
+                       "adaptive_head": True}}
+    got = lines_of(cli.format_status(data))
+    assert got["collection"] == "c (adopted layout)"
+    assert got["clusters"] == "4 (standard k-means, metric L2, dim 3)"
+    assert got["storage"] == ("grouped: clusters grouped into partitions, plus a cluster-id "
+                              "filter (1 partition in Milvus, cluster field _ltr_cluster, "
+                              "clustering key)")
+    assert got["cluster sizes"] == "min 0, median 2.5, max 6 (max/mean 2.00), 1 empty"
+    assert got["rows outside layout"] == "2 (see the warning below)"
+    assert got["router metrics"] == "none recorded (rolled back)"
+    assert got["recall_target"] == "calibrated no, stopping model no, adaptive head yes"
+    assert got["versions kept"] == "a, b"
