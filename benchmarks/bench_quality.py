@@ -133,8 +133,9 @@ def run_one(docs, queries, algorithm: str, seed: int = 0, max_epochs: int = 100,
     for name, label_k, weight in (("learned top-1", 1, 0.0), ("learned top-10", 10, 0.0),
                                   ("learned top-10 mixed", 10, 0.5)):
         y = nb.partitions[:, :label_k] if label_k > 1 else nb.labels
-        m = LinearRouterTrainer(max_epochs=max_epochs, seed=seed, top1_weight=weight).fit(
-            queries[tr], y[tr], queries[va], y[va], n_parts, centroids=centroids)
+        m = LinearRouterTrainer(n_partitions=n_parts, centroids=centroids, max_epochs=max_epochs,
+                                seed=seed, top1_weight=weight).fit(queries[tr], y[tr],
+                                                                   eval_set=(queries[va], y[va]))
         routers[name] = Linear(m.coef_, m.intercept_)
         training[name] = {"init": m.init_, "best_epoch": m.best_epoch_, "top1_weight": weight}
     # the same mixed router, adaptive from calibrated probabilities alone (no stopping model)

@@ -42,8 +42,8 @@ def one_size(n_rows: int, n_queries: int, n_parts: int, dim: int, epochs: int) -
     t_label = time.perf_counter() - t0
     tr, va, _ = split_indices(n_queries)
     t0 = time.perf_counter()
-    model = LinearRouterTrainer(max_epochs=epochs).fit(queries[tr], nb.labels[tr], queries[va],
-                                                      nb.labels[va], n_parts, centroids=centres)
+    model = LinearRouterTrainer(n_partitions=n_parts, centroids=centres, max_epochs=epochs).fit(
+        queries[tr], nb.labels[tr], eval_set=(queries[va], nb.labels[va]))
     t_train = time.perf_counter() - t0
     return {"N": n_rows, "queries": n_queries, "L": n_parts, "dim": dim, "label_s": t_label,
             "train_s": t_train, "epochs_run": max(h.epoch for h in model.history_),

@@ -360,14 +360,18 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         t0 = time.perf_counter()
         tr, va, te = split_indices(len(queries), cfg.seed)
 
-        def fit_head(top1_weight: float) -> LinearRouterTrainer:
-            return LinearRouterTrainer(
-                max_epochs=cfg.max_epochs, patience=cfg.patience, init=cfg.init, seed=cfg.seed,
-                top1_weight=top1_weight).fit(queries[tr], labels[tr], queries[va], labels[va],
-                                             layout.n_partitions, centroids=layout.centroids,
-                                             metric=layout.metric)
+        # validation (early stopping, the pick of initialisation) on what decides publishing:
+        # cfg.metric at cfg.nprobe, recall@cfg.k as the test split measures it
+        val_set = (queries[va], neighbours.partitions[va, :cfg.k])
 
-        trainer = fit_head(cfg.top1_weight)
+        def fit_head(top1_weight: float, val_metric: str) -> LinearRouterTrainer:
+            return LinearRouterTrainer(
+                n_partitions=layout.n_partitions, centroids=layout.centroids,
+                metric=layout.metric, max_epochs=cfg.max_epochs, patience=cfg.patience,
+                init=cfg.init, seed=cfg.seed, top1_weight=top1_weight, val_metric=val_metric,
+                val_nprobe=cfg.nprobe, val_k=cfg.k).fit(queries[tr], labels[tr], eval_set=val_set)
+
+        trainer = fit_head(cfg.top1_weight, cfg.metric)
         seconds["train"] = time.perf_counter() - t0
         head = None
         if cfg.adaptive_head and cfg.label_k > 1 and cfg.top1_weight > 0:
@@ -375,7 +379,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             # high recall: recall_target gets its own head trained on top-k labels only
             t0 = time.perf_counter()
             log.info("training the adaptive-nprobe head (top-%d labels only)", cfg.label_k)
-            adaptive_trainer = fit_head(0.0)
+            adaptive_trainer = fit_head(0.0, "recall")    # the head recall_target ranks with
             head = (adaptive_trainer.coef_, adaptive_trainer.intercept_)
             seconds["train_adaptive_head"] = time.perf_counter() - t0
 
@@ -384,7 +388,8 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         final_path = registry.version_path(layout.collection, version)
         tmp_path = final_path.with_name(f".candidate-{version}.onnx")
         training = {"init": trainer.init_, "best_epoch": trainer.best_epoch_,
-                    "val_accuracy": trainer.val_accuracy_, "candidates": trainer.candidates_,
+                    "val_criterion": trainer.val_criterion_, "val_score": trainer.best_score_,
+                    "candidates": trainer.candidates_,
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te),
                     "label_k": cfg.label_k,
                     "top1_weight": cfg.top1_weight if cfg.label_k > 1 else None,

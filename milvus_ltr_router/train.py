@@ -4,7 +4,9 @@
 is the partition of its exact top-1 neighbour (or, with multi-label targets,
 the distribution of its top-k neighbours over partitions).
 
-Two starts, picked by validation accuracy:
+Two initialisations of the trainer, each trained, the better kept on the
+validation criterion (the metric and nprobe that decide publishing, in the
+retrain job):
 
 * ``"centroids"`` - W, b from the centroid scorer, so training starts *at*
   centroid routing. Raw centroid scores give a very flat softmax, so a scalar
@@ -20,8 +22,18 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+
+from .errors import InputError
+from .evaluate import routing_quality
+from .labels import METRICS, Neighbours
 
 log = logging.getLogger(__name__)
+
+# how the log names each initialisation of the trainer (both are trained runs, neither is
+# centroid routing itself: "centroids" only starts there)
+_START_NAMES = {"centroids": "centroid-initialised run", "random": "random-initialised run"}
 
 
 def split_indices(n: int, seed: int = 0, fractions=(0.64, 0.16, 0.20)):
@@ -53,9 +65,9 @@ def multilabel_targets(partitions: np.ndarray, n_partitions: int,
 @dataclass
 class EpochRecord:
     epoch: int
-    init: str
-    loss: float
-    val_accuracy: float
+    init: str            # which initialisation of the trainer this run started from
+    loss: float          # mean training loss of the epoch (NaN before the first)
+    val_score: float     # the validation criterion after the epoch (see LinearRouterTrainer)
 
 
 @dataclass
@@ -63,97 +75,239 @@ class _Run:
     init: str
     weight: np.ndarray
     bias: np.ndarray
-    val_accuracy: float
+    score: float
     best_epoch: int
     history: list = field(default_factory=list)
 
 
-class LinearRouterTrainer:
-    """scikit-learn-style estimator for the linear router.
+INITS = ("auto", "centroids", "random")
+VAL_METRICS = ("top1", "recall")
 
-    Parameters are hyper-parameters only; :meth:`fit` sets ``coef_`` ``[L, d]``,
-    ``intercept_`` ``[L]`` (scale folded in, so ``softmax(scores)`` is the
-    model's calibrated probability), ``init_``, ``best_epoch_``,
-    ``val_accuracy_`` and ``history_``.
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and \
+        not isinstance(value, (bool, np.bool_)) and np.isfinite(value)
+
+
+def _check_vectors(X, name: str, dim: int | None = None) -> np.ndarray:
+    try:
+        X = np.asarray(X, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be a numeric [n, dim] array: {exc}") from exc
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise InputError(f"{name} must be a non-empty [n, dim] array, got shape {X.shape}")
+    if dim is not None and X.shape[1] != dim:
+        raise InputError(f"{name} has dimension {X.shape[1]}, expected {dim}")
+    if not np.isfinite(X).all():
+        raise InputError(f"{name} holds NaN or inf in {int((~np.isfinite(X)).any(axis=1).sum())} "
+                         "rows")
+    return X
+
+
+def _check_labels(y, name: str, n_rows: int, n_partitions: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] == 0):
+        raise InputError(f"{name} must be [n] partition indices or [n, k] partitions of the "
+                         f"top-k neighbours, got shape {y.shape}")
+    if len(y) != n_rows:
+        raise InputError(f"{name} has {len(y)} rows for {n_rows} query vectors")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"{name} must hold integer partition indices, got dtype {y.dtype}")
+    first = y if y.ndim == 1 else y[:, 0]
+    if first.min() < 0 or first.max() >= n_partitions:
+        raise InputError(f"{name}: the top-1 partition must be in [0, {n_partitions - 1}], got "
+                         f"values in [{first.min()}, {first.max()}]")
+    if y.ndim == 2 and (y.min() < -1 or y.max() >= n_partitions):
+        raise InputError(f"{name}: partitions must be in [0, {n_partitions - 1}] (or -1 for no "
+                         f"neighbour), got values in [{y.min()}, {y.max()}]")
+    return y.astype(np.int64)
+
+
+class LinearRouterTrainer(BaseEstimator):
+    """Learn a linear router ``scores = W q + b`` for a layout's clusters (scikit-learn style).
+
+    Configuration goes to the constructor, data to :meth:`fit`; :meth:`get_params`
+    and :meth:`set_params` behave as in scikit-learn (so does ``sklearn.base.clone``).
+
+    Parameters
+    ----------
+    n_partitions : clusters ``L`` to score (default: the number of ``centroids``).
+    centroids : ``[L, dim]`` centroids of the layout: the start of ``init="centroids"``.
+    metric : the layout's metric (IP, COSINE or L2), for the centroid start.
+    init : ``"centroids"`` (start at centroid routing), ``"random"`` (the paper's start) or
+        ``"auto"``: train from both and keep the better on the validation criterion.
+    lr, batch_size, max_epochs, patience, weight_decay : Adam and early stopping.
+    top1_weight : with ``[n, k]`` labels, the weight of the top-1 term in the loss.
+    val_metric, val_nprobe, val_k : the validation criterion that early stopping and the
+        choice of initialisation use: ``"top1"`` accuracy or ``"recall"``@``val_k`` of the
+        top ``val_nprobe`` clusters. Set them to the metric and nprobe that decide
+        publishing (:func:`.retrain.decide`), as the retrain job does.
+    seed, num_threads, show_progress : reproducibility, torch threads, a progress bar.
+
+    Attributes after :meth:`fit`
+    ----------------------------
+    coef_ ``[L, dim]`` and intercept_ ``[L]`` (the learned scale folded in, so
+    ``softmax(scores)`` is the model's probability), init_ (the initialisation kept),
+    best_epoch_, best_score_ (its validation criterion), candidates_ (initialisation ->
+    best validation criterion), history_ (:class:`EpochRecord` per epoch and run),
+    val_criterion_ (e.g. ``"top1@nprobe=8"``), n_partitions_, n_features_in_.
     """
 
-    def __init__(self, lr: float = 1e-3, batch_size: int = 512, max_epochs: int = 100,
-                 patience: int = 10, init: str = "auto", val_nprobe: int = 1, seed: int = 0,
-                 weight_decay: float = 0.0, top1_weight: float = 0.0,
-                 num_threads: int | None = None, show_progress=None):
+    def __init__(self, *, n_partitions: int | None = None, centroids=None, metric: str = "IP",
+                 init: str = "auto", lr: float = 1e-3, batch_size: int = 512,
+                 max_epochs: int = 100, patience: int = 10, weight_decay: float = 0.0,
+                 top1_weight: float = 0.0, val_metric: str = "top1", val_nprobe: int = 1,
+                 val_k: int = 10, seed: int = 0, num_threads: int | None = None,
+                 show_progress=None):
+        self.n_partitions = n_partitions
+        self.centroids = centroids
+        self.metric = metric
+        self.init = init
         self.lr = lr
         self.batch_size = batch_size
         self.max_epochs = max_epochs
         self.patience = patience
-        self.init = init
-        self.val_nprobe = val_nprobe
-        self.seed = seed
         self.weight_decay = weight_decay
         self.top1_weight = top1_weight
+        self.val_metric = val_metric
+        self.val_nprobe = val_nprobe
+        self.val_k = val_k
+        self.seed = seed
         self.num_threads = num_threads
         self.show_progress = show_progress
 
+    # ------------------------------------------------------------------ checks
+    def _check_params(self) -> tuple[int, np.ndarray | None]:
+        """Every constructor argument checked; returns ``(L, centroids or None)``."""
+        def need_int(name: str, minimum: int):
+            value = getattr(self, name)
+            if not _is_int(value) or value < minimum:
+                raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+        def need_positive(name: str, allow_zero: bool = False):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+
+        if self.init not in INITS:
+            raise InputError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.val_metric not in VAL_METRICS:
+            raise InputError(f"val_metric must be top1 or recall, got {self.val_metric!r}")
+        if not isinstance(self.metric, str) or self.metric.upper() not in METRICS:
+            raise InputError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        need_positive("lr")
+        need_positive("weight_decay", allow_zero=True)
+        need_int("batch_size", 1)
+        need_int("max_epochs", 0)
+        need_int("patience", 1)
+        need_int("val_nprobe", 1)
+        need_int("val_k", 1)
+        need_int("seed", 0)
+        if not _is_real(self.top1_weight) or not 0.0 <= self.top1_weight <= 1.0:
+            raise InputError(f"top1_weight must be in [0, 1], got {self.top1_weight!r}")
+        centroids = None
+        if self.centroids is not None:
+            centroids = _check_vectors(self.centroids, "centroids")
+        n_parts = self.n_partitions
+        if n_parts is None:
+            if centroids is None:
+                raise InputError("n_partitions is needed when no centroids are given")
+            n_parts = len(centroids)
+        if not _is_int(n_parts) or n_parts < 1:
+            raise InputError(f"n_partitions must be an integer >= 1, got {n_parts!r}")
+        if centroids is not None and len(centroids) != n_parts:
+            raise InputError(f"centroids has {len(centroids)} rows for n_partitions={n_parts}")
+        if self.init == "centroids" and centroids is None:
+            raise InputError("init='centroids' needs the layout's centroids (centroids=...)")
+        if self.val_nprobe > n_parts:
+            raise InputError(f"val_nprobe {self.val_nprobe} is more than the {n_parts} partitions")
+        return int(n_parts), centroids
+
     # ------------------------------------------------------------------ API
-    def fit(self, X, y, X_val, y_val, n_partitions: int, centroids=None, metric: str = "IP"):
-        """Learn W, b from queries ``X`` and labels ``y``.
+    def fit(self, X, y, *, eval_set=None) -> "LinearRouterTrainer":
+        """Learn W, b from queries ``X`` ``[n, dim]`` and labels ``y``; returns ``self``.
 
         ``y`` is ``[n]`` partition indices (the paper) or ``[n, k]`` partitions of
-        the top-k neighbours (multi-label; column 0 is the top-1). ``y_val`` is
-        used for early stopping on top-``val_nprobe`` accuracy of its column 0.
+        the top-k neighbours (multi-label; column 0 is the top-1, -1 where a query
+        has fewer neighbours). ``eval_set=(X_val, y_val)`` are held-out queries and
+        their neighbours' partitions, in the same forms; the validation criterion
+        (``val_metric`` at ``val_nprobe``, see the class) on them stops training and
+        picks the initialisation. Bad arguments raise :class:`~.errors.InputError`.
         """
+        n_parts, centroids = self._check_params()
+        X = _check_vectors(X, "X")
+        dim = X.shape[1]
+        if centroids is not None and centroids.shape[1] != dim:
+            raise InputError(f"centroids have dimension {centroids.shape[1]} but X has {dim}")
+        y = _check_labels(y, "y", len(X), n_parts)
+        if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
+            raise InputError("eval_set=(X_val, y_val) is required: held-out queries and their "
+                             "neighbours' partitions decide early stopping and the "
+                             f"initialisation, got {type(eval_set).__name__}")
+        X_val = _check_vectors(eval_set[0], "eval_set X_val", dim)
+        y_val = _check_labels(eval_set[1], "eval_set y_val", len(X_val), n_parts)
+
         import torch
-        if self.init not in ("auto", "centroids", "random"):
-            raise ValueError(f"init must be auto, centroids or random, got {self.init!r}")
-        if not 0.0 <= self.top1_weight <= 1.0:
-            raise ValueError(f"top1_weight must be in [0, 1], got {self.top1_weight}")
-        if self.init in ("auto", "centroids") and centroids is None:
-            if self.init == "centroids":
-                raise ValueError("init='centroids' needs the layout's centroids")
-        X = np.asarray(X, dtype=np.float32)
-        X_val = np.asarray(X_val, dtype=np.float32)
-        if len(X) == 0 or len(X_val) == 0:
-            raise ValueError("training and validation sets must both be non-empty")
-        y, y_val = np.asarray(y), np.asarray(y_val)
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         inits = {"auto": ["centroids", "random"], "centroids": ["centroids"],
                  "random": ["random"]}[self.init]
         if centroids is None:
             inits = ["random"]
-        runs = [self._fit_one(start, X, y, X_val, y_val, n_partitions, centroids, metric)
-                for start in inits]
-        best = max(runs, key=lambda r: (r.val_accuracy, r.init == "centroids"))
+        val_parts = y_val[:, None] if y_val.ndim == 1 else y_val
+        val_nb = Neighbours(np.zeros_like(val_parts), np.zeros(val_parts.shape, np.float32),
+                            val_parts)
+        self.val_criterion_ = f"{self.val_metric}@nprobe={self.val_nprobe}"
+        runs = [self._fit_one(start, X, y, X_val, val_nb, n_parts, centroids) for start in inits]
+        best = max(runs, key=lambda r: (r.score, r.init == "centroids"))
         self.coef_, self.intercept_ = best.weight, best.bias
-        self.init_, self.best_epoch_, self.val_accuracy_ = best.init, best.best_epoch, best.val_accuracy
+        self.init_, self.best_epoch_, self.best_score_ = best.init, best.best_epoch, best.score
         self.history_ = [rec for r in runs for rec in r.history]
-        self.candidates_ = {r.init: r.val_accuracy for r in runs}
-        log.info("router trained: init=%s best epoch %d, validation top-%d accuracy %.4f (%s)",
-                 best.init, best.best_epoch, self.val_nprobe, best.val_accuracy,
-                 ", ".join(f"{k}={v:.4f}" for k, v in self.candidates_.items()))
+        self.candidates_ = {r.init: r.score for r in runs}
+        self.n_partitions_, self.n_features_in_ = n_parts, dim
+        log.info("router trained from %d initialisation(s) of the trainer; validation %s of "
+                 "each trained run: %s; kept the %s", len(runs), self.val_criterion_,
+                 ", ".join(f"{_START_NAMES[r.init]} {r.score:.4f} (best epoch {r.best_epoch})"
+                           for r in runs), _START_NAMES[best.init])
         return self
 
     def decision_function(self, X) -> np.ndarray:
-        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+        """Scores ``[n, L]`` of queries ``X``: ``X @ coef_.T + intercept_``."""
+        if not hasattr(self, "coef_"):
+            raise NotFittedError("this LinearRouterTrainer is not fitted yet; call fit() first")
+        X = _check_vectors(X, "X", self.n_features_in_)
+        return X @ self.coef_.T + self.intercept_
 
     # ------------------------------------------------------------------ internals
-    def _fit_one(self, start, X, y, X_val, y_val, n_parts, centroids, metric) -> _Run:
+    def _score(self, scores, val_nb: Neighbours) -> float:
+        """The validation criterion, computed as :func:`.evaluate.routing_quality` does
+        for the publish decision."""
         import torch
-        from .progress import progress
+        top = torch.topk(scores, self.val_nprobe, dim=1).indices.numpy()
+        quality = routing_quality(top, val_nb, self.val_k)
+        return quality.top1_accuracy if self.val_metric == "top1" else quality.recall
+
+    def _fit_one(self, start, X, y, X_val, val_nb, n_parts, centroids) -> _Run:
+        import torch
         from .clustering import linear_centroid_scorer
+        from .progress import progress
 
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         dim = X.shape[1]
         xt, xv = torch.from_numpy(X), torch.from_numpy(X_val)
-        soft = y.ndim == 2
-        if soft:
+        if y.ndim == 2:
             target = torch.from_numpy(multilabel_targets(y, n_parts, self.top1_weight))
         else:
             target = torch.from_numpy(y.astype(np.int64))
-        val_label = torch.from_numpy((y_val[:, 0] if y_val.ndim == 2 else y_val).astype(np.int64))
 
         if start == "centroids":
-            w0, b0 = linear_centroid_scorer(centroids, metric)
+            w0, b0 = linear_centroid_scorer(centroids, self.metric)
             weight = torch.nn.Parameter(torch.from_numpy(w0.copy()))
             bias = torch.nn.Parameter(torch.from_numpy(b0.copy()))
             log_scale = torch.nn.Parameter(torch.tensor(self._fit_scale(xt, target, weight, bias)))
@@ -168,14 +322,13 @@ class LinearRouterTrainer:
         def logits(x):
             return torch.exp(log_scale) * (x @ weight.T + bias)
 
-        def val_accuracy() -> float:
+        def val_score() -> float:
             with torch.no_grad():
-                top = torch.topk(logits(xv), min(self.val_nprobe, n_parts), dim=1).indices
-                return float((top == val_label[:, None]).any(dim=1).float().mean())
+                return self._score(logits(xv), val_nb)
 
-        best_acc, best_epoch = val_accuracy(), 0
+        best_score, best_epoch = val_score(), 0
         best_state = [p.detach().clone() for p in params]
-        history = [EpochRecord(0, start, float("nan"), best_acc)]
+        history = [EpochRecord(0, start, float("nan"), best_score)]
         stale = 0
         epochs = progress(range(1, self.max_epochs + 1), total=self.max_epochs,
                           desc=f"train ({start})", unit="epoch", enabled=self.show_progress)
@@ -189,13 +342,14 @@ class LinearRouterTrainer:
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)
-            acc = val_accuracy()
-            history.append(EpochRecord(epoch, start, total / len(xt), acc))
-            log.debug("%s epoch %d loss %.4f val acc %.4f", start, epoch, total / len(xt), acc)
+            score = val_score()
+            history.append(EpochRecord(epoch, start, total / len(xt), score))
+            log.debug("%s epoch %d loss %.4f validation %s %.4f", start, epoch, total / len(xt),
+                      self.val_criterion_, score)
             if hasattr(epochs, "set_postfix"):
-                epochs.set_postfix(loss=f"{total / len(xt):.3f}", val=f"{acc:.3f}")
-            if acc > best_acc:
-                best_acc, best_epoch, stale = acc, epoch, 0
+                epochs.set_postfix(loss=f"{total / len(xt):.3f}", val=f"{score:.3f}")
+            if score > best_score:
+                best_score, best_epoch, stale = score, epoch, 0
                 best_state = [p.detach().clone() for p in params]
             else:
                 stale += 1
@@ -204,7 +358,7 @@ class LinearRouterTrainer:
         w, b, ls = best_state
         scale = float(torch.exp(ls))
         return _Run(start, (w * scale).numpy().astype(np.float32),
-                    (b * scale).numpy().astype(np.float32), best_acc, best_epoch, history)
+                    (b * scale).numpy().astype(np.float32), best_score, best_epoch, history)
 
     @staticmethod
     def _fit_scale(xt, target, weight, bias) -> float:

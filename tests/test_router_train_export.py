@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from milvus_ltr_router.errors import InputError
 from milvus_ltr_router.export import export_router, linear_router_model, router_metadata
 from milvus_ltr_router.layout import Layout, partition_names_for
 from milvus_ltr_router.router import CentroidRouter, Router, RouterError
@@ -22,8 +23,8 @@ def make_layout(centroids, layout_id="L1", metric="IP"):
 def trained(small_layout_arrays):
     docs, queries, centroids, parts, nb = small_layout_arrays
     tr, va, te = split_indices(len(queries), seed=0)
-    model = LinearRouterTrainer(max_epochs=60, patience=8).fit(
-        queries[tr], nb.labels[tr], queries[va], nb.labels[va], len(centroids), centroids=centroids)
+    model = LinearRouterTrainer(centroids=centroids, max_epochs=60, patience=8).fit(
+        queries[tr], nb.labels[tr], eval_set=(queries[va], nb.labels[va]))
     return model, (tr, va, te)
 
 
@@ -49,8 +50,9 @@ def test_learned_router_beats_centroids_on_held_out_real_queries(small_layout_ar
 def test_centroid_init_starts_at_centroid_routing(small_layout_arrays):
     docs, queries, centroids, parts, nb = small_layout_arrays
     tr, va, _ = split_indices(len(queries))
-    m = LinearRouterTrainer(max_epochs=0, init="centroids").fit(
-        queries[tr], nb.labels[tr], queries[va], nb.labels[va], 32, centroids=centroids)
+    m = LinearRouterTrainer(n_partitions=32, centroids=centroids, max_epochs=0,
+                            init="centroids").fit(queries[tr], nb.labels[tr],
+                                                  eval_set=(queries[va], nb.labels[va]))
     got = np.argsort(-m.decision_function(queries[:50]), 1)[:, :5]
     want = CentroidRouter(make_layout(centroids)).rank(queries[:50], 5)
     np.testing.assert_array_equal(got, want)
@@ -66,9 +68,97 @@ def test_multilabel_targets():
 
 def test_trainer_rejects_a_top1_weight_outside_0_1(small_layout_arrays):
     docs, queries, centroids, parts, nb = small_layout_arrays
-    with pytest.raises(ValueError, match="top1_weight"):
-        LinearRouterTrainer(top1_weight=1.5).fit(queries[:50], nb.partitions[:50], queries[50:80],
-                                                 nb.partitions[50:80], len(centroids), centroids)
+    with pytest.raises(InputError, match=r"top1_weight must be in \[0, 1\], got 1.5"):
+        LinearRouterTrainer(centroids=centroids, top1_weight=1.5).fit(
+            queries[:50], nb.partitions[:50], eval_set=(queries[50:80], nb.partitions[50:80]))
+
+
+def test_trainer_params_round_trip_like_scikit_learn(small_layout_arrays):
+    from sklearn.base import clone
+    _, _, centroids, _, _ = small_layout_arrays
+    trainer = LinearRouterTrainer(n_partitions=32, centroids=centroids, metric="L2", lr=0.01,
+                                  val_metric="recall", val_nprobe=4, seed=7)
+    params = trainer.get_params()
+    assert params["lr"] == 0.01 and params["val_nprobe"] == 4 and params["centroids"] is centroids
+    assert set(params) >= {"n_partitions", "centroids", "metric", "init", "lr", "batch_size",
+                           "max_epochs", "patience", "top1_weight", "val_metric", "val_k", "seed"}
+    again = LinearRouterTrainer(**params)
+    assert again.get_params() == params
+    assert trainer.set_params(lr=0.5, max_epochs=3) is trainer
+    assert (trainer.lr, trainer.max_epochs, trainer.seed) == (0.5, 3, 7)
+    twin = clone(trainer)
+    assert twin is not trainer and twin.get_params()["lr"] == 0.5
+    with pytest.raises(ValueError, match="Invalid parameter"):
+        trainer.set_params(learning_rate=1.0)
+
+
+def test_fit_with_eval_set_learns_and_keeps_the_learned_state(small_layout_arrays):
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    tr, va, te = split_indices(len(queries), seed=0)
+    trainer = LinearRouterTrainer(centroids=centroids, init="random", max_epochs=15, patience=15,
+                                  lr=0.01, val_metric="recall", val_nprobe=4, val_k=10)
+    assert trainer.fit(queries[tr], nb.partitions[tr, :10],
+                       eval_set=(queries[va], nb.partitions[va, :10])) is trainer
+    assert trainer.coef_.shape == (32, 384) and trainer.intercept_.shape == (32,)
+    assert trainer.init_ == "random" and trainer.val_criterion_ == "recall@nprobe=4"
+    assert trainer.n_partitions_ == 32 and trainer.n_features_in_ == 384
+    scores = [h.val_score for h in trainer.history_]
+    assert trainer.best_score_ == max(scores) == scores[trainer.best_epoch_]
+    assert trainer.best_score_ > scores[0] + 0.2       # random start: learned from the data
+    assert trainer.candidates_ == {"random": trainer.best_score_}
+    # the validation criterion is the retrain decision's: routing_quality's recall at nprobe 4
+    from milvus_ltr_router.evaluate import routing_quality
+    from milvus_ltr_router.labels import Neighbours
+    order = np.argsort(-trainer.decision_function(queries[va]), axis=1)[:, :4]
+    val_nb = Neighbours(nb.ids[va], nb.scores[va], nb.partitions[va])
+    assert routing_quality(order, val_nb, 10).recall == pytest.approx(trainer.best_score_, abs=1e-6)
+    assert "coef_" not in LinearRouterTrainer(centroids=centroids).__dict__   # state only from fit
+
+
+@pytest.mark.parametrize("params, fit_args, message", [
+    ({}, {"y": "labels", "eval_set": None}, r"eval_set=\(X_val, y_val\) is required"),
+    ({}, {"X": np.ones((10, 384, 1))}, r"X must be a non-empty \[n, dim\] array, got shape"),
+    ({}, {"X": np.full((10, 384), np.nan)}, "X holds NaN or inf in 10 rows"),
+    ({}, {"y": np.zeros(9, np.int64)}, "y has 9 rows for 10 query vectors"),
+    ({}, {"y": np.full(10, 32)}, r"y: the top-1 partition must be in \[0, 31\]"),
+    ({}, {"y": np.zeros(10)}, "y must hold integer partition indices, got dtype float64"),
+    ({}, {"y": np.full((10, 3), -2)}, r"the top-1 partition must be in \[0, 31\]"),
+    ({}, {"eval_set": (np.ones((5, 10)), np.zeros(5, np.int64))},
+     "eval_set X_val has dimension 10, expected 384"),
+    ({"n_partitions": 16}, {}, "centroids has 32 rows for n_partitions=16"),
+    ({"centroids": None}, {}, "n_partitions is needed when no centroids are given"),
+    ({"centroids": None, "n_partitions": 32, "init": "centroids"}, {}, "init='centroids' needs"),
+    ({"init": "zeros"}, {}, "init must be one of auto, centroids, random, got 'zeros'"),
+    ({"val_metric": "mrr"}, {}, "val_metric must be top1 or recall, got 'mrr'"),
+    ({"val_nprobe": 33}, {}, "val_nprobe 33 is more than the 32 partitions"),
+    ({"lr": -1.0}, {}, r"lr must be a finite number > 0, got -1.0"),
+    ({"batch_size": 0}, {}, "batch_size must be an integer >= 1, got 0"),
+    ({"max_epochs": 2.5}, {}, "max_epochs must be an integer >= 0, got 2.5"),
+    ({"metric": "HAMMING"}, {}, "metric must be one of IP, COSINE, L2"),
+])
+def test_trainer_refuses_bad_input_naming_it(small_layout_arrays, params, fit_args, message):
+    from milvus_ltr_router.errors import EXIT_USAGE, exit_code
+    _, queries, centroids, _, nb = small_layout_arrays
+    args = {"X": queries[:10], "y": nb.labels[:10],
+            "eval_set": (queries[10:15], nb.labels[10:15]), **fit_args}
+    if isinstance(args["y"], str):
+        args["y"] = nb.labels[:10]
+    trainer = LinearRouterTrainer(**{"centroids": centroids, "max_epochs": 1, **params})
+    with pytest.raises(InputError, match=message) as info:
+        trainer.fit(args["X"], args["y"], eval_set=args["eval_set"])
+    assert exit_code(info.value) == EXIT_USAGE
+    assert not hasattr(trainer, "coef_")
+
+
+def test_training_log_names_the_trainer_initialisations(small_layout_arrays, caplog):
+    import logging
+    docs, queries, centroids, parts, nb = small_layout_arrays
+    with caplog.at_level(logging.INFO, logger="milvus_ltr_router.train"):
+        LinearRouterTrainer(centroids=centroids, max_epochs=1, val_nprobe=2).fit(
+            queries[:300], nb.labels[:300], eval_set=(queries[300:400], nb.labels[300:400]))
+    line = next(r.getMessage() for r in caplog.records if r.name == "milvus_ltr_router.train")
+    assert "2 initialisation(s) of the trainer" in line and "validation top1@nprobe=2" in line
+    assert "centroid-initialised run" in line and "random-initialised run" in line
 
 
 def test_onnx_export_round_trip(tmp_path, small_layout_arrays, trained):
