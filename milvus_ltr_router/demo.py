@@ -12,6 +12,7 @@ exact neighbours, and the recall of the real searches through Milvus.
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,27 @@ log = logging.getLogger(__name__)
 
 def _step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
+
+
+def next_steps(db: str, model_dir: str, held_out: str) -> str:
+    """What to try after the demo: its own results, then the same loop on your collection."""
+    q = shlex.quote
+    where = f"--uri {q(db)} --collection wordnet_ivf --model-dir {q(model_dir)}"
+    return "\n".join([
+        "",
+        "== next (README: \"After the demo\")",
+        "look at what the demo built:",
+        f"  milvus-ltr-router status {where}",
+        f"  milvus-ltr-router evaluate {where} --queries {q(held_out)}",
+        "the same loop on your own collection (URI: http://host:19530, or an existing "
+        "milvus-lite .db file):",
+        "  milvus-ltr-router build-layout --uri URI --source YOURS --target YOURS_ivf",
+        "  # search YOURS_ivf through RoutedMilvusClient(URI, model_dir=\"onnx_models\"), "
+        "which logs 1% of queries (README: \"As a library\")",
+        "  retrain-router --uri URI --collection YOURS_ivf --since 7d    "
+        "# nightly from cron (README: \"Command line\")",
+        "  milvus-ltr-router status --uri URI --collection YOURS_ivf",
+    ])
 
 
 def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
@@ -74,23 +96,29 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
     _step(f"4/6 {len(logged)} real questions through RoutedMilvusClient (centroid routing, "
           f"nprobe={nprobe}); every query is logged")
     routed = RoutedMilvusClient(db, model_dir=str(model_dir), nprobe=nprobe, log_rate=1.0)
-    print("router status:", routed.router_status("wordnet_ivf")["mode"])
+    print(f"router: {routed.router_status('wordnet_ivf')['mode']} (nothing is published yet, so "
+          f"the client probes the partitions whose centroids score highest)")
     batches = range(0, len(logged), 50)
     for s in progress(batches, total=len(batches), desc="search", unit="batch", enabled=None):
         routed.search("wordnet_ivf", data=logged[s:s + 50].tolist(), limit=10)
     routed.flush_query_log()
-    print("query log:", routed.router_status("wordnet_ivf")["query_log"])
+    qlog = routed.router_status("wordnet_ivf")["query_log"]
+    print(f"query log: {qlog['written']} of {qlog['submitted']} queries written to Milvus "
+          f"({qlog['dropped']} dropped, {qlog['failed']} failed)")
     routed.close()
     release_lite(db)
 
-    _step("5/6 retrain-router (a separate process, as cron would run it)")
+    _step("5/6 retrain-router (a separate process, as cron would run it): labels the logged "
+          "queries with their exact neighbours, trains on 64% of them, validates on 16%, and "
+          "publishes only if it beats centroid routing (and any live router) on the other 20%")
     cmd = [sys.executable, "-m", "milvus_ltr_router.cli", "retrain", "--uri", db,
            "--collection", "wordnet_ivf", "--model-dir", str(model_dir), "--nprobe", str(nprobe),
            "--report", str(out_dir / "reports")]
     print("$ retrain-router " + " ".join(cmd[4:]), flush=True)
     subprocess.run(cmd, check=True)
 
-    _step(f"6/6 evaluate on {len(held_out)} held-out questions")
+    _step(f"6/6 compare centroid and learned routing on the {len(held_out)} held-out questions "
+          f"(never logged, never seen by retrain)")
     routed = RoutedMilvusClient(db, model_dir=str(model_dir), nprobe=nprobe, log_rate=0.0)
     layout = read_layout(routed, "wordnet_ivf")
     neighbours = label_queries(routed, layout, held_out, 10)
@@ -100,7 +128,9 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
         routers["learned"] = Router.load(current.path, layout=layout)
     nprobes = nprobe_grid(layout.n_partitions)
     table = {name: evaluate_router(r, held_out, neighbours, nprobes) for name, r in routers.items()}
-    print("routing quality vs exact MIPS neighbours (top-1 accuracy, recall@10):")
+    print(f"routing quality on the {len(held_out)} held-out questions, against their exact "
+          f"inner-product neighbours\n(top1 = top-1 accuracy, R@10 = recall@10, as explained "
+          f"in step 5):")
     print(format_table(table))
     png = plot_quality(table, out_dir / "demo_routing_quality.png",
                        title=f"{layout.n_partitions} partitions, {len(held_out)} held-out questions")
@@ -113,7 +143,9 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
                               for row, t in zip(hits, neighbours.ids)]))
 
     recall = milvus_recall()
-    print(f"\nsearch through Milvus with the {status['mode']} router {status.get('version')}, "
+    print(f"\nreal searches through Milvus, the same {len(held_out)} held-out questions "
+          f"(recall@10 = share of the exact top 10 that a search returns):")
+    print(f"search(...) with the {status['mode']} router {status.get('version')}, "
           f"nprobe={nprobe} of {layout.n_partitions}: recall@10 = {recall:.4f}")
     adaptive = {}
     if status.get("adaptive"):
@@ -128,6 +160,7 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
     release_lite(db)
     if png:
         print(f"plot: {png}")
-    print(f"demo finished in {time.perf_counter() - t_start:.0f} s")
+    print(next_steps(db, str(model_dir), str(out_dir / "held_out_queries.npy")))
+    print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")   # the last line (tests)
     return {"table": {n: [asdict(q) for q in rows] for n, rows in table.items()},
             "milvus_recall@10": recall, "adaptive": adaptive, "router": status}
