@@ -602,10 +602,10 @@ def _cmd_retrain(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_router, nprobe_grid, to_json
+    from .evaluate import evaluate_router, nprobe_grid
     from .layout import read_layout
     from .registry import ModelRegistry
-    from .report import format_table
+    from .report import format_table, quality_json
     from .retrain import label_queries, load_query_file
     from .router import CentroidRouter, Router, validate_nprobes
     with _connected(args) as client:
@@ -626,7 +626,7 @@ def _cmd_evaluate(args) -> int:
     print(format_table(results, args.k))
     if args.json:
         with open(args.json, "w") as fh:
-            fh.write(to_json(results))
+            fh.write(quality_json(results))
     return EXIT_OK
 
 

@@ -10,8 +10,7 @@
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -84,7 +83,3 @@ def nprobe_grid(n_partitions: int, fractions=(0.001, 0.01, 0.02, 0.05, 0.1)) -> 
     """The paper's probe budgets as fractions of L (at least 1 partition), plus 1 and 2."""
     values = {1, min(2, n_partitions)} | {max(1, int(round(f * n_partitions))) for f in fractions}
     return sorted(v for v in values if v <= n_partitions)
-
-
-def to_json(results: dict[str, list[RoutingQuality]]) -> str:
-    return json.dumps({name: [asdict(r) for r in rows] for name, rows in results.items()}, indent=2)

@@ -8,6 +8,7 @@ changes what was published.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -42,6 +43,11 @@ def format_table(table: Mapping[str, Sequence[RoutingQuality | Mapping]], k: int
         cells = [f"{rows[n][i]['top1_accuracy']:>16.4f} {rows[n][i]['recall']:>16.4f}" for n in names]
         lines.append(f"{row['nprobe']:>6} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def quality_json(table: Mapping[str, Sequence[RoutingQuality | Mapping]]) -> str:
+    """An evaluation (router name -> quality rows) as indented JSON."""
+    return json.dumps({name: [_row(q) for q in rows] for name, rows in table.items()}, indent=2)
 
 
 def retrain_quality(result) -> dict[str, list[RoutingQuality]]:

@@ -54,6 +54,9 @@ def test_report_table_takes_quality_rows_or_their_dicts():
     lines = text.splitlines()
     assert "centroid top1" in lines[0] and "learned R@10" in lines[0] and len(lines) == 3
     assert lines[2].split() == ["4", "0.5000", "0.7500", "0.8750", "0.9000"]
+    import json
+    from milvus_ltr_router.report import quality_json
+    assert json.loads(quality_json(rows)) == {n: [asdict(q) for q in r] for n, r in rows.items()}
 
 
 def test_write_report_writes_the_result_json_and_a_plot(tmp_path):
