@@ -1,14 +1,26 @@
-"""Layout build throughput: rows/s for read-out, clustering and write-back (issue 3).
+"""Layout build throughput: seconds and rows/s per phase of ``build_layout`` (issues 3 and 14).
 
-Vectors: the real MiniLM fixture, tiled with small noise to the requested size
-(throughput depends on size and dimension, not on where vectors came from).
-Runs against ``MILVUS_URI`` or the embedded Milvus 2.3.5 server; milvus-lite with ``--lite``.
+Vectors: a real set when it is cached (``--data auto``: ``large`` up to its
+273,920 rows, ``xlarge`` up to 1,000,000; rows are its first N documents),
+else the real MiniLM fixture tiled with small noise (throughput depends on
+size and dimension, not on where vectors came from). Runs against
+``MILVUS_URI`` or the embedded Milvus 2.3.5 server; milvus-lite with ``--lite``.
 
-    python -m benchmarks.bench_layout [--rows 100000] [--clusters 64] [--lite] [--quick]
+``--baseline PATH`` also builds the same source with the package found at
+``PATH`` (e.g. a ``git worktree`` of an older commit), in a subprocess, the two
+builds interleaved ``--repeat`` times, and prints both and their ratio: the
+before/after table of one session on one machine.
+
+    python -m benchmarks.bench_layout [--rows 100000] [--clusters N] [--lite] [--quick]
+    python -m benchmarks.bench_layout --rows 1000000 --baseline /tmp/base
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -16,6 +28,8 @@ import uuid
 import numpy as np
 
 from benchmarks.common import peak_rss_mib, print_table, save, setup_logging
+
+PHASES = ("read", "cluster", "refine", "assign", "write", "index_load", "verify")
 
 
 def tiled_vectors(n_rows: int, seed: int = 0) -> np.ndarray:
@@ -28,56 +42,169 @@ def tiled_vectors(n_rows: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def run(uri: str, label: str, n_rows: int, n_clusters: int) -> dict:
-    from pymilvus import MilvusClient
-    from milvus_ltr_router.layout import build_layout, drop_layout
-    from milvus_ltr_router.milvus_io import create_vector_collection
-    vecs = tiled_vectors(n_rows)
-    client = MilvusClient(uri)
-    src, dst = f"bench_src_{uuid.uuid4().hex[:6]}", f"bench_ivf_{uuid.uuid4().hex[:6]}"
+def bench_vectors(n_rows: int, data: str = "auto") -> tuple[np.ndarray, str]:
+    """``n_rows`` document vectors and where they came from (see the module docstring)."""
+    from benchmarks.datasets import CACHE_FILES, EmbeddingDataset, cache_dir
+    if data == "auto":
+        sizes = {"large": 273_920, "xlarge": 1_000_000}
+        data = next((name for name, size in sizes.items()
+                     if n_rows <= size and (cache_dir() / CACHE_FILES[name]).exists()), "tiled")
+    if data == "tiled":
+        return tiled_vectors(n_rows), "fixture tiled with noise"
+    docs = EmbeddingDataset.load(cache_dir() / CACHE_FILES[data]).docs
+    if n_rows > len(docs):
+        raise SystemExit(f"--rows {n_rows} is more than the {len(docs)} rows of {data!r}")
+    return np.ascontiguousarray(docs[:n_rows]), f"{data} (real, first {n_rows} rows)"
+
+
+def create_source(client, name: str, vecs: np.ndarray) -> float:
+    """The source collection (id, vector, an int tag), written column-wise; seconds taken."""
+    from pymilvus import DataType, MilvusClient
+    from milvus_ltr_router.milvus_io import ParallelWriter, vector_index_params
     t0 = time.perf_counter()
-    create_vector_collection(client, src, vecs, scalars={"tag": [int(i % 97) for i in range(n_rows)]})
-    client.load_collection(src)
-    load_s = time.perf_counter() - t0
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=vecs.shape[1])
+    schema.add_field("tag", DataType.INT64)
+    client.create_collection(name, schema=schema,
+                             index_params=vector_index_params(client, "vector", "IP"))
+    ids = np.arange(len(vecs), dtype=np.int64)
+    with ParallelWriter(client, name, writers=2) as writer:
+        for start in range(0, len(vecs), 65536):
+            sl = slice(start, start + 65536)
+            writer.submit({"id": ids[sl], "vector": vecs[sl], "tag": ids[sl] % 97})
+    client.flush(name)
+    client.load_collection(name)
+    return time.perf_counter() - t0
+
+
+_BASELINE_SNIPPET = """
+import json, resource, sys, time
+import milvus_ltr_router
+from pymilvus import MilvusClient
+from milvus_ltr_router.layout import build_layout, drop_layout
+uri, src, dst, n_clusters = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+client = MilvusClient(uri)
+try:
+    report = build_layout(client, src, dst, n_clusters=n_clusters)
+finally:
+    drop_layout(client, dst)
+print("BASELINE_RESULT " + json.dumps({"seconds": report.seconds, "package": milvus_ltr_router.__file__,
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def build_with(uri: str, src: str, n_clusters: int, package_root: str | None) -> dict:
+    """One build of ``src``: with this checkout's package, or in a subprocess with the package
+    at ``package_root``. Returns ``{"seconds": {...}, "package": ..., "peak_rss_mib": ...}``."""
+    dst = f"bench_ivf_{uuid.uuid4().hex[:6]}"
+    if package_root is None:
+        import milvus_ltr_router
+        from pymilvus import MilvusClient
+        from milvus_ltr_router.layout import build_layout, drop_layout
+        client = MilvusClient(uri)
+        try:
+            report = build_layout(client, src, dst, n_clusters=n_clusters)
+        finally:
+            drop_layout(client, dst)
+            client.close()
+        return {"seconds": report.seconds, "package": milvus_ltr_router.__file__,
+                "peak_rss_mib": peak_rss_mib()}
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(package_root))
+    proc = subprocess.run([sys.executable, "-c", _BASELINE_SNIPPET, uri, src, dst, str(n_clusters)],
+                          env=env, cwd=package_root, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BASELINE_RESULT ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"baseline build failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    out = json.loads(line.split(" ", 1)[1])
+    if not out["package"].startswith(os.path.abspath(package_root)):
+        raise RuntimeError(f"baseline imported {out['package']}, not the package under {package_root}")
+    return out
+
+
+def row_of(label: str, n_rows: int, dim: int, n_clusters: int, result: dict) -> dict:
+    s = result["seconds"]
+    total = sum(s.values())
+    row = {"code": label, "rows": n_rows, "dim": dim, "L": n_clusters, "total_s": total,
+           "rows_per_s": n_rows / total, "peak_rss_mib": result["peak_rss_mib"]}
+    for phase in PHASES:
+        row[f"{phase}_s"] = s.get(phase)
+    # rows/s of a pass over every row; the code before issue 14 read Milvus twice: a sample
+    # pass ("read", vectors only) and a second read-out inside "assign"
+    for phase in ("read", "assign", "write", "index_load"):
+        if s.get(phase):
+            row[f"{phase}_rows_per_s"] = n_rows / s[phase]
+    return row
+
+
+def run(uri: str, label: str, n_rows: int, n_clusters: int, data: str = "auto",
+        baseline: str | None = None, repeat: int = 1) -> tuple[list[dict], dict]:
+    from pymilvus import MilvusClient
+    vecs, origin = bench_vectors(n_rows, data)
+    client = MilvusClient(uri)
+    src = f"bench_src_{uuid.uuid4().hex[:6]}"
+    rows = []
     try:
-        report = build_layout(client, src, dst, n_clusters=n_clusters)
+        insert_s = create_source(client, src, vecs)
+        dim = vecs.shape[1]
+        del vecs
+        for _ in range(repeat):
+            if baseline:
+                rows.append(row_of("baseline", n_rows, dim, n_clusters,
+                                   build_with(uri, src, n_clusters, baseline)))
+            rows.append(row_of("current", n_rows, dim, n_clusters,
+                               build_with(uri, src, n_clusters, None)))
     finally:
-        drop_layout(client, dst)
         client.drop_collection(src)
         client.close()
-    s = report.seconds
-    return {"backend": label, "rows": n_rows, "dim": vecs.shape[1], "L": n_clusters,
-            "insert_source_s": load_s, "read_rows_per_s": n_rows / s["read"],
-            "cluster_s": s["cluster"], "write_rows_per_s": n_rows / s["write"],
-            "index_load_s": s["index_load"], "verify_s": s["verify"],
-            "total_s": sum(s.values()), "peak_rss_mib": peak_rss_mib()}
+    return rows, {"backend": label, "vectors": origin, "insert_source_s": insert_s,
+                  "load_avg": os.getloadavg()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--clusters", type=int, default=64)
+    parser.add_argument("--clusters", type=int, default=None,
+                        help="default round(sqrt(rows)), as build-layout")
+    parser.add_argument("--data", choices=["auto", "large", "xlarge", "tiled"], default="auto")
+    parser.add_argument("--baseline", default=None, metavar="PATH",
+                        help="also build with the package under PATH (a worktree of older code)")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved builds per code")
     parser.add_argument("--lite", action="store_true", help="milvus-lite instead of a server")
     parser.add_argument("--quick", action="store_true", help="3,000 rows, 8 clusters, milvus-lite")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     setup_logging()
     if args.quick:
-        args.rows, args.clusters, args.lite = 3000, 8, True
+        args.rows, args.clusters, args.lite, args.data = 3000, 8, True, "tiled"
+    if args.clusters is None:
+        args.clusters = max(1, round(args.rows ** 0.5))
     if args.lite:
         from milvus_ltr_router.milvus_io import release_lite
         with tempfile.TemporaryDirectory() as tmp:
             uri = f"{tmp}/bench.db"
-            rows = [run(uri, "milvus-lite", args.rows, args.clusters)]
+            rows, info = run(uri, "milvus-lite", args.rows, args.clusters, args.data,
+                             args.baseline, args.repeat)
             release_lite(uri)
     else:
         from benchmarks.server import milvus_uri
         with milvus_uri() as (uri, label):
-            rows = [run(uri, label, args.rows, args.clusters)]
-    print_table(rows, ["backend", "rows", "dim", "L", "read_rows_per_s", "cluster_s",
-                       "write_rows_per_s", "index_load_s", "verify_s", "total_s", "peak_rss_mib"],
-                "layout build throughput")
-    save("layout" + ("_quick" if args.quick else ""), {"runs": rows}, args.out)
+            rows, info = run(uri, label, args.rows, args.clusters, args.data, args.baseline,
+                             args.repeat)
+    print(f"\n{info['backend']}; vectors: {info['vectors']}; source insert {info['insert_source_s']:.1f} s; "
+          f"load average after {info['load_avg'][0]:.2f}")
+    print_table(rows, ["code", "rows", "dim", "L"] + [f"{p}_s" for p in PHASES]
+                + ["total_s", "rows_per_s", "peak_rss_mib"], "layout build, seconds per phase")
+    print_table(rows, ["code", "read_rows_per_s", "assign_rows_per_s", "write_rows_per_s",
+                       "index_load_rows_per_s", "rows_per_s"],
+                "rows/s per pass (baseline: 'read' is its vectors-only sample pass; its second "
+                "read-out is inside 'assign')")
+    if args.baseline:
+        base = [r["total_s"] for r in rows if r["code"] == "baseline"]
+        cur = [r["total_s"] for r in rows if r["code"] == "current"]
+        print(f"\nspeed-up of the whole build (median baseline / median current): "
+              f"{np.median(base) / np.median(cur):.2f}x")
+    save("layout" + ("_quick" if args.quick else f"_{args.rows}"), {"runs": rows, **info}, args.out)
     return 0
 
 

@@ -28,10 +28,11 @@ from .clustering import (as_vector_batch, assign_balanced, assign_clusters, bala
                          default_n_clusters, fit_centroids, normalize_rows, refine_centroids,
                          resolve_sample_size)
 from .labels import Block, check_metric
-from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, CollectionInfo,
-                        clone_schema, count_rows, describe, ensure_loaded, is_milvus_lite, iter_rows,
-                        key_list_literal, rows_to_arrays,
-                        vector_index_params)
+from .milvus_io import (DEFAULT_PARTITION, SCAN_ROWS, SERVER_PARTITION_LIMIT, WRITE_BYTES,
+                        CollectionError, CollectionInfo, Columns, ParallelWriter, clone_schema,
+                        concat_columns, count_rows, describe, ensure_loaded, is_milvus_lite,
+                        iter_columns, iter_rows, key_list_literal, n_rows_of, request_rows,
+                        rows_to_arrays, take_rows, vector_index_params)
 from .progress import ProgressCounter
 from .sampling import reservoir_sample
 from .storage import (CLUSTER_FIELD, Storage, StorageError, check_clustering_key_support, choose_mode,
@@ -271,15 +272,15 @@ def partition_sizes(client: MilvusClient, collection: str, names: Sequence[str])
                       dtype=np.int64)
 
 
-def cluster_sizes(client: MilvusClient, layout: Layout, batch_size: int = 16384) -> np.ndarray:
+def cluster_sizes(client: MilvusClient, layout: Layout, batch_size: int = 65536) -> np.ndarray:
     """Live row count of each cluster: partition statistics in ``partition`` storage, else
     the cluster-id field streamed (ids only, no vectors)."""
     storage = layout.storage
     if storage.cluster_field is None:
         return partition_sizes(client, layout.collection, layout.partition_names)
     counts = np.zeros(layout.n_clusters, dtype=np.int64)
-    for batch in iter_rows(client, layout.collection, [storage.cluster_field], batch_size):
-        cid = np.fromiter((r[storage.cluster_field] for r in batch), dtype=np.int64, count=len(batch))
+    for cols in iter_columns(client, layout.collection, [storage.cluster_field], batch_size):
+        cid = np.asarray(cols[storage.cluster_field], dtype=np.int64)
         counts += np.bincount(cid[(cid >= 0) & (cid < layout.n_clusters)], minlength=layout.n_clusters)
     return counts
 
@@ -345,55 +346,81 @@ def move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int = 4096
         log.info("moved %d rows out of _default (%d so far)", len(batch), moved)
 
 
-def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = 4096,
-                       progress: ProgressCounter | None = None) -> Iterator[Block]:
+def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = SCAN_ROWS,
+                       progress: ProgressCounter | None = None, readers: int = 2) -> Iterator[Block]:
     """``(ids, vectors, cluster index)`` blocks over the whole laid-out collection.
 
     With a cluster-id field, one pass over the collection reads it beside each
     vector. In ``partition`` storage Milvus does not report which partition a
     row sits in, so it reads partition by partition: the partition asked is the
-    membership.
+    membership. Reads are column-wise, ``readers`` requests in flight (see
+    :func:`.milvus_io.iter_columns`); blocks do not come in key order.
     """
     storage = layout.storage
+    pk, vf = layout.primary_field, layout.vector_field
     if storage.cluster_field is not None:
-        fields = [layout.primary_field, layout.vector_field, storage.cluster_field]
-        for batch in iter_rows(client, layout.collection, fields, batch_size):
-            ids, vecs = rows_to_arrays(batch, layout.primary_field, layout.vector_field)
-            cid = np.fromiter((r[storage.cluster_field] for r in batch), dtype=np.int64,
-                              count=len(batch))
+        fields = [pk, vf, storage.cluster_field]
+        for cols in iter_columns(client, layout.collection, fields, batch_size, readers=readers):
             if progress is not None:
-                progress.update(len(ids))
-            yield ids, vecs, cid
+                progress.update(len(cols[pk]))
+            yield (np.asarray(cols[pk]), cols[vf],
+                   np.asarray(cols[storage.cluster_field], dtype=np.int64))
         return
-    fields = [layout.primary_field, layout.vector_field]
     for index, name in enumerate(layout.partition_names):
-        for batch in iter_rows(client, layout.collection, fields, batch_size, partition_names=[name]):
-            ids, vecs = rows_to_arrays(batch, layout.primary_field, layout.vector_field)
+        for cols in iter_columns(client, layout.collection, [pk, vf], batch_size,
+                                 partition_names=[name], readers=readers):
             if progress is not None:
-                progress.update(len(ids))
-            yield ids, vecs, index
+                progress.update(len(cols[pk]))
+            yield np.asarray(cols[pk]), cols[vf], index
 
 
 # --------------------------------------------------------------------------- build
-def _vector_blocks(client, info: CollectionInfo, batch_size: int, bar: ProgressCounter):
-    for batch in iter_rows(client, info.name, [info.primary_field, info.vector_field], batch_size):
-        bar.update(len(batch))
-        yield rows_to_arrays(batch, info.primary_field, info.vector_field)[1]
+class _RowSpill:
+    """Every row of the source, column batches pickled to one temporary file as they are
+    read: the source is read from Milvus once, and clustering, refinement and assignment
+    read the local copy."""
+
+    def __init__(self, directory: str | None):
+        self._dir = tempfile.TemporaryDirectory(prefix="ltr-rows-", dir=directory)
+        self.path = os.path.join(self._dir.name, "rows")
+        self._fh = open(self.path, "wb")
+        self.rows = 0
+
+    def add(self, columns: Columns) -> None:
+        pickle.dump(columns, self._fh, protocol=pickle.HIGHEST_PROTOCOL)
+        self.rows += n_rows_of(columns)
+
+    def batches(self) -> Iterator[Columns]:
+        self._fh.flush()
+        with open(self.path, "rb") as fh:
+            while True:
+                try:
+                    yield pickle.load(fh)
+                except EOFError:
+                    return
+
+    def close(self) -> None:
+        self._fh.close()
+        self._dir.cleanup()
 
 
 def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int | None = None,
                  algorithm: str = "spherical", sample_size: int | None = None, seed: int = 0,
                  metric: str | None = None, vector_field: str | None = None,
                  index: dict | None = None, alias: str | None = None, overwrite: bool = False,
-                 batch_size: int = 4096, max_partitions: int | None = None,
+                 batch_size: int = SCAN_ROWS, max_partitions: int | None = None,
                  max_iter: int = 10, storage: str = "auto", groups: int | None = None,
                  clustering_key: bool = False, clusters_from: Layout | None = None,
                  spill_dir: str | None = None, refine_passes: int = 0,
-                 max_cluster_ratio: float | None = None) -> BuildReport:
+                 max_cluster_ratio: float | None = None, readers: int = 2,
+                 writers: int = 2, request_bytes: int = WRITE_BYTES) -> BuildReport:
     """Cluster ``source`` into a new collection ``target`` stored by cluster, and store its layout.
 
-    The source is streamed twice (a reservoir sample for k-means, then every
-    row with all its fields) and never modified. ``n_clusters`` defaults to
+    The source is read once, column-wise with ``readers`` requests of about
+    ``batch_size`` rows in flight, into a local spill (``spill_dir``, about the
+    collection's size on disk) while a reservoir sample for k-means is drawn;
+    it is never modified. Rows are written back with ``writers`` insert
+    requests of about ``request_bytes`` in flight. ``n_clusters`` defaults to
     round(sqrt(N)) (clipped to the server's partition limit in ``partition``
     storage). ``sample_size`` is a row count, ``"NNNx"`` (rows per cluster) or
     ``"all"`` (default: :func:`.clustering.resolve_sample_size`);
@@ -466,62 +493,88 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
             sample_size = resolve_sample_size(sample_size, n_rows, n_clusters, dim=info.dim)
         except ValueError as exc:
             raise LayoutError(f"sample size: {exc}") from exc
-        t0 = time.perf_counter()
-        with ProgressCounter(n_rows, "sample", "rows") as bar:
-            sample = reservoir_sample(_vector_blocks(client, info, batch_size, bar), sample_size, seed)
-        seconds["read"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        log.info("clustering %d sampled rows into %d clusters (%s)", len(sample), n_clusters, algorithm)
-        centroids = fit_centroids(sample, n_clusters, algorithm, seed=seed, max_iter=max_iter)
-        del sample
-        seconds["cluster"] = time.perf_counter() - t0
-        if refine_passes:
-            t0 = time.perf_counter()
-            with ProgressCounter(n_rows * refine_passes, "refine", "rows") as bar:
-                centroids = refine_centroids(
-                    lambda: _vector_blocks(client, info, batch_size, bar), centroids, algorithm,
-                    passes=refine_passes)
-            seconds["refine"] = time.perf_counter() - t0
-        names, clustering_id = partition_names_for(n_clusters), ""
-    else:
-        centroids = clusters_from.centroids.copy()
-        names, clustering_id = list(clusters_from.partition_names), clusters_from.clustering_id
-
-    group_of = None
-    if mode == "grouped":
-        n_groups = groups or default_groups(n_clusters)
-        try:
-            group_of = group_clusters(centroids, n_groups, algorithm, seed=seed)
-        except StorageError as exc:
-            raise LayoutError(str(exc)) from exc
-    layout = Layout(collection=target, centroids=centroids, partition_names=names,
-                    sizes=np.zeros(n_clusters, dtype=np.int64), metric=metric, algorithm=algorithm,
-                    dim=info.dim, layout_id=new_layout_id(),
-                    vector_field=info.vector_field, primary_field=info.primary_field, seed=seed,
-                    created_at=utc_now(), source=info.name,
-                    storage=make_storage(mode, names, group_of, clustering_key),
-                    clustering_id=clustering_id)
+    spill = _RowSpill(spill_dir)
     try:
-        capacity = None if max_cluster_ratio is None else \
-            balanced_capacity(n_rows, n_clusters, max_cluster_ratio)
-        if capacity is not None:
-            layout.extra["max_cluster_ratio"] = max_cluster_ratio
-        seconds.update(_write_target(client, info, layout, n_rows, overwrite, index, batch_size,
-                                     lite, spill_dir, capacity))
         t0 = time.perf_counter()
-        _write_layout_meta(client, layout)
-        empty = _verify(client, layout, n_rows)
-        seconds["verify"] = time.perf_counter() - t0
-    except Exception as exc:
-        raise LayoutError(
-            f"building layout {target!r} failed: {exc}. The source {source!r} is untouched; remove "
-            f"the partial target with: milvus-ltr-router drop-layout --collection {target} "
-            f"(drops {target!r} and {layout_collection_name(target)!r})") from exc
-    if alias:
-        point_alias(client, alias, target)
-    log.info("layout %s: %d rows in %d clusters of %r, storage %s (%d partitions, %d empty clusters)",
-             layout.layout_id, n_rows, n_clusters, target, mode, layout.storage.n_groups, len(empty))
-    return BuildReport(layout=layout, rows=n_rows, empty_partitions=empty, seconds=seconds)
+        out_fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
+
+        def read_source(bar):
+            for cols in iter_columns(client, info.name, out_fields, batch_size, readers=readers):
+                spill.add(cols)
+                bar.update(n_rows_of(cols))
+                yield cols[info.vector_field]
+
+        with ProgressCounter(n_rows, "read", "rows") as bar:
+            if clusters_from is None:
+                sample = reservoir_sample(read_source(bar), sample_size, seed)
+            else:
+                for _ in read_source(bar):
+                    pass
+        seconds["read"] = time.perf_counter() - t0
+        if spill.rows != n_rows:
+            raise LayoutError(f"read {spill.rows} rows of {source!r} but it holds {n_rows}: is it "
+                              f"being written to? Build from a collection nobody writes")
+
+        def local_vectors(bar=None):
+            for cols in spill.batches():
+                if bar is not None:
+                    bar.update(n_rows_of(cols))
+                yield cols[info.vector_field]
+
+        if clusters_from is None:
+            t0 = time.perf_counter()
+            log.info("clustering %d sampled rows into %d clusters (%s)", len(sample), n_clusters,
+                     algorithm)
+            centroids = fit_centroids(sample, n_clusters, algorithm, seed=seed, max_iter=max_iter)
+            del sample
+            seconds["cluster"] = time.perf_counter() - t0
+            if refine_passes:
+                t0 = time.perf_counter()
+                with ProgressCounter(n_rows * refine_passes, "refine", "rows") as bar:
+                    centroids = refine_centroids(lambda: local_vectors(bar), centroids, algorithm,
+                                                 passes=refine_passes)
+                seconds["refine"] = time.perf_counter() - t0
+            names, clustering_id = partition_names_for(n_clusters), ""
+        else:
+            centroids = clusters_from.centroids.copy()
+            names, clustering_id = list(clusters_from.partition_names), clusters_from.clustering_id
+        group_of = None
+        if mode == "grouped":
+            n_groups = groups or default_groups(n_clusters)
+            try:
+                group_of = group_clusters(centroids, n_groups, algorithm, seed=seed)
+            except StorageError as exc:
+                raise LayoutError(str(exc)) from exc
+        layout = Layout(collection=target, centroids=centroids, partition_names=names,
+                        sizes=np.zeros(n_clusters, dtype=np.int64), metric=metric, algorithm=algorithm,
+                        dim=info.dim, layout_id=new_layout_id(),
+                        vector_field=info.vector_field, primary_field=info.primary_field, seed=seed,
+                        created_at=utc_now(), source=info.name,
+                        storage=make_storage(mode, names, group_of, clustering_key),
+                        clustering_id=clustering_id)
+        try:
+            capacity = None if max_cluster_ratio is None else \
+                balanced_capacity(n_rows, n_clusters, max_cluster_ratio)
+            if capacity is not None:
+                layout.extra["max_cluster_ratio"] = max_cluster_ratio
+            seconds.update(_write_target(client, info, layout, spill, overwrite, index, lite,
+                                         spill_dir, capacity, writers, request_bytes))
+            t0 = time.perf_counter()
+            _write_layout_meta(client, layout)
+            empty = _verify(client, layout, n_rows)
+            seconds["verify"] = time.perf_counter() - t0
+        except Exception as exc:
+            raise LayoutError(
+                f"building layout {target!r} failed: {exc}. The source {source!r} is untouched; remove "
+                f"the partial target with: milvus-ltr-router drop-layout --collection {target} "
+                f"(drops {target!r} and {layout_collection_name(target)!r})") from exc
+        if alias:
+            point_alias(client, alias, target)
+        log.info("layout %s: %d rows in %d clusters of %r, storage %s (%d partitions, %d empty clusters)",
+                 layout.layout_id, n_rows, n_clusters, target, mode, layout.storage.n_groups, len(empty))
+        return BuildReport(layout=layout, rows=n_rows, empty_partitions=empty, seconds=seconds)
+    finally:
+        spill.close()
 
 
 def _target_schema(info: CollectionInfo, layout: Layout):
@@ -542,7 +595,8 @@ def _cluster_index_params(client, field: str, lite: bool):
 
 class _ClusterSpill:
     """Rows bucketed by cluster range in temporary files, so the target can be written in
-    cluster order with memory bounded by one bucket (not by the collection)."""
+    cluster order with memory bounded by one bucket (not by the collection). Rows are kept
+    as column batches (numpy arrays pickle as one buffer)."""
 
     def __init__(self, n_clusters: int, n_rows: int, directory: str | None,
                  rows_per_bucket: int = 50_000, max_buckets: int = 256):
@@ -553,35 +607,38 @@ class _ClusterSpill:
         self._files = [open(os.path.join(self._dir.name, f"b{i:04d}"), "wb")
                        for i in range(self.n_buckets)]
 
-    def add(self, rows: list[dict], clusters: np.ndarray) -> None:
+    def add(self, columns: Columns, clusters: np.ndarray) -> None:
         bucket = clusters * self.n_buckets // self.n_clusters
-        for b in np.unique(bucket):
-            idx = np.flatnonzero(bucket == b)
-            pickle.dump(([rows[i] for i in idx], clusters[idx]), self._files[b],
-                        protocol=pickle.HIGHEST_PROTOCOL)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.flatnonzero(np.diff(bucket[order])) + 1
+        for run in np.split(order, bounds):
+            if len(run):
+                pickle.dump((take_rows(columns, run), clusters[run]), self._files[bucket[run[0]]],
+                            protocol=pickle.HIGHEST_PROTOCOL)
 
-    def sorted_runs(self) -> Iterator[tuple[int, list[dict]]]:
-        """``(cluster, rows)`` in cluster order, one bucket in memory at a time."""
+    def sorted_runs(self) -> Iterator[tuple[int, Columns]]:
+        """``(cluster, columns)`` in cluster order, one bucket in memory at a time."""
         for f in self._files:
             f.close()
         for f in self._files:
-            rows, clusters = [], []
+            parts, clusters = [], []
             with open(f.name, "rb") as fh:
                 while True:
                     try:
-                        r, c = pickle.load(fh)
+                        c, k = pickle.load(fh)
                     except EOFError:
                         break
-                    rows.extend(r)
-                    clusters.append(c)
+                    parts.append(c)
+                    clusters.append(k)
             os.unlink(f.name)
-            if not rows:
+            if not parts:
                 continue
-            clusters = np.concatenate(clusters)
+            columns, clusters = concat_columns(parts), np.concatenate(clusters)
+            del parts
             order = np.argsort(clusters, kind="stable")
             bounds = np.flatnonzero(np.diff(clusters[order])) + 1
             for run in np.split(order, bounds):
-                yield int(clusters[run[0]]), [rows[i] for i in run]
+                yield int(clusters[run[0]]), take_rows(columns, run)
 
     def close(self) -> None:
         for f in self._files:
@@ -589,10 +646,12 @@ class _ClusterSpill:
         self._dir.cleanup()
 
 
-def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, overwrite: bool,
-                  index: dict | None, batch_size: int, lite: bool = False,
-                  spill_dir: str | None = None, capacity: int | None = None) -> dict[str, float]:
+def _write_target(client, info: CollectionInfo, layout: Layout, source: "_RowSpill",
+                  overwrite: bool, index: dict | None, lite: bool = False,
+                  spill_dir: str | None = None, capacity: int | None = None, writers: int = 2,
+                  request_bytes: int = WRITE_BYTES) -> dict[str, float]:
     target, storage = layout.collection, layout.storage
+    n_rows = source.rows
     if client.has_collection(target) and overwrite:
         drop_layout(client, target)
     client.create_collection(target, schema=_target_schema(info, layout))
@@ -607,39 +666,40 @@ def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, ove
                                   f"rootCoord.maxPartitionNum (default 1024)") from exc
             raise
     t0 = time.perf_counter()
-    out_fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
     spill = _ClusterSpill(layout.n_clusters, n_rows, spill_dir)
     try:
         with ProgressCounter(n_rows, "assign", "rows") as bar:
-            for batch in iter_rows(client, info.name, out_fields, batch_size):
-                _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
+            for cols in source.batches():
                 # sizes are updated by the assignment (balanced: best cluster with room)
-                cluster = assign_balanced(vecs, layout.centroids, layout.algorithm, capacity,
-                                          layout.sizes)
-                spill.add(batch, cluster)
-                bar.update(len(batch))
-        read_s = time.perf_counter() - t0
+                cluster = assign_balanced(cols[info.vector_field], layout.centroids,
+                                          layout.algorithm, capacity, layout.sizes)
+                spill.add(cols, cluster)
+                bar.update(n_rows_of(cols))
+        assign_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         # a partition's rows are sent once a request's worth is pending or its last cluster
         # has come, so memory holds about one request per partition still being written
         last_cluster = {storage.write_partition(c): c for c in range(layout.n_clusters)}
-        with ProgressCounter(n_rows, "write", "rows") as bar:
-            pending: dict[str, list[dict]] = {}
-            for cluster, rows in spill.sorted_runs():
+        with ProgressCounter(n_rows, "write", "rows") as bar, \
+                ParallelWriter(client, target, writers, request_bytes, bar.update) as writer:
+            pending: dict[str, list[Columns]] = {}
+            pending_rows: dict[str, int] = {}
+            step = None
+            for cluster, cols in spill.sorted_runs():
                 if storage.cluster_field is not None:
-                    for r in rows:
-                        r[storage.cluster_field] = cluster
+                    cols[storage.cluster_field] = np.full(n_rows_of(cols), cluster, dtype=np.int64)
+                step = step or request_rows(cols, request_bytes)
                 part = storage.write_partition(cluster)
-                buf = pending.setdefault(part, [])
-                buf.extend(rows)
-                if len(buf) >= batch_size or last_cluster[part] == cluster:
-                    client.insert(target, buf, partition_name=part)
-                    bar.update(len(buf))
-                    pending[part] = []
-            for part, buf in pending.items():      # partitions whose last clusters were empty
-                if buf:
-                    client.insert(target, buf, partition_name=part)
-                    bar.update(len(buf))
+                pending.setdefault(part, []).append(cols)
+                pending_rows[part] = pending_rows.get(part, 0) + n_rows_of(cols)
+                if pending_rows[part] >= step or last_cluster[part] == cluster:
+                    writer.submit(concat_columns(pending.pop(part)), part)
+                    pending_rows[part] = 0
+            for part, bufs in pending.items():      # partitions whose last clusters were empty
+                if bufs:
+                    writer.submit(concat_columns(bufs), part)
+        if writer.rows_written != n_rows:
+            raise LayoutError(f"wrote {writer.rows_written} rows, expected {n_rows}")
     finally:
         spill.close()
     write_s = time.perf_counter() - t0
@@ -651,7 +711,7 @@ def _write_target(client, info: CollectionInfo, layout: Layout, n_rows: int, ove
     client.load_collection(target)
     if storage.clustering_key:
         client.compact(target, is_clustering=True)
-    return {"assign": read_s, "write": write_s, "index_load": time.perf_counter() - t0}
+    return {"assign": assign_s, "write": write_s, "index_load": time.perf_counter() - t0}
 
 
 def _verify(client, layout: Layout, n_rows: int) -> list[str]:

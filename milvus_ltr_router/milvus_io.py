@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import DataType, MilvusClient, mkts_from_unixtime
 
 from .errors import InputError
 
@@ -130,6 +134,313 @@ def iter_rows(client: MilvusClient, collection: str, output_fields: list[str],
             yield batch
     finally:
         it.close()
+
+
+# --------------------------------------------------------------------------- column-wise I/O
+SCAN_ROWS = 16384           # rows per read request: the server's query window (offset + limit)
+WRITE_BYTES = 16 << 20      # payload per insert request (Milvus 2.3 refuses requests over ~64 MB)
+_INT_TYPES = (DataType.INT8, DataType.INT16, DataType.INT32, DataType.INT64)
+
+Columns = dict   # field name -> np.ndarray (numbers, [n, dim] float vectors) or list (other values)
+DYNAMIC_COLUMN = "$dynamic"   # column of dicts: each row's dynamic-field keys (read with "*")
+
+
+def n_rows_of(columns: Columns) -> int:
+    return len(next(iter(columns.values()))) if columns else 0
+
+
+def take_rows(columns: Columns, index) -> Columns:
+    """The rows ``index`` (integer array or slice) of every column."""
+    out = {}
+    for name, col in columns.items():
+        if isinstance(col, np.ndarray):
+            out[name] = col[index]
+        elif isinstance(index, slice):
+            out[name] = col[index]
+        else:
+            out[name] = [col[i] for i in index]
+    return out
+
+
+def concat_columns(parts: list[Columns]) -> Columns:
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name in parts[0]:
+        cols = [p[name] for p in parts]
+        out[name] = np.concatenate(cols) if isinstance(cols[0], np.ndarray) else \
+            [v for c in cols for v in c]
+    return out
+
+
+def columns_to_rows(columns: Columns) -> list[dict]:
+    """Row dicts for ``MilvusClient.insert`` (vectors stay numpy rows: no per-float Python lists)."""
+    names = [n for n in columns if n != DYNAMIC_COLUMN]
+    cols = []
+    for name in names:
+        col = columns[name]
+        cols.append(col.tolist() if isinstance(col, np.ndarray) and col.ndim == 1 else col)
+    rows = [dict(zip(names, values)) for values in zip(*cols)]
+    for row, extra in zip(rows, columns.get(DYNAMIC_COLUMN) or ()):
+        row.update(extra)
+    return rows
+
+
+def rows_to_columns(rows: list[dict], fields: list[str], vector_fields=(),
+                    dynamic: bool = False) -> Columns:
+    """Row dicts as columns: ``vector_fields`` as float32 [n, dim], int-only fields as int64;
+    with ``dynamic``, every other key goes to :data:`DYNAMIC_COLUMN`."""
+    out: Columns = {}
+    if dynamic:
+        known = set(fields)
+        out[DYNAMIC_COLUMN] = [{k: v for k, v in r.items() if k not in known} for r in rows]
+    for name in fields:
+        values = [r.get(name) for r in rows]
+        if name in vector_fields:
+            out[name] = np.asarray(values, dtype=np.float32)
+        elif values and all(type(v) is int for v in values):
+            out[name] = np.asarray(values, dtype=np.int64)
+        else:
+            out[name] = values
+    return out
+
+
+def snapshot_timestamp() -> int:
+    """A Milvus hybrid timestamp of now: reads that carry it see every write before it."""
+    import time
+    return mkts_from_unixtime(time.time())
+
+
+def _result_columns(res, fields: list[str], types: dict[str, int], dims: dict[str, int],
+                    dynamic: bool = False) -> Columns:
+    """Columns of one ``client.query`` result.
+
+    Float vectors are taken from the result's undecoded column when pymilvus keeps
+    one (``HybridExtraList`` of pymilvus >= 2.5: one buffer copy instead of a Python
+    list per row); other fields, and vectors on clients without it, row by row.
+    """
+    lazy = {fd.field_name: fd for fd in getattr(res, "_lazy_field_data", None) or []}
+    n = len(res)
+    out: Columns = {}
+    rows = None
+    for name in fields:
+        fd = lazy.get(name)
+        if (types.get(name) == DataType.FLOAT_VECTOR and fd is not None
+                and fd.type == DataType.FLOAT_VECTOR and not len(fd.valid_data)):
+            flat = np.array(fd.vectors.float_vector.data, dtype=np.float32)
+            if flat.size == n * dims[name]:
+                out[name] = flat.reshape(n, dims[name])
+                continue
+        if rows is None:
+            rows = [res[i] for i in range(n)]
+        values = [r.get(name) for r in rows]
+        if types.get(name) == DataType.FLOAT_VECTOR:
+            out[name] = np.asarray(values, dtype=np.float32).reshape(n, dims[name])
+        elif types.get(name) in _INT_TYPES:
+            out[name] = np.asarray(values, dtype=np.int64)
+        else:
+            out[name] = values
+    if dynamic:
+        if rows is None:
+            rows = [res[i] for i in range(n)]
+        out[DYNAMIC_COLUMN] = [{k: v for k, v in r.items() if k not in types} for r in rows]
+    return out
+
+
+def _and(*exprs: str) -> str:
+    parts = [e for e in exprs if e]
+    return " and ".join(f"({e})" for e in parts)
+
+
+def _count(client, collection, expr, partition_names, ts) -> int:
+    res = client.query(collection, filter=expr, output_fields=["count(*)"],
+                       partition_names=partition_names, consistency_level="Customized",
+                       guarantee_timestamp=ts)
+    return int(res[0]["count(*)"])
+
+
+def plan_scan(client: MilvusClient, collection: str, primary_field: str, rows_per_request: int,
+              partition_names: list[str] | None = None, filter: str = "",
+              ts: int | None = None) -> list[str]:
+    """Filters that split the rows of ``collection`` (matching ``filter``) into disjoint
+    parts of at most about ``rows_per_request`` rows, by residue of an integer primary key.
+
+    Unlike ``query_iterator`` (one request per batch, each ordered by primary key across
+    every segment), the parts are independent requests, so they can run in parallel and
+    cost the same wherever the rows sit. Residues are counted first; a part that holds
+    more than twice its share (keys in strides) is split again. Negative keys (whose
+    residue Milvus may report negative) are covered by a second term.
+    """
+    ts = snapshot_timestamp() if ts is None else ts
+    total = _count(client, collection, filter, partition_names, ts)
+    if total == 0:
+        return []
+    k0 = max(1, math.ceil(total / rows_per_request))
+    todo = [(k0, j) for j in reversed(range(k0))]
+    plan, covered = [], 0
+    while todo:
+        k, j = todo.pop()
+        expr = f"{primary_field} % {k} == {j}" + (f" or {primary_field} % {k} == {j - k}" if j else "")
+        expr = _and(expr if k > 1 else "", filter) or f"{primary_field} % 1 == 0"
+        n = _count(client, collection, expr, partition_names, ts) if k > 1 else total
+        if n > 2 * rows_per_request and k < (1 << 40):
+            todo += [(2 * k, j), (2 * k, j + k)]
+            continue
+        if n:
+            plan.append(expr)
+            covered += n
+    if covered != total:
+        raise CollectionError(f"scan plan of {collection!r} covers {covered} of {total} rows")
+    return plan
+
+
+def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
+    """``fn`` over ``items`` with up to ``workers`` calls in flight, results in order."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ltr-read") as pool:
+        pending: deque[Future] = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                break
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for item in it:
+                    pending.append(pool.submit(fn, item))
+                    break
+                yield result
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def iter_columns(client: MilvusClient, collection: str, output_fields: list[str],
+                 batch_size: int = SCAN_ROWS, partition_names: list[str] | None = None,
+                 filter: str = "", readers: int = 2) -> Iterator[Columns]:
+    """Batches of columns (see :func:`_result_columns`) over every row of ``collection``.
+
+    Collections with an integer primary key on a server are read by :func:`plan_scan`'s
+    independent requests, ``readers`` of them in flight, all at one snapshot timestamp
+    (rows written after the scan starts are not read). Otherwise (string keys,
+    milvus-lite) the rows come from ``query_iterator``. Batches hold about
+    ``batch_size`` rows (at most twice that); their order is not the key order.
+    """
+    desc = client.describe_collection(collection)
+    types = {f["name"]: f["type"] for f in desc["fields"]}
+    dims = {f["name"]: int(f["params"]["dim"]) for f in desc["fields"]
+            if f["type"] == DataType.FLOAT_VECTOR}
+    primary = next(f for f in desc["fields"] if f.get("is_primary"))
+    dynamic = "*" in output_fields
+    fields = [f for f in output_fields if f != "*"]
+    if types[primary["name"]] not in _INT_TYPES or is_milvus_lite(client):
+        vectors = [f for f in fields if types.get(f) == DataType.FLOAT_VECTOR]
+        for batch in iter_rows(client, collection, output_fields, min(batch_size, 16384),
+                               partition_names, filter):
+            if dynamic:
+                known = set(types)
+                yield rows_to_columns(batch, fields, vectors) | {
+                    DYNAMIC_COLUMN: [{k: v for k, v in r.items() if k not in known} for r in batch]}
+            else:
+                yield rows_to_columns(batch, fields, vectors)
+        return
+    ts = snapshot_timestamp()
+    plan = plan_scan(client, collection, primary["name"], batch_size, partition_names, filter, ts)
+
+    def fetch(expr: str) -> Columns:
+        res = client.query(collection, filter=expr, output_fields=output_fields,
+                           partition_names=partition_names, consistency_level="Customized",
+                           guarantee_timestamp=ts)
+        return _result_columns(res, fields, types, dims, dynamic)
+
+    yield from _ordered_map(fetch, plan, readers)
+
+
+def request_rows(columns: Columns, request_bytes: int = WRITE_BYTES) -> int:
+    """Rows per insert request so that one request carries about ``request_bytes``."""
+    n = n_rows_of(columns)
+    if n == 0:
+        return 1
+    row_bytes = 0
+    for col in columns.values():
+        if isinstance(col, np.ndarray):
+            row_bytes += col.itemsize * (col.shape[1] if col.ndim == 2 else 1)
+        else:
+            row_bytes += 64       # strings, JSON: a guess; requests stay far under the limit
+    return max(1, request_bytes // max(1, row_bytes))
+
+
+class ParallelWriter:
+    """Inserts column batches with up to ``writers`` requests in flight.
+
+    Each request carries about ``request_bytes``; :meth:`submit` blocks while
+    ``2 * writers`` requests are pending (memory stays bounded), and the first
+    failed insert is raised by the next :meth:`submit` or by :meth:`close`. Rows
+    are sent once each, in submission order per writer; requests may reach the
+    server in a different order.
+    """
+
+    def __init__(self, client: MilvusClient, collection: str, writers: int = 2,
+                 request_bytes: int = WRITE_BYTES, on_written: Callable[[int], None] | None = None):
+        self.client, self.collection = client, collection
+        self.request_bytes = request_bytes
+        self.rows_written = 0
+        self._on_written = on_written
+        self._pool = ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="ltr-write")
+        self._slots = threading.Semaphore(2 * max(1, writers))
+        self._futures: list[Future] = []
+        self._lock = threading.Lock()
+
+    def _insert(self, columns: Columns, partition: str | None) -> int:
+        try:
+            rows = columns_to_rows(columns)
+            self.client.insert(self.collection, rows, partition_name=partition or "")
+            with self._lock:
+                self.rows_written += len(rows)
+            if self._on_written is not None:
+                self._on_written(len(rows))
+            return len(rows)
+        finally:
+            self._slots.release()
+
+    def _check(self) -> None:
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for f in done:
+            f.result()
+
+    def submit(self, columns: Columns, partition: str | None = None) -> None:
+        n = n_rows_of(columns)
+        step = request_rows(columns, self.request_bytes)
+        for start in range(0, n, step):
+            self._check()
+            part = columns if step >= n else take_rows(columns, slice(start, start + step))
+            self._slots.acquire()
+            self._futures.append(self._pool.submit(self._insert, part, partition))
+
+    def close(self) -> None:
+        """Wait for every pending request; raise the first failure."""
+        try:
+            for f in self._futures:
+                f.result()
+        finally:
+            self._futures = []
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "ParallelWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            for f in self._futures:
+                f.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def key_list_literal(values) -> str:

@@ -294,3 +294,37 @@ def test_half_written_layout_is_refused(lite_layout):
     client.delete("docs__ltr_layout", filter="cluster >= 20")
     with pytest.raises(LayoutError, match="holds 20 of the 24 clusters"):
         read_layout(client, "docs")
+
+
+def test_column_io_round_trip_on_lite(tmp_path):
+    """Issue 14: the parallel column writer and the column read-out (query_iterator fallback on
+    milvus-lite) keep every row once, with string and dynamic values."""
+    from pymilvus import DataType
+    from milvus_ltr_router.milvus_io import (DYNAMIC_COLUMN, ParallelWriter, iter_columns,
+                                             vector_index_params)
+    uri = str(tmp_path / "cols.db")
+    client = MilvusClient(uri)
+    try:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=4)
+        schema.add_field("title", DataType.VARCHAR, max_length=16)
+        client.create_collection("c", schema=schema,
+                                 index_params=vector_index_params(client, "vector", "IP"))
+        ids = np.arange(-50, 950, dtype=np.int64) * 3
+        vecs = np.random.default_rng(0).normal(size=(len(ids), 4)).astype(np.float32)
+        with ParallelWriter(client, "c", writers=2, request_bytes=1000) as writer:
+            writer.submit({"id": ids, "vector": vecs, "title": [f"t{i}" for i in ids],
+                           DYNAMIC_COLUMN: [{"k": int(i) % 5} for i in ids]})
+        assert writer.rows_written == len(ids)
+        got = list(iter_columns(client, "c", ["id", "vector", "title", "*"], batch_size=128))
+        gid = np.concatenate([g["id"] for g in got])
+        order = np.argsort(gid)
+        np.testing.assert_array_equal(gid[order], ids)
+        np.testing.assert_allclose(np.concatenate([g["vector"] for g in got])[order], vecs, rtol=1e-6)
+        titles = [t for g in got for t in g["title"]]
+        dyn = [d for g in got for d in g[DYNAMIC_COLUMN]]
+        assert all(t == f"t{k}" and d == {"k": int(k) % 5} for t, d, k in zip(titles, dyn, gid))
+    finally:
+        client.close()
+        release_lite(uri)
