@@ -1,8 +1,11 @@
 """A real Milvus standalone server without Docker, from the PyPI package ``milvus`` (2.3.5).
 
 For integration tests and benchmarks on machines without a Docker engine (the
-``[server]`` extra). It is a real server over gRPC, not milvus-lite. Only one
-can run per machine (its embedded etcd binds a fixed port, 2380).
+``[server]`` extra). It is a real server over gRPC, not milvus-lite. Several can
+run on one machine: each gets its own embedded etcd on free ports (written to
+``<base_dir>/embedEtcd.yaml`` and handed to Milvus via ``ETCD_CONFIG_PATH``;
+without it every embedded etcd binds port 2380). :meth:`EmbeddedServer.restart`
+starts a stopped server again on the same data, ports and configuration.
 
 A start that fails - the process exits, or nothing serves within ``timeout`` -
 stops every process it launched (the server and anything below it) before it
@@ -17,8 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from milvus_ltr_router.errors import OperationalError
@@ -135,12 +139,41 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = 5.0) -> list[int]:
     return signalled
 
 
+# --------------------------------------------------------------------------- etcd
+ETCD_CONFIG = "embedEtcd.yaml"
+_ENV_GUARD = threading.Lock()          # os.environ is process-wide: one start at a time
+
+
+def etcd_config(base_dir: Path) -> tuple[Path, int]:
+    """``<base_dir>/embedEtcd.yaml`` for this server's own embedded etcd, and its client port.
+
+    Written once with free peer and client ports and read back afterwards, so a restart on
+    the same ``base_dir`` finds its etcd member where it left it.
+    """
+    path = base_dir / ETCD_CONFIG
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.startswith("listen-client-urls:"):
+                return path, int(line.rsplit(":", 1)[1])
+    peer, client = free_port(), free_port()
+    path.write_text(
+        "name: default\n"
+        f"data-dir: {base_dir / 'etcd-data'}\n"
+        f"listen-peer-urls: http://127.0.0.1:{peer}\n"
+        f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\n"
+        f"initial-cluster: default=http://127.0.0.1:{peer}\n"
+        f"listen-client-urls: http://127.0.0.1:{client}\n"
+        f"advertise-client-urls: http://127.0.0.1:{client}\n")
+    return path, client
+
+
 # --------------------------------------------------------------------------- the server
 @dataclass
 class EmbeddedServer:
     uri: str
     base_dir: Path
     _server: object
+    _start_args: dict = field(default_factory=dict, repr=False)
 
     @property
     def log_dir(self) -> Path:
@@ -152,6 +185,12 @@ class EmbeddedServer:
         proc = self._server.server_proc
         return None if proc is None else proc.pid
 
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive (it may still be starting)."""
+        proc = self._server.server_proc
+        return proc is not None and proc.poll() is None
+
     def log_tail(self, n_lines: int = 15, width: int = 400) -> str:
         """Last lines of the server's own logs (each cut to ``width``), for failure reports."""
         return log_tail(self.log_dir, n_lines, width)
@@ -159,6 +198,16 @@ class EmbeddedServer:
     def stop(self, grace: float = 5.0) -> None:
         """Stop the server and every process below it (SIGKILL after ``grace`` seconds)."""
         _stop(self._server, grace)
+
+    def restart(self, timeout: float = 120.0) -> None:
+        """Start the server again (stopping it first if it runs) on the same data, port and
+        configuration; returns once it serves, or raises like :func:`start_embedded_server`."""
+        if self.running:
+            self.stop()
+        port = int(self.uri.rsplit(":", 1)[1])
+        again = start_embedded_server(self.base_dir, port=port, timeout=timeout,
+                                      **self._start_args)
+        self._server = again._server
 
 
 def _stop(server, grace: float) -> None:
@@ -188,20 +237,29 @@ def start_embedded_server(base_dir: str | Path, port: int | None = None,
         server.get_milvus_executable_path = lambda: str(executable)
     server.set_base_dir(str(base_dir))
     server.listen_port = port or free_port()
-    config = {"log.level": "warn", "rootCoord.maxPartitionNum": 4096, **(extra_config or {})}
+    etcd_yaml, etcd_port = etcd_config(base_dir)
+    config = {"log.level": "warn", "rootCoord.maxPartitionNum": 4096, "etcd_port": etcd_port,
+              **(extra_config or {})}
     for key, value in config.items():
         server.config.set(key, value)
     t0 = time.perf_counter()
     uri = f"http://127.0.0.1:{server.listen_port}"
     cwd = os.getcwd()
     try:
-        try:
-            server.start()
-        except OSError as exc:
-            raise OperationalError(f"could not run the embedded Milvus executable "
-                                   f"{server.get_milvus_executable_path()}: {exc}") from exc
-        finally:
-            os.chdir(cwd)              # MilvusServer.start leaves base_dir as cwd if it fails
+        with _ENV_GUARD:               # the server copies os.environ when it starts
+            saved = os.environ.get("ETCD_CONFIG_PATH")
+            os.environ["ETCD_CONFIG_PATH"] = str(etcd_yaml)
+            try:
+                server.start()
+            except OSError as exc:
+                raise OperationalError(f"could not run the embedded Milvus executable "
+                                       f"{server.get_milvus_executable_path()}: {exc}") from exc
+            finally:
+                os.chdir(cwd)          # MilvusServer.start leaves base_dir as cwd if it fails
+                if saved is None:
+                    os.environ.pop("ETCD_CONFIG_PATH", None)
+                else:
+                    os.environ["ETCD_CONFIG_PATH"] = saved
         _wait_ready(server, uri, timeout, base_dir / "logs")
     except BaseException:              # a half-started server must not outlive the failed start
         try:
@@ -211,7 +269,8 @@ def start_embedded_server(base_dir: str | Path, port: int | None = None,
         raise
     log.info("embedded Milvus 2.3.5 serving at %s after %.1f s (data in %s)", uri,
              time.perf_counter() - t0, base_dir)
-    return EmbeddedServer(uri=uri, base_dir=base_dir, _server=server)
+    return EmbeddedServer(uri=uri, base_dir=base_dir, _server=server,
+                          _start_args={"extra_config": extra_config, "executable": executable})
 
 
 def _port_open(port: int) -> bool:

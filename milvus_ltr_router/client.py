@@ -97,7 +97,16 @@ class RoutedMilvusClient(MilvusClient):
         with self._routing_lock:
             cached = self._routing.get(collection)
             if cached is None or time.monotonic() - cached[1] >= self.reload_interval:
-                state = self._refresh(collection, cached[0] if cached else None)
+                try:
+                    state = self._refresh(collection, cached[0] if cached else None)
+                except Exception as exc:
+                    if cached is None:
+                        raise           # nothing known yet: the caller sees Milvus's error
+                    # Milvus unreachable or a layout being rewritten: keep routing as before
+                    # (the search itself reports an outage) and check again next interval.
+                    log.warning("re-checking the routing of %r failed (%s: %s); keeping the "
+                                "current layout and router", collection, type(exc).__name__, exc)
+                    state = cached[0]
                 cached = (state, time.monotonic())
                 self._routing[collection] = cached
             return cached[0]

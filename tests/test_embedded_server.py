@@ -1,7 +1,7 @@
 """benchmarks/embedded_server.py: a failed start leaves no process behind and says what failed.
 
-A second real Milvus 2.3.5 would collide with any running one's embedded etcd
-(fixed port 2380), so these tests go through the real start-up code
+A failed start is provoked with a stand-in executable, so these tests go through the real
+start-up code
 (``start_embedded_server`` -> ``milvus.MilvusServer.start``: config, log files,
 ``Popen``) with a stand-in executable: a shell script that starts a helper
 process of its own and never serves, or exits at once. Nothing here binds
