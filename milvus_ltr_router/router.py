@@ -4,6 +4,12 @@ Serving uses onnxruntime only (no torch). :class:`Router` loads a published
 ONNX model; :class:`CentroidRouter` ranks the layout's centroids, which is both
 the baseline the learned router must beat and the fallback when no usable
 model exists.
+
+onnxruntime (1.2x) writes a device id and a telemetry database under
+``~/.cache/Microsoft`` and a ``.ses`` file in the temp dir whenever it opens a model,
+unless ``ORT_DISABLE_TELEMETRY`` is set when it is imported. Serving must write
+nothing outside the model dir, so importing this module sets it (``setdefault``:
+an application's own value wins; it has no effect if onnxruntime was imported first).
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from .clustering import as_vector_batch, linear_centroid_scorer
 from .contract import ADAPTIVE_INPUT, QUERY_INPUT, SCORES_OUTPUT, ContractError, RouterMetadata, \
     check_signature
 from .errors import OperationalError
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 log = logging.getLogger(__name__)
 
