@@ -167,7 +167,9 @@ class RoutedMilvusClient(MilvusClient):
 
     def router_status(self, collection_name: str) -> dict:
         """How ``collection_name`` is routed: ``learned``, ``centroid`` (fallback) or ``none``;
-        ``adaptive`` says whether ``recall_target`` is calibrated (None: served as fixed nprobe)."""
+        ``adaptive`` says whether ``recall_target`` is calibrated (None: served as fixed nprobe);
+        ``rows_outside_layout`` counts rows written around the layout (searched until
+        ``repair-layout`` moves them; -1: could not be counted)."""
         state = self._state(collection_name)
         stats = vars(self._logger.stats).copy() if self._logger else {}
         if state is None:
@@ -182,7 +184,8 @@ class RoutedMilvusClient(MilvusClient):
                 "version": state.version, "layout_id": state.layout.layout_id,
                 "n_partitions": state.layout.n_partitions, "nprobe": self._default_nprobe(state),
                 "storage": storage_status(state.layout.storage),
-                "adaptive": adaptive, "error": state.error, "query_log": stats}
+                "adaptive": adaptive, "error": state.error,
+                "rows_outside_layout": self._stray_count(state), "query_log": stats}
 
     def _default_nprobe(self, state: _Routing) -> int:
         n = self.nprobe or getattr(state.router, "default_nprobe", None) or 8
@@ -253,8 +256,12 @@ class RoutedMilvusClient(MilvusClient):
         """``_default`` while it holds rows outside the layout's partitions (written around the
         layout, e.g. by a plain MilvusClient): routed searches include it so no row is invisible
         until ``milvus-ltr-router repair-layout`` moves them. Re-checked every reload interval."""
+        return DEFAULT_PARTITION if self._stray_count(state) != 0 else None
+
+    def _stray_count(self, state: _Routing) -> int:
+        """Rows outside the layout's partitions (0: none or none possible; -1: unknown)."""
         if not has_stray_partition(state.layout):
-            return None
+            return 0
         name = state.layout.collection
         cached = self._strays.get(name)
         if cached is None or time.monotonic() - cached[1] >= self.reload_interval:
@@ -264,7 +271,7 @@ class RoutedMilvusClient(MilvusClient):
                 count = -1
             cached = (count, time.monotonic())
             self._strays[name] = cached
-        return DEFAULT_PARTITION if cached[0] != 0 else None
+        return cached[0]
 
     # ------------------------------------------------------------------ search
     def search(self, collection_name: str, data=None, filter: str = "", limit: int = 10,
