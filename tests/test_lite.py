@@ -176,14 +176,22 @@ def test_retrain_cli_on_lite_bootstrap_from_query_file(lite_uri, lite_layout, fi
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["decision"] in ("published", "kept")
+    assert result["decision"] == "published", result["reason"]
     assert result["n_queries"] == len(fixture_data.queries)
     centroid = {r["nprobe"]: r for r in result["table"]["centroid"]}
     learned = {r["nprobe"]: r for r in result["table"]["learned"]}
     assert set(centroid) == set(learned) and 2 in learned
-    if result["decision"] == "published":
-        assert learned[2]["top1_accuracy"] > centroid[2]["top1_accuracy"]
-        assert (models / "docs" / f"{result['version']}.onnx").exists()
+    assert learned[2]["top1_accuracy"] > centroid[2]["top1_accuracy"]
+    assert (models / "docs" / f"{result['version']}.onnx").exists()
+    pointer = (models / "docs" / "CURRENT.json").read_bytes()
+    # a retrain that must be refused: no router can gain 0.5 top-1 over the live one
+    out = subprocess.run(cmd + ["--min-gain", "0.5", "--seed", "1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    refused = json.loads(out.stdout)
+    assert refused["decision"] == "kept" and refused["version"] is None, refused["reason"]
+    assert refused["baseline"] == "current" and refused["gain"] < 0.5
+    assert (models / "docs" / "CURRENT.json").read_bytes() == pointer
+    assert sorted(p.stem for p in (models / "docs").glob("*.onnx")) == [result["version"]]
     # bad query file: wrong dimension -> exit 2, nothing published
     bad = tmp_path / "bad.npy"
     np.save(bad, np.ones((500, 7), np.float32))
