@@ -21,10 +21,11 @@ from pymilvus import MilvusClient
 from pymilvus.client.types import OmitZeroDict
 from pymilvus.exceptions import DataNotMatchException, ParamError
 
+from .clustering import as_vector_batch, assign_with_room, balanced_capacity
 from .errors import InputError, OperationalError
-from .layout import (Layout, cluster_of, current_layout_id, has_stray_partition, laid_out_name,
+from .layout import (Layout, cluster_sizes, current_layout_id, has_stray_partition, laid_out_name,
                      read_layout, stray_rows)
-from .milvus_io import is_milvus_lite, key_list_literal
+from .milvus_io import is_milvus_lite, key_list_literal, snapshot_timestamp
 from .storage import DEFAULT_PARTITION, storage_status
 from .querylog import QueryLogger
 from .registry import ModelRegistry
@@ -46,6 +47,30 @@ class _Routing:
     retry_at: float = 0.0    # time.monotonic() after which an error state is re-read
 
 
+class _ClusterSizes:
+    """Rows per cluster of one size-bounded layout as one client knows them (routed writes).
+
+    ``read`` is the last count read from Milvus (the layout's build-time sizes until the
+    first read); ``routed`` the rows this client sent to each cluster since that read's
+    snapshot; ``inflight`` those of them whose write has not returned yet. The estimate is
+    ``read + routed``. Guarded by ``lock``; reads of the live sizes hold ``reading``.
+    """
+
+    def __init__(self, layout: Layout, ratio: float):
+        self.layout_id = layout.layout_id
+        self.ratio = float(ratio)
+        self.read = np.asarray(layout.sizes, dtype=np.int64).copy()
+        self.routed = np.zeros(layout.n_clusters, dtype=np.int64)
+        self.inflight = np.zeros(layout.n_clusters, dtype=np.int64)
+        self.read_at: float | None = None     # time.monotonic() of the last read's start
+        self.checked_at: float | None = None  # ... of the last read or failed attempt
+        self.lock = threading.Lock()
+        self.reading = threading.Lock()       # held while a read runs (one at a time)
+
+    def estimate(self) -> np.ndarray:
+        return self.read + self.routed
+
+
 class RoutedMilvusClient(MilvusClient):
     """A drop-in ``MilvusClient`` that routes searches to the partitions a router picks.
 
@@ -54,7 +79,10 @@ class RoutedMilvusClient(MilvusClient):
     default, else 8), ``log_rate`` fraction of search vectors written to the
     query log (0 disables), ``log_ttl_seconds``, ``reload_interval`` seconds
     between checks for a newly published router, ``max_workers`` concurrent
-    partition-restricted searches, ``log_queue_size``, ``router_threads``.
+    partition-restricted searches, ``log_queue_size``, ``router_threads``,
+    ``size_refresh_interval`` seconds between re-reads of the cluster sizes that
+    routed writes into a size-bounded layout go by (default: ``reload_interval``;
+    see :meth:`insert`).
     """
 
     def __init__(self, uri: str = "http://localhost:19530", user: str = "", password: str = "",
@@ -62,7 +90,7 @@ class RoutedMilvusClient(MilvusClient):
                  model_dir: str = "onnx_models", nprobe: int | None = None, log_rate: float = 0.01,
                  log_ttl_seconds: int | None = None, reload_interval: float = 10.0,
                  max_workers: int = 8, log_queue_size: int = 1000, router_threads: int = 1,
-                 seed: int | None = None, **kwargs):
+                 seed: int | None = None, size_refresh_interval: float | None = None, **kwargs):
         super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
                          timeout=timeout, **kwargs)
         if not 0.0 <= log_rate <= 1.0:
@@ -78,6 +106,10 @@ class RoutedMilvusClient(MilvusClient):
         self._routing: dict[str, tuple[_Routing | None, float]] = {}   # name -> (state, checked)
         self._routing_lock = threading.Lock()
         self._strays: dict[str, tuple[int, float]] = {}   # collection -> (_default rows, checked)
+        self.size_refresh_interval = reload_interval if size_refresh_interval is None \
+            else size_refresh_interval
+        self._sizes: dict[str, _ClusterSizes] = {}   # collection -> sizes of its bounded layout
+        self._sizes_lock = threading.Lock()
         self._lite: bool | None = None
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ltr-search")
         self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds) \
@@ -160,16 +192,23 @@ class RoutedMilvusClient(MilvusClient):
         return _Routing(layout, fallback, None, error, stamp, failures, time.monotonic() + delay)
 
     def reload_router(self, collection_name: str) -> dict:
-        """Re-read the layout and the published router now instead of at the next interval."""
+        """Re-read the layout and the published router now instead of at the next interval;
+        for a size-bounded layout also the live cluster sizes that routed writes go by."""
         with self._routing_lock:
             self._routing.pop(collection_name, None)
+        state = self._state(collection_name)
+        sizes = None if state is None else self._cluster_sizes(state)
+        if sizes is not None:
+            with sizes.reading:
+                self._read_sizes(state.layout, sizes)
         return self.router_status(collection_name)
 
     def router_status(self, collection_name: str) -> dict:
         """How ``collection_name`` is routed: ``learned``, ``centroid`` (fallback) or ``none``;
         ``adaptive`` says whether ``recall_target`` is calibrated (None: served as fixed nprobe);
         ``rows_outside_layout`` counts rows written around the layout (searched until
-        ``repair-layout`` moves them; -1: could not be counted)."""
+        ``repair-layout`` moves them; -1: could not be counted); ``balance`` is the size bound
+        routed writes keep (None: the layout has none; see :meth:`insert`)."""
         state = self._state(collection_name)
         stats = vars(self._logger.stats).copy() if self._logger else {}
         if state is None:
@@ -184,8 +223,23 @@ class RoutedMilvusClient(MilvusClient):
                 "version": state.version, "layout_id": state.layout.layout_id,
                 "n_partitions": state.layout.n_partitions, "nprobe": self._default_nprobe(state),
                 "storage": storage_status(state.layout.storage),
-                "adaptive": adaptive, "error": state.error,
+                "adaptive": adaptive, "balance": self._balance_status(state), "error": state.error,
                 "rows_outside_layout": self._stray_count(state), "query_log": stats}
+
+    def _balance_status(self, state: _Routing) -> dict | None:
+        """The size bound routed writes keep: ``capacity`` for the ``rows`` this client counts,
+        the ``largest`` cluster it counts, and the age of its last read of the live sizes
+        (``sizes_age_s`` None: still the layout's build-time sizes). Reads nothing."""
+        sizes = self._cluster_sizes(state)
+        if sizes is None:
+            return None
+        with sizes.lock:
+            est, read_at = sizes.estimate(), sizes.read_at
+        rows = int(est.sum())
+        return {"max_cluster_ratio": sizes.ratio,
+                "capacity": balanced_capacity(rows, len(est), sizes.ratio), "rows": rows,
+                "largest": int(est.max()),
+                "sizes_age_s": None if read_at is None else time.monotonic() - read_at}
 
     def _default_nprobe(self, state: _Routing) -> int:
         n = self.nprobe or getattr(state.router, "default_nprobe", None) or 8
@@ -339,6 +393,23 @@ class RoutedMilvusClient(MilvusClient):
     # ------------------------------------------------------------------ writes
     def insert(self, collection_name: str, data, timeout=None, partition_name: str | None = "",
                **kwargs):
+        """``MilvusClient.insert``, each row stored in its cluster (see ``_routed_write``).
+
+        For a layout built with ``--max-cluster-ratio R`` a row goes to its nearest cluster
+        that still has room under ``R x`` the mean cluster size, the mean counted with the
+        rows being written (:func:`.clustering.assign_with_room`); :meth:`upsert` likewise.
+        The sizes this client goes by are the layout's build-time sizes, re-read from Milvus
+        in the background on its first routed write and then at most every
+        ``size_refresh_interval`` seconds (at once by :meth:`reload_router`), plus the rows
+        it routed since the read began. The bound is therefore kept exactly by one writer and
+        approximately by several: a client sees the other writers' rows only from its next
+        read, so within one interval a cluster can pass the bound by what the *other* writers
+        routed into it meanwhile (until a read, the first writes of a new client also go by
+        the build-time sizes). Deletes count from the next read. Until then an upsert of a
+        stored key also counts as one more row (its old copy is not subtracted): its old
+        cluster is over-counted, which errs on the strict side, and so is the row count,
+        which loosens the bound by ``R x`` (such upserts) / (clusters) rows.
+        """
         return self._routed_write("insert", collection_name, data, timeout, partition_name, **kwargs)
 
     def upsert(self, collection_name: str, data, timeout=None, partition_name: str | None = "",
@@ -373,9 +444,11 @@ class RoutedMilvusClient(MilvusClient):
             last = {r[pk]: i for i, r in enumerate(rows) if pk in r}
             rows = [r for i, r in enumerate(rows) if pk not in r or last[r[pk]] == i]
         try:
-            clusters = cluster_of(layout, np.asarray([r[field] for r in rows], dtype=np.float32))
+            vectors = as_vector_batch([r[field] for r in rows], layout.dim, f"layout {layout.layout_id}")
         except ValueError as exc:
             raise RoutedDataError(f"rows for {collection_name!r}: {exc}") from exc
+        bound = self._cluster_sizes(state)
+        clusters = self._assign_rows(state, bound, vectors)
         if storage.cluster_field is not None:
             rows = [{**r, storage.cluster_field: int(c)} for r, c in zip(rows, clusters)]
         old_parts = self._stored_partitions(state, rows, timeout) \
@@ -384,23 +457,27 @@ class RoutedMilvusClient(MilvusClient):
         for i, c in enumerate(clusters):
             by_partition.setdefault(storage.write_partition(c), []).append(i)
         total, cost, ids, done = 0, 0, [None] * len(rows), []
-        for part, idx in by_partition.items():
-            try:
-                res = write(collection_name, [rows[i] for i in idx], timeout=timeout,
-                            partition_name=part, **kwargs)
-            except Exception as exc:
-                if not done:            # nothing written: the caller sees what pymilvus raised
-                    raise
-                written = sum(len(by_partition[p]) for p in done)
-                raise WriteError(f"{kind} into {collection_name!r} failed at partition "
-                                 f"{part or DEFAULT_PARTITION!r} after {written} of {len(rows)} rows "
-                                 f"were written (into {done or 'none'}): {exc}",
-                                 written=written, partitions_done=done) from exc
-            total += res.get("insert_count", res.get("upsert_count", len(idx)))
-            cost += res.get("cost", 0) or 0
-            for i, pk in zip(idx, res.get("ids", []) or []):
-                ids[i] = pk
-            done.append(part)
+        try:
+            for part, idx in by_partition.items():
+                try:
+                    res = write(collection_name, [rows[i] for i in idx], timeout=timeout,
+                                partition_name=part, **kwargs)
+                except Exception as exc:
+                    if not done:            # nothing written: the caller sees what pymilvus raised
+                        raise
+                    written = sum(len(by_partition[p]) for p in done)
+                    raise WriteError(f"{kind} into {collection_name!r} failed at partition "
+                                     f"{part or DEFAULT_PARTITION!r} after {written} of {len(rows)} "
+                                     f"rows were written (into {done or 'none'}): {exc}",
+                                     written=written, partitions_done=done) from exc
+                total += res.get("insert_count", res.get("upsert_count", len(idx)))
+                cost += res.get("cost", 0) or 0
+                for i, pk in zip(idx, res.get("ids", []) or []):
+                    ids[i] = pk
+                done.append(part)
+        finally:
+            if bound is not None:
+                self._written(bound, clusters, [i for p in done for i in by_partition[p]])
         try:
             self._delete_moved(collection_name, layout, rows, clusters, old_parts, timeout)
         except Exception as exc:
@@ -410,6 +487,99 @@ class RoutedMilvusClient(MilvusClient):
                              written=len(rows), partitions_done=done) from exc
         key = "upsert_count" if kind == "upsert" else "insert_count"
         return OmitZeroDict({key: total, "ids": ids, "cost": cost})
+
+    # ------------------------------------------------------------------ size bound
+    def _cluster_sizes(self, state: _Routing) -> _ClusterSizes | None:
+        """This client's cluster sizes of a layout built with a size bound (None: no bound)."""
+        ratio = state.layout.extra.get("max_cluster_ratio")
+        if ratio is None:
+            return None
+        name = state.layout.collection
+        with self._sizes_lock:
+            sizes = self._sizes.get(name)
+            if sizes is None or sizes.layout_id != state.layout.layout_id:   # new or rebuilt
+                sizes = self._sizes[name] = _ClusterSizes(state.layout, ratio)
+        return sizes
+
+    def _assign_rows(self, state: _Routing, bound: _ClusterSizes | None,
+                     vectors: np.ndarray) -> np.ndarray:
+        """Cluster of each written row: its nearest, or under a size bound its nearest with
+        room (then counted as routed, and in flight until :meth:`_written`)."""
+        layout = state.layout
+        if bound is None:
+            return assign_with_room(vectors, layout.centroids, layout.algorithm, layout.sizes, None)[0]
+        with bound.lock:
+            clusters, _ = assign_with_room(vectors, layout.centroids, layout.algorithm,
+                                           bound.estimate(), bound.ratio)
+            counts = np.bincount(clusters, minlength=layout.n_clusters)
+            bound.routed += counts
+            bound.inflight += counts
+        self._refresh_sizes_when_due(layout, bound)
+        return clusters
+
+    @staticmethod
+    def _written(bound: _ClusterSizes, clusters: np.ndarray, written: list[int]) -> None:
+        """A routed write returned: its rows are no longer in flight, and rows it did not
+        write (a failed request) are no longer counted."""
+        k = len(bound.routed)
+        sent = np.bincount(clusters, minlength=k)
+        landed = np.bincount(clusters[np.asarray(written, dtype=np.int64)], minlength=k)
+        with bound.lock:
+            bound.inflight -= sent
+            bound.routed -= sent - landed
+
+    def _refresh_sizes_when_due(self, layout: Layout, bound: _ClusterSizes) -> None:
+        """Re-read the live sizes in the background when none was read yet or the last read
+        (or failed attempt) is ``size_refresh_interval`` old. Writes never wait for it: they
+        go by the estimate meanwhile."""
+        checked = bound.checked_at
+        if checked is not None and time.monotonic() - checked < self.size_refresh_interval:
+            return
+        if not bound.reading.acquire(blocking=False):
+            return                              # a read is under way
+        bound.checked_at = time.monotonic()
+
+        def read():
+            try:
+                self._read_sizes(layout, bound)
+            except Exception as exc:            # keep the estimate; try again next interval
+                log.warning("reading the cluster sizes of %r failed (%s: %s); routed writes go "
+                            "by this client's estimate", layout.collection, type(exc).__name__, exc)
+            finally:
+                bound.reading.release()
+        try:
+            self._pool.submit(read)
+        except RuntimeError:                    # the client is closing: no read
+            bound.reading.release()
+
+    def _read_sizes(self, layout: Layout, bound: _ClusterSizes) -> None:
+        """Replace the estimate's base by the live sizes (the caller holds ``bound.reading``).
+
+        Rows this client wrote before the read began are in it and leave ``routed``; rows in
+        flight then, or routed later, stay counted (one may then count twice until the next
+        read: the bound errs on the strict side)."""
+        with bound.lock:
+            done = bound.routed - bound.inflight
+        started = time.monotonic()
+        live = self._live_cluster_sizes(layout)
+        with bound.lock:
+            bound.read = live
+            bound.routed -= done
+            bound.read_at = bound.checked_at = started
+
+    def _live_cluster_sizes(self, layout: Layout) -> np.ndarray:
+        """Rows in each cluster now, including rows not flushed yet.
+
+        On a server, partition statistics leave out rows not flushed yet, so partition storage
+        is counted by ``count(*)`` per partition at one snapshot timestamp; the field storage
+        modes read only the cluster-id column (:func:`.layout.cluster_sizes`)."""
+        if layout.storage.cluster_field is None and not self._is_lite():
+            ts = snapshot_timestamp()
+            return np.asarray([int(self.query(layout.collection, filter="", output_fields=["count(*)"],
+                                              partition_names=[p], consistency_level="Customized",
+                                              guarantee_timestamp=ts)[0]["count(*)"])
+                               for p in layout.partition_names], dtype=np.int64)
+        return cluster_sizes(self, layout)
 
     def _stored_partitions(self, state: _Routing, rows: list[dict], timeout) -> dict:
         """Primary key -> partitions holding a stored row with that key (before an upsert)."""

@@ -418,6 +418,34 @@ def assign_balanced(vectors: np.ndarray, centroids: np.ndarray, algorithm: str,
     return out
 
 
+def assign_with_room(vectors: np.ndarray, centroids: np.ndarray, algorithm: str, sizes,
+                     max_cluster_ratio: float | None, block_rows: int = 8192
+                     ) -> tuple[np.ndarray, int | None]:
+    """Clusters of new rows joining clusters that hold ``sizes`` rows, under a size bound.
+
+    What routed inserts into a layout built with ``max_cluster_ratio`` do: the bound follows
+    the row count *after* these rows land, ``capacity = balanced_capacity(sizes.sum() + n, L,
+    max_cluster_ratio)``, and each row goes to its best cluster under the layout rule that
+    still has room (:func:`assign_balanced`: when more rows want a cluster than it has room
+    for, the best-scoring ones get it and the rest take their next best cluster with room).
+    A cluster already at or over the capacity takes no row. The rows always fit, since
+    ``L x capacity >= sizes.sum() + n``. ``sizes`` is not modified. Returns ``(clusters,
+    capacity)``; ``max_cluster_ratio=None`` is :func:`assign_clusters` with capacity None.
+    """
+    check_algorithm(algorithm)
+    sizes = np.asarray(sizes)
+    k = len(centroids)
+    if sizes.shape != (k,) or sizes.dtype.kind not in "iu" or (sizes < 0).any():
+        raise ValueError(f"sizes must be non-negative integers of shape ({k},), got {sizes!r}")
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if max_cluster_ratio is None:
+        return assign_clusters(vectors, centroids, algorithm, block_rows), None
+    capacity = balanced_capacity(int(sizes.sum()) + len(vectors), k, max_cluster_ratio)
+    out = assign_balanced(vectors, centroids, algorithm, capacity, sizes.astype(np.int64),
+                          block_rows)
+    return out, capacity
+
+
 def _greedy_fill(scores: np.ndarray, capacity: int, sizes: np.ndarray) -> np.ndarray:
     n, k = scores.shape
     out = np.full(n, -1, dtype=np.int64)
