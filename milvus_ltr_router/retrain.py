@@ -21,7 +21,7 @@ from pymilvus import MilvusClient
 from .errors import InputError, OperationalError
 from .evaluate import RoutingQuality, evaluate_adaptive, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
-from .layout import Layout, iter_layout_blocks, read_layout
+from .layout import Layout, iter_layout_blocks, read_layout, stray_rows
 from .progress import ProgressCounter
 from .querylog import sample_queries
 from .registry import ModelRegistry
@@ -90,6 +90,7 @@ class RetrainResult:
     training: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     report_paths: list = field(default_factory=list)   # filled by whoever writes a report (.report)
+    rows_outside_layout: int = 0         # rows written around the layout: searched, not labelled
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -337,6 +338,12 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
     t0 = time.perf_counter()
     layout = read_layout(client, cfg.collection)
     check_nprobe(cfg.nprobe, layout)
+    strays = stray_rows(client, layout)
+    if strays:
+        log.warning("%d rows of %r sit outside the layout's partitions (written around it, e.g. "
+                    "by a plain MilvusClient): searches include them, but labelling reads the "
+                    "layout's clusters only; move them with 'milvus-ltr-router repair-layout "
+                    "--collection %s'", strays, layout.collection, layout.collection)
     with registry.lock(layout.collection):
         queries = gather_queries(client, layout, cfg)
         seconds["queries"] = time.perf_counter() - t0
@@ -443,6 +450,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
             result = RetrainResult(
                 decision=decision.action, reason=decision.reason, collection=layout.collection,
                 layout_id=layout.layout_id, n_queries=len(queries), nprobe=cfg.nprobe,
+                rows_outside_layout=strays,
                 baseline=decision.baseline, gain=decision.gain, table=metrics, adaptive=adaptive,
                 calibration_misses=[list(m) for m in misses], training=training, seconds=seconds)
             if decision.action == "published":
