@@ -2,10 +2,15 @@
 directory, ``RoutedMilvusClient.search`` answers (centroid routing), says why in
 ``router_status``, and recovers once the file is fixed, without a new publish."""
 import json
+import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +24,7 @@ from milvus_ltr_router.registry import ModelRegistry, retry_delay
 from milvus_ltr_router.router import linear_centroid_scorer
 
 RELOAD = 0.2
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +133,118 @@ def test_rollback_cli_refuses_a_path_as_collection(small_layout, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "invalid collection name" in out.stderr
     assert victim.pointer_path("victim").read_text() == before
+
+
+# ----------------------------------------------------------------------------- 3 and 8: another user
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+OTHER_USER_CLIENT = r"""
+import json, os, sys, time
+import numpy as np
+from milvus_ltr_router.client import RoutedMilvusClient
+uri, token, coll, queries_file = sys.argv[1:5]
+dirs = dict(zip(("readable", "private_dir", "private_file"), sys.argv[5:8]))
+queries = np.load(queries_file)
+out = {"uid": os.getuid(), "searches": 0, "failed": 0, "errors": []}
+
+def search(client):
+    out["searches"] += 1
+    try:
+        hits = client.search(coll, data=queries.tolist(), limit=3)
+        if len(hits) != len(queries) or any(len(h) != 3 for h in hits):
+            raise AssertionError(f"short result {[len(h) for h in hits]}")
+    except Exception as exc:
+        out["failed"] += 1
+        out["errors"].append(repr(exc)[:300])
+    s = client.router_status(coll)
+    return {"mode": s["mode"], "version": s["version"], "error": s["error"]}
+
+clients = {name: RoutedMilvusClient(uri=uri, token=token, model_dir=d, nprobe=2, log_rate=0,
+                                    reload_interval=0.2) for name, d in dirs.items()}
+for name, client in clients.items():
+    out[name] = search(client)
+print("WAITING", flush=True)
+sys.stdin.readline()             # the operator has fixed the router file's mode meanwhile
+t0 = time.monotonic()
+while True:
+    state = search(clients["private_file"])
+    if state["mode"] == "learned" or time.monotonic() - t0 > 60:
+        break
+    time.sleep(0.1)
+out["fixed"] = dict(state, seconds=round(time.monotonic() - t0, 2))
+for client in clients.values():
+    client.close()
+print("DONE " + json.dumps(out), flush=True)
+"""
+
+
+def publish_centroid_router(reg, layout):
+    version = reg.new_version()
+    w, b = linear_centroid_scorer(layout.centroids, layout.metric)
+    path = export_router(w, b, layout, layout.collection, reg.version_path(layout.collection, version))
+    reg.publish(layout.collection, path, version, {})
+    return version, path
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run the client as user nobody")
+def test_a_client_running_as_another_user_reads_routers_and_never_fails_a_search(
+        milvus_server, small_layout):
+    """Finding 3 (files published 0600 by a root retrain; a 0700 collection dir made every
+    search raise PermissionError) and 8 (a router file that was unreadable is re-read after a
+    backoff, without a new publish), for a RoutedMilvusClient running as uid 65534 against the
+    real server, while this process (root, umask 022) publishes."""
+    layout, queries = small_layout
+    coll = layout.collection
+    base = Path(tempfile.mkdtemp(prefix="ltr-other-user-"))
+    old_umask = os.umask(0o022)
+    try:
+        base.chmod(0o755)                   # the shared volume: world-traversable
+        regs = {name: ModelRegistry(base / name) for name in ("readable", "private_dir",
+                                                                "private_file")}
+        published = {name: publish_centroid_router(reg, layout) for name, reg in regs.items()}
+        mode = lambda p: stat.S_IMODE(p.stat().st_mode)     # noqa: E731
+        reg = regs["readable"]
+        assert mode(published["readable"][1]) == 0o644 and mode(reg.pointer_path(coll)) == 0o644
+        assert mode(reg.collection_dir(coll)) == 0o755 and mode(reg.model_dir) == 0o755
+        regs["private_dir"].collection_dir(coll).chmod(0o700)
+        router_file = published["private_file"][1]
+        router_file.chmod(0o600)            # what the mkstemp-based publish used to leave
+        np.save(base / "queries.npy", np.asarray(queries, dtype=np.float32))
+        (base / "queries.npy").chmod(0o644)
+        proc = subprocess.Popen(
+            AS_NOBODY + [sys.executable, "-c", OTHER_USER_CLIENT, milvus_server.uri,
+                         milvus_server.token or "", coll, str(base / "queries.npy")] +
+            [str(regs[n].model_dir) for n in ("readable", "private_dir", "private_file")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            first = proc.stdout.readline()
+            assert first.strip() == "WAITING", first + proc.stderr.read()[-3000:]
+            router_file.chmod(0o644)        # fixed in place: the pointer does not change
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1].removeprefix("DONE "))
+    finally:
+        os.umask(old_umask)
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"\nfaults/another user: {result['searches']} searches as uid {result['uid']}, "
+          f"{result['failed']} failed; readable dir: {result['readable']['mode']}; "
+          f"0700 collection dir: {result['private_dir']['mode']}; 0600 router file: "
+          f"{result['private_file']['mode']}, after chmod 0644 {result['fixed']['mode']} in "
+          f"{result['fixed']['seconds']} s without a publish")
+    assert result["uid"] == 65534
+    assert result["failed"] == 0, result["errors"]
+    assert result["readable"] == {"mode": "learned", "version": published["readable"][0],
+                                  "error": ""}
+    assert result["private_dir"]["mode"] == "centroid"
+    assert "Permission denied" in result["private_dir"]["error"]
+    assert result["private_file"]["mode"] == "centroid"
+    assert "Permission denied" in result["private_file"]["error"], result["private_file"]
+    assert result["fixed"]["mode"] == "learned"
+    assert result["fixed"]["version"] == published["private_file"][0]

@@ -289,12 +289,16 @@ class Router(BaseRouter):
             raise RouterError(f"router file {path} cannot be read: {exc}") from exc
         if not found:
             raise RouterError(f"router file not found: {path}")
+        try:        # read here: onnxruntime reports EACCES as "system error number 13"
+            model_bytes = path.read_bytes()
+        except OSError as exc:
+            raise RouterError(f"router file {path} cannot be read: {exc}") from exc
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(path), sess_options=opts,
+            session = ort.InferenceSession(model_bytes, sess_options=opts,
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several private exception types
             raise RouterError(f"router file {path} is not a loadable ONNX model: {exc}") from exc

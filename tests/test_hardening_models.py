@@ -89,10 +89,12 @@ def test_another_user_loads_the_published_router(umask_022):
         version = publish_router(reg, layout)
         publish_router(reg, make_layout("private"))
         reg.collection_dir("private").chmod(0o700)
+        secret = export_router(weights(), None, layout, "docs", base / "secret.onnx")
+        secret.chmod(0o600)                     # as the mkstemp-based publish left routers
         code = f"""
 import json
 from milvus_ltr_router.registry import ModelRegistry, RegistryError
-from milvus_ltr_router.router import Router
+from milvus_ltr_router.router import Router, RouterError
 reg = ModelRegistry({str(base / 'models')!r})
 out = {{"version": reg.current("docs").version,
         "kind": Router.load(reg.current("docs").path).kind}}
@@ -104,6 +106,10 @@ try:
     reg.current("private")
 except RegistryError as exc:
     out["private_current"] = str(exc)
+try:
+    Router.load({str(base / 'secret.onnx')!r})
+except RouterError as exc:
+    out["secret"] = str(exc)
 print(json.dumps(out))
 """
         as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -115,6 +121,8 @@ print(json.dumps(out))
         assert out["version"] == version and out["kind"] == "learned"
         assert "Permission denied" in out["private_stamp"]
         assert "Permission denied" in out["private_current"]
+        # onnxruntime alone said "not a loadable ONNX model ... system error number 13"
+        assert "cannot be read" in out["secret"] and "Permission denied" in out["secret"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
