@@ -16,6 +16,7 @@ import pickle
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator, Sequence
@@ -560,7 +561,6 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
             seconds.update(_write_target(client, info, layout, spill, overwrite, index, lite,
                                          spill_dir, capacity, writers, request_bytes))
             t0 = time.perf_counter()
-            _write_layout_meta(client, layout)
             empty = _verify(client, layout, n_rows)
             seconds["verify"] = time.perf_counter() - t0
         except Exception as exc:
@@ -655,6 +655,10 @@ def _write_target(client, info: CollectionInfo, layout: Layout, source: "_RowSpi
     if client.has_collection(target) and overwrite:
         drop_layout(client, target)
     client.create_collection(target, schema=_target_schema(info, layout))
+    # indexes before the rows: segments are indexed as they seal, not all after the flush
+    client.create_index(target, vector_index_params(client, info.vector_field, layout.metric, index))
+    if storage.cluster_field is not None:
+        client.create_index(target, _cluster_index_params(client, storage.cluster_field, lite))
     for name in storage.partitions:
         if name == DEFAULT_PARTITION:
             continue
@@ -704,13 +708,18 @@ def _write_target(client, info: CollectionInfo, layout: Layout, source: "_RowSpi
         spill.close()
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    client.flush(target)
-    client.create_index(target, vector_index_params(client, info.vector_field, layout.metric, index))
-    if storage.cluster_field is not None:
-        client.create_index(target, _cluster_index_params(client, storage.cluster_field, lite))
-    client.load_collection(target)
-    if storage.clustering_key:
-        client.compact(target, is_clustering=True)
+    # every row is written and the sizes are final: the small layout collection is written
+    # (create, insert, flush, load: seconds of server waits) while the target flushes and loads
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltr-meta") as pool:
+        meta = pool.submit(_write_layout_meta, client, layout)
+        client.flush(target)
+        flush_s = time.perf_counter() - t0
+        client.load_collection(target)
+        if storage.clustering_key:
+            client.compact(target, is_clustering=True)
+        meta.result()
+    log.info("target %r: flush %.1f s, index and load %.1f s", target, flush_s,
+             time.perf_counter() - t0 - flush_s)
     return {"assign": assign_s, "write": write_s, "index_load": time.perf_counter() - t0}
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 from pymilvus import DataType, MilvusClient, mkts_from_unixtime
 
-from .errors import InputError
+from .errors import InputError, OperationalError
 
 log = logging.getLogger(__name__)
 # Milvus 2.3 servers and milvus-lite return no session timestamp to query_iterator;
@@ -223,6 +223,8 @@ def _result_columns(res, fields: list[str], types: dict[str, int], dims: dict[st
     n = len(res)
     out: Columns = {}
     rows = None
+    # the stored row dicts, not decoded further: fixed-width scalars are already in them
+    raw = [list.__getitem__(res, i) for i in range(n)]
     for name in fields:
         fd = lazy.get(name)
         if (types.get(name) == DataType.FLOAT_VECTOR and fd is not None
@@ -231,9 +233,12 @@ def _result_columns(res, fields: list[str], types: dict[str, int], dims: dict[st
             if flat.size == n * dims[name]:
                 out[name] = flat.reshape(n, dims[name])
                 continue
-        if rows is None:
-            rows = [res[i] for i in range(n)]
-        values = [r.get(name) for r in rows]
+        if fd is None and all(name in r for r in raw):
+            values = [r[name] for r in raw]
+        else:
+            if rows is None:     # decodes every lazy field of every row
+                rows = [res[i] for i in range(n)]
+            values = [r.get(name) for r in rows]
         if types.get(name) == DataType.FLOAT_VECTOR:
             out[name] = np.asarray(values, dtype=np.float32).reshape(n, dims[name])
         elif types.get(name) in _INT_TYPES:
@@ -354,7 +359,7 @@ def iter_columns(client: MilvusClient, collection: str, output_fields: list[str]
     def fetch(expr: str) -> Columns:
         res = client.query(collection, filter=expr, output_fields=output_fields,
                            partition_names=partition_names, consistency_level="Customized",
-                           guarantee_timestamp=ts)
+                           guarantee_timestamp=ts, strict_float32=True)
         return _result_columns(res, fields, types, dims, dynamic)
 
     yield from _ordered_map(fetch, plan, readers)
@@ -374,21 +379,108 @@ def request_rows(columns: Columns, request_bytes: int = WRITE_BYTES) -> int:
     return max(1, request_bytes // max(1, row_bytes))
 
 
+_RAW_SCALARS = {DataType.INT64: "long_data", DataType.INT32: "int_data", DataType.INT16: "int_data",
+                DataType.INT8: "int_data", DataType.BOOL: "bool_data", DataType.FLOAT: "float_data",
+                DataType.DOUBLE: "double_data", DataType.VARCHAR: "string_data"}
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class ColumnInserter:
+    """Insert requests built column-wise: a float-vector column goes into the request as one
+    buffer instead of through pymilvus's per-row packing (~15 us a row of client CPU).
+
+    Uses pymilvus's gRPC handler with a prebuilt ``InsertRequest`` (its ``insert_param``);
+    :attr:`available` is False where that does not apply (milvus-lite, dynamic fields,
+    auto ids, nullable or default-valued fields, types other than numbers, strings and
+    float vectors, a pymilvus without these hooks), and callers send row dicts instead.
+    """
+
+    def __init__(self, client: MilvusClient, collection: str):
+        self.client, self.collection = client, collection
+        self.fields = self._plan()
+        self.available = self.fields is not None
+
+    def _plan(self) -> list[tuple[str, int, int]] | None:
+        if is_milvus_lite(self.client) or not hasattr(self.client, "_get_connection") \
+                or not hasattr(self.client, "_generate_call_context"):
+            return None
+        try:
+            from pymilvus.grpc_gen import milvus_pb2
+        except ImportError:     # pragma: no cover - every pymilvus 2.x/3.x ships it
+            return None
+        self._pb = milvus_pb2
+        desc = self.client.describe_collection(self.collection)
+        if desc.get("enable_dynamic_field"):
+            return None
+        fields = []
+        for f in desc["fields"]:
+            if f.get("auto_id") or f.get("nullable") or f.get("default_value") not in (None, "") \
+                    or f.get("is_function_output"):
+                return None
+            if f["type"] == DataType.FLOAT_VECTOR:
+                fields.append((f["name"], f["type"], int(f["params"]["dim"])))
+            elif f["type"] in _RAW_SCALARS:
+                fields.append((f["name"], f["type"], 0))
+            else:
+                return None
+        return fields
+
+    def accepts(self, columns: Columns) -> bool:
+        return self.available and set(columns) == {name for name, _, _ in self.fields}
+
+    def insert(self, columns: Columns, partition: str | None = None) -> int:
+        n = n_rows_of(columns)
+        req = self._pb.InsertRequest(collection_name=self.collection, partition_name=partition or "",
+                                     num_rows=n)
+        for name, dtype, dim in self.fields:
+            col = columns[name]
+            fd = req.fields_data.add()
+            fd.field_name, fd.type = name, dtype
+            if dtype == DataType.FLOAT_VECTOR:
+                arr = np.ascontiguousarray(col, dtype="<f4")
+                if arr.shape != (n, dim):
+                    raise InputError(f"column {name!r} has shape {arr.shape}, expected ({n}, {dim})")
+                buf = arr.tobytes()
+                fd.vectors.dim = dim
+                fd.vectors.float_vector.MergeFromString(b"\x0a" + _varint(len(buf)) + buf)
+            else:
+                values = col.tolist() if isinstance(col, np.ndarray) else list(col)
+                if len(values) != n:
+                    raise InputError(f"column {name!r} has {len(values)} values, expected {n}")
+                getattr(fd.scalars, _RAW_SCALARS[dtype]).data.extend(values)
+        res = self.client._get_connection().batch_insert(
+            self.collection, [], partition or "", context=self.client._generate_call_context(),
+            insert_param=req, schema={"fields": []})
+        if int(res.insert_count) != n:
+            raise OperationalError(f"insert into {self.collection!r} stored {res.insert_count} of {n} rows")
+        return n
+
+
 class ParallelWriter:
     """Inserts column batches with up to ``writers`` requests in flight.
 
-    Each request carries about ``request_bytes``; :meth:`submit` blocks while
-    ``2 * writers`` requests are pending (memory stays bounded), and the first
-    failed insert is raised by the next :meth:`submit` or by :meth:`close`. Rows
-    are sent once each, in submission order per writer; requests may reach the
-    server in a different order.
+    Each request carries about ``request_bytes``, built by :class:`ColumnInserter` when the
+    collection allows it, else as row dicts; :meth:`submit` blocks while ``2 * writers``
+    requests are pending (memory stays bounded), and the first failed insert is raised by
+    the next :meth:`submit` or by :meth:`close`. Rows are sent once each; requests may
+    reach the server in a different order than submitted.
     """
 
     def __init__(self, client: MilvusClient, collection: str, writers: int = 2,
-                 request_bytes: int = WRITE_BYTES, on_written: Callable[[int], None] | None = None):
+                 request_bytes: int = WRITE_BYTES, on_written: Callable[[int], None] | None = None,
+                 column_requests: bool = True):
         self.client, self.collection = client, collection
         self.request_bytes = request_bytes
         self.rows_written = 0
+        self.inserter = ColumnInserter(client, collection) if column_requests else None
         self._on_written = on_written
         self._pool = ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="ltr-write")
         self._slots = threading.Semaphore(2 * max(1, writers))
@@ -397,13 +489,17 @@ class ParallelWriter:
 
     def _insert(self, columns: Columns, partition: str | None) -> int:
         try:
-            rows = columns_to_rows(columns)
-            self.client.insert(self.collection, rows, partition_name=partition or "")
+            if self.inserter is not None and self.inserter.accepts(columns):
+                n = self.inserter.insert(columns, partition)
+            else:
+                rows = columns_to_rows(columns)
+                self.client.insert(self.collection, rows, partition_name=partition or "")
+                n = len(rows)
             with self._lock:
-                self.rows_written += len(rows)
+                self.rows_written += n
             if self._on_written is not None:
-                self._on_written(len(rows))
-            return len(rows)
+                self._on_written(n)
+            return n
         finally:
             self._slots.release()
 
