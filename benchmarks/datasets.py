@@ -1,7 +1,7 @@
 """Building the real embedding datasets offline from what pip and Debian packages ship.
 
 Run as ``python -m benchmarks.datasets NAME`` (``fixture``, ``small``,
-``medium``, ``large``). This is tooling beside the package: the runtime
+``medium``, ``large``, ``xlarge``). This is tooling beside the package: the runtime
 package never imports it; it only loads the fixture this module builds
 (:mod:`milvus_ltr_router.fixture`).
 
@@ -21,7 +21,9 @@ Sets: ``fixture`` (20k x 384, shipped in the wheel as package data:
 ``milvus_ltr_router/data/``), ``small`` (10k), ``medium`` (all 117,659
 glosses, MiniLM: every quality claim) and ``large`` (~289k WordNet + GCIDE
 texts, model2vec: scale and latency only - its neighbours overlap MiniLM's
-only ~24%, so never quote quality from it). Each carries the exact top-100
+only ~24%, so never quote quality from it); ``xlarge`` (1,000,000: the large
+set's texts plus sentences of Debian documentation packages, see
+:mod:`benchmarks.doc_sentences`; model2vec, scale only). Each carries the exact top-100
 MIPS neighbours of its queries.
 
 Built arrays are cached as ``.npz`` under :func:`cache_dir`. The text itself is
@@ -330,7 +332,64 @@ def build_large_model2vec(seed: int = 0) -> EmbeddingDataset:
     )
 
 
-DATASETS = ("fixture", "small", "medium", "large")
+def unpacked_package(package: str) -> Path:
+    """A Debian package's ``.deb`` fetched with ``apt-get download`` and unpacked (``dpkg -x``)
+    under the cache, never installed; returns the directory holding its ``usr/``."""
+    dest = cache_dir() / "sources" / "debian" / package
+    done = dest / ".unpacked"
+    if not done.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        log.info("fetching Debian package %s", package)
+        subprocess.run(["apt-get", "download", package], cwd=dest, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deb = sorted(dest.glob(f"{package}_*.deb"))[0]
+        subprocess.run(["dpkg", "-x", str(deb), str(dest)], check=True)
+        deb.unlink()
+        done.touch()
+    return dest
+
+
+XLARGE_ROWS = 1_000_000
+
+
+def build_xlarge_model2vec(n_docs: int = XLARGE_ROWS, seed: int = 0) -> EmbeddingDataset:
+    """The large set's texts plus sentences from Debian's documentation packages (see
+    :mod:`benchmarks.doc_sentences`), ``n_docs`` distinct texts in all, model2vec 256-d.
+
+    The large set's texts come first and all of them; the documentation sentences fill up
+    to ``n_docs`` (a seeded sample, kept in source order, when there are more).
+    """
+    from benchmarks.doc_sentences import DOC_PACKAGES, documentation_sentences
+    base = list(dict.fromkeys(read_wordnet_glosses(wordnet_dir()) + read_gcide_definitions(gcide_dir())))
+    known = set(base)
+    extra = [s for s in documentation_sentences(unpacked_package) if s not in known]
+    need = n_docs - len(base)
+    if need > len(extra):
+        raise ValueError(f"only {len(base) + len(extra)} distinct texts, {n_docs} asked for")
+    if need < len(extra):
+        rng = np.random.default_rng(seed)
+        extra = [extra[i] for i in np.sort(rng.choice(len(extra), need, replace=False))]
+    docs = base + extra
+    corpus = set(docs)
+    queries = [q for q in read_topic_queries(pyserini_wheel_path()) if q not in corpus]
+    encoder = model2vec_encoder()
+    log.info("embedding %d documents and %d queries with model2vec", len(docs), len(queries))
+    return EmbeddingDataset(
+        name=f"docs-wordnet-gcide-model2vec-{len(docs)}",
+        docs=embed(encoder, docs, batch_size=4096, desc="documents"),
+        queries=embed(encoder, queries, batch_size=4096, desc="queries"),
+        meta={"model": "model2vec distilled from all-MiniLM-L6-v2, pca_dims=256, not normalised",
+              "corpus": f"WordNet 3.0 glosses + GCIDE 0.48 definitions ({len(base)}) + "
+                        f"{len(extra)} sentences of Debian documentation packages: "
+                        + ", ".join(DOC_PACKAGES),
+              "queries": "pyserini 0.12.0 topics: " + ", ".join(QUERY_TOPICS), "seed": seed,
+              "quality_claims": "none - scale and latency only"},
+    )
+
+
+DATASETS = ("fixture", "small", "medium", "large", "xlarge")
+CACHE_FILES = {"large": "wordnet-gcide-model2vec-large.npz",
+               "xlarge": "docs-wordnet-gcide-model2vec-xlarge.npz"}
 MINILM_SIZES = {"small": (10_000, 2_000), "medium": (None, None)}
 
 
@@ -345,11 +404,13 @@ def load_or_build(name: str, neighbours: int = 100) -> EmbeddingDataset:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     path = cache_dir() / (f"wordnet-minilm-{name}.npz" if name in MINILM_SIZES
-                          else "wordnet-gcide-model2vec-large.npz")
+                          else CACHE_FILES[name])
     if path.exists():
         data = EmbeddingDataset.load(path)
     elif name == "large":
         data = build_large_model2vec()
+    elif name == "xlarge":
+        data = build_xlarge_model2vec()
     else:
         data = build_wordnet_minilm(*MINILM_SIZES[name])
     if neighbours and (data.neighbour_ids is None or data.neighbour_ids.shape[1] < neighbours
