@@ -248,3 +248,70 @@ def test_a_client_running_as_another_user_reads_routers_and_never_fails_a_search
     assert "Permission denied" in result["private_file"]["error"], result["private_file"]
     assert result["fixed"]["mode"] == "learned"
     assert result["fixed"]["version"] == published["private_file"][0]
+
+
+# ----------------------------------------------------------------------------- 4: corrupt pointer
+def retrain_cli(milvus_server, collection, model_dir, queries_file, *extra):
+    script = Path(sys.executable).with_name("retrain-router")
+    head = [str(script)] if script.exists() else [
+        sys.executable, "-c", "import sys; from milvus_ltr_router.cli import retrain_main; "
+        "sys.exit(retrain_main())"]
+    cmd = head + ["--uri", milvus_server.uri, "--collection", collection, "--model-dir",
+                  str(model_dir), "--queries", str(queries_file), "--nprobe", "2",
+                  "--min-queries", "100", "--epochs", "2", "--seed", "0", "--json", *extra]
+    if milvus_server.token:
+        cmd += ["--token", milvus_server.token]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_a_real_retrain_replaces_a_corrupt_pointer_and_leaves_no_orphans(
+        milvus_server, small_layout, fixture_data, tmp_path):
+    """Finding 4: a corrupt CURRENT.json blocked every later publish (retrain exited 1 each
+    night, leaving an orphan .onnx per run). The next good retrain-router run replaces it,
+    history rebuilt from the routers on disk; a run that keeps the live router leaves
+    nothing behind either."""
+    layout, _ = small_layout
+    coll = layout.collection
+    reg = ModelRegistry(tmp_path / "models")
+    w, b = linear_centroid_scorer(layout.centroids, layout.metric)
+    old = ["20260101T000000000000Z", "20260102T000000000000Z"]
+    for version in old:
+        export_router(w, b, layout, coll, reg.version_path(coll, version))
+        reg.publish(coll, reg.version_path(coll, version), version, {})
+    pointer = reg.pointer_path(coll)
+    pointer.write_text('{"version": "20260102T000000000000Z", "history": [')     # cut short
+    qfile = tmp_path / "q.npy"
+    np.save(qfile, fixture_data.queries[:400])
+
+    run = retrain_cli(milvus_server, coll, reg.model_dir, qfile, "--min-gain", "-1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["decision"] == "published", result["reason"]
+    assert "replacing the router pointer" in run.stderr
+    data = json.loads(pointer.read_text())                    # valid again
+    assert data["version"] == result["version"] == reg.current(coll).version
+    assert data["history"] == old + [result["version"]]
+    assert reg.versions(coll) == data["history"]              # no orphan, nothing lost
+    leftovers = [p.name for p in reg.collection_dir(coll).iterdir()
+                 if p.name.startswith((".tmp-", ".candidate-"))]
+    assert leftovers == []
+    assert stat.S_IMODE(pointer.stat().st_mode) & 0o044 == 0o044     # readable by others
+    # the calibration shipped only where adaptive nprobe met every target within 0.02
+    from milvus_ltr_router.router import Router
+    published = Router.load(reg.current(coll).path, layout=layout)
+    misses = [r for r in result["adaptive"] if r["recall"] < r["recall_target"] - 0.02]
+    assert [[r["recall_target"], r["recall"]] for r in misses] == result["calibration_misses"]
+    assert result["training"]["calibration_published"] == (not misses)
+    assert bool(published.recall_thresholds) == (not misses)
+
+    # a run that keeps the live router: exit 0, pointer and files untouched
+    before = pointer.read_bytes()
+    run = retrain_cli(milvus_server, coll, reg.model_dir, qfile, "--min-gain", "0.5", "--seed", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["decision"] == "kept"
+    assert pointer.read_bytes() == before and reg.versions(coll) == data["history"]
+    assert not [p for p in reg.collection_dir(coll).iterdir()
+                if p.name.startswith((".tmp-", ".candidate-"))]
+    print(f"\nfaults/corrupt pointer: retrain-router exit 0, published {result['version']}, "
+          f"history {len(data['history'])} (2 rebuilt from disk), 0 orphans, 0 leftovers; "
+          f"kept run: exit 0, 0 new files")
