@@ -398,14 +398,15 @@ class RoutedMilvusClient(MilvusClient):
         For a layout built with ``--max-cluster-ratio R`` a row goes to its nearest cluster
         that still has room under ``R x`` the mean cluster size, the mean counted with the
         rows being written (:func:`.clustering.assign_with_room`); :meth:`upsert` likewise.
-        The sizes this client goes by are the layout's build-time sizes, re-read from Milvus
-        in the background on its first routed write and then at most every
-        ``size_refresh_interval`` seconds (at once by :meth:`reload_router`), plus the rows
-        it routed since the read began. The bound is therefore kept exactly by one writer and
-        approximately by several: a client sees the other writers' rows only from its next
-        read, so within one interval a cluster can pass the bound by what the *other* writers
-        routed into it meanwhile (until a read, the first writes of a new client also go by
-        the build-time sizes). Deletes count from the next read. Until then an upsert of a
+        The sizes this client goes by are read from Milvus before its first routed write into
+        the collection (only the cluster-id column, or a ``count(*)`` per partition), then
+        re-read in the background at most every ``size_refresh_interval`` seconds (at once by
+        :meth:`reload_router`), plus the rows it routed since the last read began. The bound
+        is therefore kept exactly by one writer and approximately by several: a client sees
+        the other writers' rows only from its next read, so within one interval a cluster can
+        pass the bound by what the *other* writers routed into it meanwhile. If a read fails,
+        writes go on by the last sizes known (at first the layout's build-time sizes) and the
+        read is retried after the interval. Deletes count from the next read. Until then an upsert of a
         stored key also counts as one more row (its old copy is not subtracted): its old
         cluster is over-counted, which errs on the strict side, and so is the row count,
         which loosens the bound by ``R x`` (such upserts) / (clusters) rows.
@@ -508,6 +509,16 @@ class RoutedMilvusClient(MilvusClient):
         layout = state.layout
         if bound is None:
             return assign_with_room(vectors, layout.centroids, layout.algorithm, layout.sizes, None)[0]
+        if bound.checked_at is None:        # this client's first routed write: read sizes first
+            with bound.reading:
+                if bound.checked_at is None:
+                    try:
+                        self._read_sizes(layout, bound)
+                    except Exception as exc:
+                        bound.checked_at = time.monotonic()
+                        log.warning("reading the cluster sizes of %r failed (%s: %s); routed "
+                                    "writes go by its build-time sizes for now", layout.collection,
+                                    type(exc).__name__, exc)
         with bound.lock:
             clusters, _ = assign_with_room(vectors, layout.centroids, layout.algorithm,
                                            bound.estimate(), bound.ratio)
@@ -529,9 +540,8 @@ class RoutedMilvusClient(MilvusClient):
             bound.routed -= sent - landed
 
     def _refresh_sizes_when_due(self, layout: Layout, bound: _ClusterSizes) -> None:
-        """Re-read the live sizes in the background when none was read yet or the last read
-        (or failed attempt) is ``size_refresh_interval`` old. Writes never wait for it: they
-        go by the estimate meanwhile."""
+        """Re-read the live sizes in the background when the last read (or failed attempt)
+        is ``size_refresh_interval`` old. Writes do not wait for it: they go by the estimate."""
         checked = bound.checked_at
         if checked is not None and time.monotonic() - checked < self.size_refresh_interval:
             return

@@ -186,14 +186,15 @@ def test_reads_follow_deletes_and_upserts_keep_one_row_per_key(bounded, fixture_
     routed = RoutedMilvusClient(uri, model_dir=str(tmp_path / "models"), log_rate=0,
                                 size_refresh_interval=3600)
     try:
+        assert routed.router_status("docs")["balance"]["sizes_age_s"] is None
         routed.insert("docs", [{"id": int(i), "vector": v.tolist()} for i, v in zip(ids, vecs)])
-        # the first routed write started a read in the background; wait for it
-        deadline = time.monotonic() + 30
-        while routed.router_status("docs")["balance"]["sizes_age_s"] is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # the first routed write read the live sizes before routing: one writer, exact count
+        status = routed.router_status("docs")["balance"]
+        assert status["sizes_age_s"] is not None and status["rows"] == N_BUILD + 300
+        assert status["largest"] == cluster_sizes(routed, layout).max() == \
+            balanced_capacity(N_BUILD + 300, L, RATIO)
         routed.delete("docs", filter=f"id in {list(map(int, ids[:100]))}")
-        assert routed.router_status("docs")["balance"]["rows"] >= N_BUILD + 300  # not read yet
+        assert routed.router_status("docs")["balance"]["rows"] == N_BUILD + 300  # not read yet
         assert routed.reload_router("docs")["balance"]["rows"] == N_BUILD + 200
         # upsert the remaining keys with vectors that all want the crowded cluster again:
         # one row per key; until the next read each counts as one more row (documented)
@@ -208,6 +209,38 @@ def test_reads_follow_deletes_and_upserts_keep_one_row_per_key(bounded, fixture_
         assert routed.reload_router("docs")["balance"]["rows"] == N_BUILD + 200
     finally:
         routed.close()
+
+
+def test_a_writer_sees_another_writers_rows_from_its_next_read(bounded, fixture_data, tmp_path):
+    uri, layout = bounded
+    vecs, ids, target = _crowd(layout, fixture_data.docs, 301)
+    rows = [{"id": int(i), "vector": v.tolist()} for i, v in zip(ids, vecs)]
+    a = RoutedMilvusClient(uri, model_dir=str(tmp_path / "models"), log_rate=0, size_refresh_interval=0.5)
+    b = RoutedMilvusClient(uri, model_dir=str(tmp_path / "models"), log_rate=0, size_refresh_interval=3600)
+    try:
+        a.insert("docs", rows[:100])
+        b.insert("docs", rows[100:300])          # b's first read saw a's rows: exact for b
+        assert b.router_status("docs")["balance"]["rows"] == N_BUILD + 300
+        assert a.router_status("docs")["balance"]["rows"] == N_BUILD + 100   # a has not read since
+        time.sleep(0.6)
+        t0 = time.monotonic()
+        a.insert("docs", rows[300:])             # due: a re-reads in the background
+        deadline = t0 + 30
+
+        def read_since_t0():
+            age = a.router_status("docs")["balance"]["sizes_age_s"]
+            return time.monotonic() - age >= t0
+        while not read_since_t0():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # b's rows are counted now; the row a wrote while reading may count twice until the
+        # next read (the strict side)
+        assert N_BUILD + 301 <= a.router_status("docs")["balance"]["rows"] <= N_BUILD + 302
+        status = a.reload_router("docs")["balance"]
+        assert status["rows"] == N_BUILD + 301 and status["largest"] == cluster_sizes(a, layout).max()
+    finally:
+        a.close()
+        b.close()
 
 
 def test_layout_without_a_bound_routes_every_row_to_its_nearest(lite_uri, fixture_data, tmp_path):
