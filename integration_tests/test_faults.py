@@ -10,8 +10,10 @@
 3. Publish (this process) and rollback (another process) race for seconds: the pointer
    always names an existing router, history (read under the lock) never names a pruned file,
    nothing but ``LockedError`` escapes.
-4. Corrupt and foreign files while a client searches: no failed search, centroid fallback
-   with the reason in ``router_status``, recovery once the file is fixed.
+4. Corrupt and foreign files while a client searches (truncated or foreign bytes, pointer
+   garbage or naming ``../x`` or a missing file, a router of another layout, one with more or
+   fewer outputs than partitions, NaN weights): no failed search, centroid fallback with the
+   reason in ``router_status``, recovery once the file is fixed.
 
 Each test prints its counts and asserts the bad ones are zero.
 """
@@ -37,7 +39,8 @@ from pymilvus import MilvusClient
 
 from milvus_ltr_router.atomic import write_atomic
 from milvus_ltr_router.client import RoutedMilvusClient
-from milvus_ltr_router.export import export_router
+from milvus_ltr_router.export import export_router, linear_router_model, router_metadata
+from milvus_ltr_router.layout import partition_names_for
 from milvus_ltr_router.layout import Layout
 from milvus_ltr_router.registry import (LEFTOVER_MIN_AGE_S, LEFTOVER_PREFIXES, LockedError,
                                         ModelRegistry, RegistryError, retry_delay)
@@ -80,6 +83,21 @@ def export_version(reg: ModelRegistry, layout: Layout, version: str, shift: int 
     return export_router(np.roll(w, shift, axis=0), np.roll(b, shift), other_layout or layout,
                          layout.collection, path or reg.version_path(layout.collection, version),
                          nprobe=NPROBE)
+
+
+def write_mismatched_router(layout: Layout, path: Path, n_outputs: int) -> Path:
+    """A router file whose metadata is right for ``layout`` but whose graph scores
+    ``n_outputs`` partitions (export refuses to write one; finding 8 found 40 outputs for 32
+    partitions raising IndexError in searches, and 16 silently routing to 0-15 only)."""
+    w = np.random.default_rng(n_outputs).standard_normal((n_outputs, layout.dim)).astype(np.float32)
+    meta = router_metadata(layout, layout.collection, nprobe=NPROBE)
+    graph_meta = dict(meta, partition_names=json.dumps(partition_names_for(n_outputs)))
+    model = linear_router_model(w, None, graph_meta)
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    path.write_bytes(model.SerializeToString())
+    return path
 
 
 def publish_locked(reg: ModelRegistry, collection: str, version: str) -> None:
@@ -594,6 +612,19 @@ def test_corrupt_and_foreign_files_while_searching(env, tmp_path):
         inject("foreign bytes as .onnx", "not a loadable ONNX model",
                lambda: publish_locked(reg, coll, "foreign-bytes"),
                lambda: reg.rollback(coll), "truncated")
+        n_parts = env.layout.n_partitions
+        for n_out in (n_parts + 8, n_parts // 2):
+            name = f"outputs-{n_out}"
+            write_mismatched_router(env.layout, reg.version_path(coll, name), n_out)
+            inject(f"router with {n_out} outputs for {n_parts} partitions",
+                   f"scores give {n_out} values per query",
+                   lambda name=name: publish_locked(reg, coll, name),
+                   lambda: reg.rollback(coll), "truncated")
+        w, b = linear_centroid_scorer(env.layout.centroids, env.layout.metric)
+        w[5, 7] = np.nan
+        export_router(w, b, env.layout, coll, reg.version_path(coll, "nan-weights"), nprobe=NPROBE)
+        inject("NaN weights", "not finite", lambda: publish_locked(reg, coll, "nan-weights"),
+               lambda: reg.rollback(coll), "truncated")
         inject("pointer naming a missing file", "router file not found",
                lambda: write_atomic(pointer, json.dumps({**json.loads(saved),
                                                          "version": "missing"}).encode()),
@@ -612,5 +643,5 @@ def test_corrupt_and_foreign_files_while_searching(env, tmp_path):
     for name, _, _, error, n in faults:
         print(f"  {name}: {n} searches while broken; {error}")
     assert counts["failed"] == 0, errors[:5]
-    assert len(faults) == 6 and not no_fallback and not not_recovered, faults
+    assert len(faults) == 9 and not no_fallback and not not_recovered, faults
     assert counts["searches"] > 0
