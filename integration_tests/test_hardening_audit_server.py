@@ -213,6 +213,7 @@ def test_rows_written_around_the_layout_are_counted_searched_labelled_and_moved(
 
 
 # ----------------------------------------------------------------------------- finding 10
+@pytest.mark.filterwarnings("error::RuntimeWarning")     # no numpy warning per NaN search
 def test_non_finite_and_3d_queries_through_the_routed_client(milvus_server, part_layout,
                                                              fixture_data, tmp_path):
     """NaN/inf rows are searched as pymilvus searches them (no exception, one result row per
@@ -280,3 +281,34 @@ def test_clone_schema_says_what_the_laid_out_copy_drops(milvus_server, fixture_d
             drop_layout(client, target)
         client.drop_collection(source)
         client.close()
+
+
+def test_half_written_layout_is_refused_on_the_server(milvus_server, part_layout, tmp_path):
+    """Finding 10: a reader during ``--overwrite`` (layout rows still being inserted) read and
+    cached a partial layout. Runs last in this module: it breaks the module's layout."""
+    from milvus_ltr_router.layout import LayoutError, layout_collection_name, read_layout
+    lay = part_layout
+    raw = plain(milvus_server)
+    try:
+        assert read_layout(raw, lay.collection).n_partitions == N_CLUSTERS
+        raw.delete(layout_collection_name(lay.collection), filter=f"cluster >= {N_CLUSTERS - 2}")
+        deadline = time.monotonic() + 30
+        while True:         # the delete becomes visible to default-consistency reads shortly
+            try:
+                read_layout(raw, lay.collection)
+            except LayoutError as exc:
+                message = str(exc)
+                break
+            assert time.monotonic() < deadline, "a half-written layout was read as whole"
+            time.sleep(0.2)
+        assert f"holds {N_CLUSTERS - 2} of the {N_CLUSTERS} clusters" in message
+        app = routed(milvus_server, tmp_path / "none")
+        try:
+            with pytest.raises(LayoutError, match="half-written"):
+                app.search(lay.collection, data=[[0.1] * lay.dim], limit=3)
+            with pytest.raises(LayoutError, match="half-written"):     # nothing partial cached
+                app.router_status(lay.collection)
+        finally:
+            app.close()
+    finally:
+        raw.close()

@@ -196,8 +196,9 @@ class LinearRouter(BaseRouter):
         return CentroidRouter(layout, temperature)
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
-        s = queries @ self._wt
-        s += self._b
+        with np.errstate(invalid="ignore", over="ignore"):   # NaN/inf queries: searched as
+            s = queries @ self._wt                            # pymilvus does, without warnings
+            s += self._b
         return s
 
 
