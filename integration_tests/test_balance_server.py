@@ -1,0 +1,129 @@
+"""The size bound on a real Milvus server: a layout built with ``build-layout
+--max-cluster-ratio``, then routed inserts and upserts that all want one cluster. No cluster
+passes the bound, the rest spill to their next clusters, and every row is found by a routed
+search probing its cluster's rank (+1) clusters. Partition storage (sizes counted per
+partition) and single storage (sizes from the cluster-id column)."""
+import uuid
+
+import numpy as np
+import pytest
+
+from milvus_ltr_router.cli import main as cli_main
+from milvus_ltr_router.client import RoutedMilvusClient
+from milvus_ltr_router.clustering import balanced_capacity
+from milvus_ltr_router.layout import build_layout, cluster_of, cluster_sizes, drop_layout, read_layout
+from milvus_ltr_router.milvus_io import count_rows
+from milvus_ltr_router.storage import CLUSTER_FIELD
+
+RATIO, L, N = 1.5, 64, 20_000
+NEW = 1000
+
+
+@pytest.fixture(scope="module")
+def bounded_layouts(milvus_server, wordnet_source):
+    """The session source clustered by the CLI with the bound (single storage), and the same
+    clusters with the bound in partition storage."""
+    from pymilvus import MilvusClient
+    client = MilvusClient(uri=milvus_server.uri, token=milvus_server.token)
+    single = f"bal_single_{uuid.uuid4().hex[:8]}"
+    assert cli_main(["build-layout", "--uri", milvus_server.uri, "--source", wordnet_source,
+                     "--target", single, "--storage", "single", "--clusters", str(L),
+                     "--max-cluster-ratio", str(RATIO), "--seed", "0"]) == 0
+    out = {"single": read_layout(client, single)}
+    out["partition"] = build_layout(client, wordnet_source, f"bal_part_{uuid.uuid4().hex[:8]}", storage="partition",
+                                    clusters_from=out["single"], max_cluster_ratio=RATIO).layout
+    yield out
+    for lay in out.values():
+        drop_layout(client, lay.collection)
+    client.close()
+
+
+def crowd(layout, docs, n, seed=0):
+    """``n`` new vectors that all want the largest cluster: its rows, perturbed."""
+    target = int(np.argmax(layout.sizes))
+    members = docs[cluster_of(layout, docs) == target]
+    rng = np.random.default_rng(seed)
+    base = members[rng.integers(0, len(members), 4 * n)]
+    noise = rng.standard_normal(base.shape).astype(np.float32)
+    cand = base + 0.15 * np.linalg.norm(base, axis=1, keepdims=True) * noise / np.sqrt(base.shape[1])
+    cand = cand[cluster_of(layout, cand) == target]
+    assert len(cand) >= n
+    return cand[:n].astype(np.float32), target
+
+
+def rows_of(ids, vecs, title="new"):
+    return [{"id": int(i), "vector": v.tolist(), "title": title, "grp": 0, "weight": 0.0}
+            for i, v in zip(ids, vecs)]
+
+
+def live_sizes(client, layout) -> np.ndarray:
+    """Rows in each cluster now: count(*) per partition (partition statistics miss unflushed
+    rows and keep deleted ones), or the cluster-id column."""
+    if layout.storage.cluster_field is None:
+        return np.array([count_rows(client, layout.collection, [p]) for p in layout.partition_names])
+    return cluster_sizes(client, layout)
+
+
+def stored_clusters(client, layout, ids) -> dict:
+    expr = f"id in {[int(i) for i in ids]}"
+    if layout.storage.cluster_field is not None:
+        return {r["id"]: r[CLUSTER_FIELD] for r in client.query(
+            layout.collection, filter=expr, output_fields=[CLUSTER_FIELD], consistency_level="Strong")}
+    out = {}
+    for c, part in enumerate(layout.partition_names):
+        for r in client.query(layout.collection, filter=expr, partition_names=[part], output_fields=["id"],
+                              consistency_level="Strong"):
+            out[r["id"]] = c
+    return out
+
+
+@pytest.mark.parametrize("mode", ["partition", "single"])
+def test_routed_writes_keep_the_bound_on_a_server(milvus_uri, bounded_layouts, fixture_data, tmp_path, mode):
+    layout = bounded_layouts[mode]
+    assert layout.extra["max_cluster_ratio"] == RATIO
+    assert layout.sizes.sum() == N and layout.sizes.max() <= balanced_capacity(N, L, RATIO)
+    vecs, target = crowd(layout, fixture_data.docs, NEW)
+    ids = 50_000_000 + np.arange(NEW)
+    routed = RoutedMilvusClient(milvus_uri, model_dir=str(tmp_path / "models"), log_rate=0,
+                                size_refresh_interval=3600)
+    try:
+        assert routed.router_status(layout.collection)["balance"]["sizes_age_s"] is None
+        for start in range(0, NEW, 200):
+            res = routed.insert(layout.collection, rows_of(ids[start:start + 200], vecs[start:start + 200]))
+            assert res["insert_count"] == 200
+        cap = balanced_capacity(N + NEW, L, RATIO)
+        status = routed.router_status(layout.collection)["balance"]
+        assert status["rows"] == N + NEW and status["capacity"] == cap and status["largest"] == cap
+        live = live_sizes(routed, layout)
+        assert live.sum() == N + NEW and live.max() <= cap and live[target] == cap
+        stored = stored_clusters(routed, layout, ids)
+        clusters = np.array([stored[int(i)] for i in ids])
+        assert (clusters != target).sum() >= NEW - (cap - layout.sizes[target])
+        # every row is found by a routed search probing its cluster's rank + 1 clusters only
+        order = np.argsort(-(vecs @ layout.centroids.T), axis=1)
+        ranks = np.argmax(order == clusters[:, None], axis=1)
+        assert ranks.max() >= 1
+        assert routed.route(layout.collection, vecs[:5], nprobe=L) == order[:5].tolist()
+        for j in np.random.default_rng(1).choice(NEW, 40, replace=False):
+            flt = f"id == {int(ids[j])}"
+            hit = routed.search(layout.collection, data=[vecs[j].tolist()], limit=3, filter=flt,
+                                nprobe=int(ranks[j]) + 1, consistency_level="Strong")[0]
+            assert [h["id"] for h in hit] == [int(ids[j])]
+            if ranks[j]:
+                assert not routed.search(layout.collection, data=[vecs[j].tolist()], limit=3, filter=flt,
+                                         nprobe=int(ranks[j]), consistency_level="Strong")[0]
+        # upserts that move keys into the full cluster: one row per key, the bound kept (until
+        # the next read an upsert counts as one more row: the capacity of N + NEW + 300 rows)
+        moved = ids[:300]
+        other, _ = crowd(layout, fixture_data.docs, 300, seed=2)
+        routed.upsert(layout.collection, rows_of(moved, other, title="moved"))
+        assert count_rows(routed, layout.collection) == N + NEW
+        got = routed.query(layout.collection, filter=f"id in {[int(i) for i in moved]}",
+                           output_fields=["title"], consistency_level="Strong")
+        assert len(got) == 300 and {r["title"] for r in got} == {"moved"}
+        live = live_sizes(routed, layout)
+        assert live.sum() == N + NEW and live.max() <= balanced_capacity(N + NEW + 300, L, RATIO)
+        assert routed.reload_router(layout.collection)["balance"]["rows"] == N + NEW
+    finally:
+        routed.delete(layout.collection, filter=f"id >= {50_000_000}")
+        routed.close()
