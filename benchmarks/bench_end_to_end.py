@@ -6,7 +6,9 @@ Same server, same run, same held-out real queries, one query per request:
 (c) Milvus's own IVF_FLAT on an unpartitioned copy, nlist = L, nprobe sweep,
 (d) FLAT (exact). recall@10 against exact MIPS neighbours, QPS and mean/median/p99 latency,
 every configuration timed on every query in a random order per query (server drift spreads
-evenly). ``--paper-baseline`` adds a router trained on top-1 labels only (the paper's).
+evenly). ``--paper-baseline`` adds a router trained on top-1 labels only (the paper's);
+``--max-cluster-ratio R`` adds the same clusters built with that size bound (own router),
+timed beside the unbounded layout, with median and p99 latency at recall@10 0.9 and 0.95.
 
     python -m benchmarks.bench_end_to_end [--dataset fixture|small|medium|large] [--quick]
 
@@ -162,6 +164,16 @@ def native_cost_bound(rows: list[dict], ivf_method: str, partitions: float, key:
     return None
 
 
+def latency_with_bound(rows: list[dict], methods: list[str], targets=(0.9, 0.95)) -> list[dict]:
+    """Median and p99 ms of ``methods`` at each recall@10, each interpolated along the method's
+    nprobe sweep (:func:`latency_at_recall`): the layout with and without the size bound."""
+    med = {r["method"]: r for r in latency_at_recall(rows, targets)}
+    p99 = {r["method"]: r for r in latency_at_recall(rows, targets, "p99_ms", "p99_ms")}
+    return [{"method": m, **{k: v for t in targets for k, v in
+                             ((f"median_ms@{t}", med[m][f"ms@{t}"]), (f"p99_ms@{t}", p99[m][f"p99_ms@{t}"]))}}
+            for m in methods]
+
+
 def load_seconds(client, collection: str) -> tuple[float, int]:
     """Release and load ``collection`` again: seconds, and segments loaded."""
     client.release_collection(collection)
@@ -210,6 +222,10 @@ def main(argv=None) -> int:
                         help="clients for the throughput test (0: skip it)")
     parser.add_argument("--throughput-seconds", type=float, default=5.0,
                         help="seconds each method runs in the throughput test")
+    parser.add_argument("--max-cluster-ratio", type=float, default=None, metavar="R",
+                        help="also build the first storage mode's clusters with this size bound "
+                             "(same centroids), train its own router and time its learned and "
+                             "centroid routing beside the unbounded layout's")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -255,6 +271,23 @@ def main(argv=None) -> int:
                                  "partitions": lay.storage.n_groups, "build_s": time.perf_counter() - t0,
                                  "load_s": load_s, "segments": segments})
         n_parts = first.n_partitions
+        bounded, balance = None, {}
+        if args.max_cluster_ratio is not None:      # same centroids, rows assigned under the bound
+            from milvus_ltr_router.clustering import size_summary
+            from milvus_ltr_router.layout import cluster_sizes
+            t0 = time.perf_counter()
+            bounded = build_layout(client, src, f"e2e_bal_{tag}", storage=first.storage.mode,
+                                   groups=args.groups, clusters_from=first,
+                                   max_cluster_ratio=args.max_cluster_ratio).layout
+            build_s = time.perf_counter() - t0
+            load_s, segments = load_seconds(client, bounded.collection)
+            storage_rows.append({"storage": f"{bounded.storage.mode}, bound {args.max_cluster_ratio:g}",
+                                 "collection": bounded.collection, "partitions": bounded.storage.n_groups,
+                                 "build_s": build_s, "load_s": load_s, "segments": segments})
+            t0 = time.perf_counter()
+            cluster_sizes(client, bounded)          # what a routed writer reads before writing
+            balance = {"max_cluster_ratio": args.max_cluster_ratio, "size_read_s": time.perf_counter() - t0,
+                       "sizes": size_summary(first.sizes), "sizes_bounded": size_summary(bounded.sizes)}
         t0 = time.perf_counter()
         create_vector_collection(client, ivf, docs)
         client.release_collection(ivf)
@@ -270,15 +303,15 @@ def main(argv=None) -> int:
         modes = list(layouts)
         base = layouts[modes[0]]
 
-        def train_router(model_dir: str, label_k: int):
+        def train_router(model_dir: str, label_k: int, collection: str = base):
             result = retrain(client, RetrainConfig(
-                collection=base, model_dir=model_dir, queries_file=f"{tmp}/train.npy", nprobe=2,
+                collection=collection, model_dir=model_dir, queries_file=f"{tmp}/train.npy", nprobe=2,
                 min_queries=10, sample=len(train_q), label_k=label_k,
                 top1_weight=args.top1_weight, metric="recall"))
             registry = ModelRegistry(model_dir)
             live = registry.current(base)
             for other in modes[1:]:      # same clusters: the same router serves every storage mode
-                if live is not None:
+                if live is not None and collection == base:
                     dest = registry.version_path(layouts[other], live.version)
                     os.makedirs(dest.parent, exist_ok=True)
                     shutil.copyfile(live.path, dest)
@@ -299,6 +332,11 @@ def main(argv=None) -> int:
                    layouts[m]) for m in modes]
         routed.append((f"centroid routing ({storage_label(modes[0])})" if multi else "centroid routing",
                        centroid, base))
+        if bounded is not None:             # its own router, trained on its own rows' clusters
+            balance["router"] = train_router(f"{tmp}/models", args.label_k, bounded.collection).decision
+            bound = f"bound {args.max_cluster_ratio:g}"
+            routed += [(f"learned routing ({bound})", learned, bounded.collection),
+                       (f"centroid routing ({bound})", centroid, bounded.collection)]
         if args.paper_baseline:
             train_router(f"{tmp}/paper", 1)
             routed.append(("paper routing (top-1 labels)",
@@ -334,7 +372,9 @@ def main(argv=None) -> int:
         timings["load_average_after"] = os.getloadavg()
         for _, c, _ in routed:
             c.close()
-        for name in [src, ivf] + [x for coll in layouts.values() for x in (coll, f"{coll}__ltr_layout")]:
+        extra = [bounded.collection] if bounded is not None else []
+        for name in [src, ivf] + [x for coll in list(layouts.values()) + extra
+                                  for x in (coll, f"{coll}__ltr_layout")]:
             client.drop_collection(name)
         client.close()
     print(f"\n{label} ({server_version}); N={len(docs)}, L={n_parts}, {len(test_q)} held-out queries; "
@@ -368,6 +408,14 @@ def main(argv=None) -> int:
         print_table(equal, ["method"] + [f"{k}@{t}" for t in reached for k in ("parts", "mean_ms")],
                     "fixed nprobe at the recall@10 each adaptive target reached: mean partitions "
                     "and mean ms")
+    if bounded is not None:
+        pairs = [r[0] for r in routed if r[2] in (base, bounded.collection)]
+        balance["latency"] = latency_with_bound(rows, pairs)
+        print_table(balance["latency"], list(balance["latency"][0]),
+                    f"with and without --max-cluster-ratio {args.max_cluster_ratio:g} (bounded router: "
+                    f"{balance['router']}; largest cluster {balance['sizes']['max_over_mean']:.2f} -> "
+                    f"{balance['sizes_bounded']['max_over_mean']:.2f} x the mean; sizes read in "
+                    f"{balance['size_read_s']:.2f} s): ms at recall@10, interpolated along each sweep")
     name = f"end_to_end_{args.dataset}{'_unit' if args.unit_norm else ''}_k{args.label_k}" + \
         ("_quick" if args.quick else "")
     exact_equal = [{"method": m, **{f"nprobe@{a['recall@10']:.3f}": fixed_nprobe_for(curve, a["recall@10"])
@@ -382,7 +430,7 @@ def main(argv=None) -> int:
                 "median_ms_at_recall": interp, "goals": goal_rows, "throughput": tput,
                 "fixed_at_adaptive_recall": equal,
                 "exact_fixed_nprobe_at_adaptive_recall": exact_equal,
-                "timings": timings, "router": result.reason}, args.out)
+                "timings": timings, "router": result.reason, "balance": balance}, args.out)
     out = Path(args.out) if args.out else RESULTS
     series = {}
     for method in sorted({r["method"] for r in rows}):
