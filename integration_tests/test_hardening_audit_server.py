@@ -312,3 +312,40 @@ def test_half_written_layout_is_refused_on_the_server(milvus_server, part_layout
             app.close()
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("storage", ["single", "grouped"])
+def test_field_modes_refuse_a_plain_write_without_the_cluster_field(milvus_server, fixture_data,
+                                                                    tmp_path, storage):
+    """README: "In the field modes a plain MilvusClient cannot write a row around the layout
+    (Milvus refuses a row without ``_ltr_cluster``)"; in grouped storage a plain row that does
+    carry the field lands in _default, where routed searches still find it."""
+    from milvus_ltr_router.storage import CLUSTER_FIELD
+    raw = plain(milvus_server)
+    tag = uuid.uuid4().hex[:6]
+    source, target = f"audit_fm_src_{tag}", f"audit_fm_{storage}_{tag}"
+    create_vector_collection(raw, source, fixture_data.docs[:600])
+    try:
+        lay = build_layout(raw, source, target, n_clusters=6, storage=storage,
+                           groups=3 if storage == "grouped" else None, seed=0).layout
+        assert lay.storage.mode == storage and lay.storage.cluster_field == CLUSTER_FIELD
+        before = count(raw, target)
+        vec = fixture_data.queries[30]
+        with pytest.raises(MilvusException):
+            raw.insert(target, [{"id": 7_000_001, "vector": vec.tolist()}])
+        assert count(raw, target) == before
+        if storage == "grouped":
+            cluster = int(cluster_of(lay, vec[None])[0])      # e.g. a row copied with its id
+            raw.insert(target, [{"id": 7_000_002, "vector": vec.tolist(), CLUSTER_FIELD: cluster}])
+            raw.flush(target)
+            app = routed(milvus_server, tmp_path / "none")
+            try:
+                assert app.router_status(target)["rows_outside_layout"] == 1
+                hits = app.search(target, data=[vec.tolist()], limit=3, nprobe=1, **STRONG)[0]
+                assert 7_000_002 in [h["id"] for h in hits]
+            finally:
+                app.close()
+    finally:
+        drop_layout(raw, target)
+        raw.drop_collection(source)
+        raw.close()
