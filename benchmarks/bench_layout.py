@@ -1,7 +1,7 @@
 """Layout build throughput: seconds and rows/s per phase of ``build_layout`` (issues 3 and 14).
 
 Vectors: a real set when it is cached (``--data auto``: ``large`` up to its
-273,920 rows, ``xlarge`` up to 1,000,000; rows are its first N documents),
+289,382 rows, ``xlarge`` up to 1,000,000; rows are its first N documents),
 else the real MiniLM fixture tiled with small noise (throughput depends on
 size and dimension, not on where vectors came from). Runs against
 ``MILVUS_URI`` or the embedded Milvus 2.3.5 server; milvus-lite with ``--lite``.
@@ -46,7 +46,7 @@ def bench_vectors(n_rows: int, data: str = "auto") -> tuple[np.ndarray, str]:
     """``n_rows`` document vectors and where they came from (see the module docstring)."""
     from benchmarks.datasets import CACHE_FILES, EmbeddingDataset, cache_dir
     if data == "auto":
-        sizes = {"large": 273_920, "xlarge": 1_000_000}
+        sizes = {"large": 289_382, "xlarge": 1_000_000}
         data = next((name for name, size in sizes.items()
                      if n_rows <= size and (cache_dir() / CACHE_FILES[name]).exists()), "tiled")
     if data == "tiled":
@@ -94,10 +94,12 @@ print("BASELINE_RESULT " + json.dumps({"seconds": report.seconds, "package": mil
 """
 
 
-def build_with(uri: str, src: str, n_clusters: int, package_root: str | None) -> dict:
+def build_with(uri: str, src: str, n_clusters: int, package_root: str | None,
+               keep: str | None = None) -> dict:
     """One build of ``src``: with this checkout's package, or in a subprocess with the package
-    at ``package_root``. Returns ``{"seconds": {...}, "package": ..., "peak_rss_mib": ...}``."""
-    dst = f"bench_ivf_{uuid.uuid4().hex[:6]}"
+    at ``package_root``. Returns ``{"seconds": {...}, "package": ..., "peak_rss_mib": ...}``.
+    ``keep`` (current code only) names the target and leaves it for the caller to drop."""
+    dst = keep or f"bench_ivf_{uuid.uuid4().hex[:6]}"
     if package_root is None:
         import milvus_ltr_router
         from pymilvus import MilvusClient
@@ -106,7 +108,8 @@ def build_with(uri: str, src: str, n_clusters: int, package_root: str | None) ->
         try:
             report = build_layout(client, src, dst, n_clusters=n_clusters)
         finally:
-            drop_layout(client, dst)
+            if keep is None:
+                drop_layout(client, dst)
             client.close()
         return {"seconds": report.seconds, "package": milvus_ltr_router.__file__,
                 "peak_rss_mib": peak_rss_mib()}
@@ -120,6 +123,33 @@ def build_with(uri: str, src: str, n_clusters: int, package_root: str | None) ->
     if not out["package"].startswith(os.path.abspath(package_root)):
         raise RuntimeError(f"baseline imported {out['package']}, not the package under {package_root}")
     return out
+
+
+_READOUT_SNIPPET = """
+import json, sys, time
+import milvus_ltr_router
+from pymilvus import MilvusClient
+from milvus_ltr_router.layout import iter_layout_blocks, read_layout
+client = MilvusClient(sys.argv[1])
+layout = read_layout(client, sys.argv[2])
+t0, n = time.perf_counter(), 0
+for ids, vecs, cid in iter_layout_blocks(client, layout):
+    n += len(ids)
+print("READOUT_RESULT " + json.dumps({"rows": n, "seconds": time.perf_counter() - t0,
+      "package": milvus_ltr_router.__file__}))
+"""
+
+
+def readout_with(uri: str, collection: str, package_root: str) -> dict:
+    """``iter_layout_blocks`` over a laid-out ``collection`` (what a local-label retrain streams),
+    with the package at ``package_root``, in a subprocess: ``{"rows", "seconds", "package"}``."""
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(package_root))
+    proc = subprocess.run([sys.executable, "-c", _READOUT_SNIPPET, uri, collection], env=env,
+                          cwd=package_root, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("READOUT_RESULT ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"read-out failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(line.split(" ", 1)[1])
 
 
 def row_of(label: str, n_rows: int, dim: int, n_clusters: int, result: dict) -> dict:
@@ -138,27 +168,39 @@ def row_of(label: str, n_rows: int, dim: int, n_clusters: int, result: dict) -> 
 
 
 def run(uri: str, label: str, n_rows: int, n_clusters: int, data: str = "auto",
-        baseline: str | None = None, repeat: int = 1) -> tuple[list[dict], dict]:
+        baseline: str | None = None, repeat: int = 1, readout: bool = False
+        ) -> tuple[list[dict], dict]:
     from pymilvus import MilvusClient
     vecs, origin = bench_vectors(n_rows, data)
     client = MilvusClient(uri)
     src = f"bench_src_{uuid.uuid4().hex[:6]}"
-    rows = []
+    rows, readouts = [], []
+    kept = f"bench_kept_{uuid.uuid4().hex[:6]}" if readout else None
     try:
         insert_s = create_source(client, src, vecs)
         dim = vecs.shape[1]
         del vecs
-        for _ in range(repeat):
+        for i in range(repeat):
             if baseline:
                 rows.append(row_of("baseline", n_rows, dim, n_clusters,
                                    build_with(uri, src, n_clusters, baseline)))
             rows.append(row_of("current", n_rows, dim, n_clusters,
-                               build_with(uri, src, n_clusters, None)))
+                               build_with(uri, src, n_clusters, None,
+                                          keep=kept if i == repeat - 1 else None)))
+        if readout:     # the retrain's read-out of the laid-out collection, both codes interleaved
+            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            for code, root in ([("baseline", baseline)] if baseline else []) + [("current", here)]:
+                r = readout_with(uri, kept, root)
+                readouts.append({"code": code, "rows": r["rows"], "seconds": r["seconds"],
+                                 "rows_per_s": r["rows"] / r["seconds"]})
     finally:
+        if kept:
+            from milvus_ltr_router.layout import drop_layout
+            drop_layout(client, kept)
         client.drop_collection(src)
         client.close()
     return rows, {"backend": label, "vectors": origin, "insert_source_s": insert_s,
-                  "load_avg": os.getloadavg()}
+                  "load_avg": os.getloadavg(), "readout": readouts}
 
 
 def main(argv=None) -> int:
@@ -170,6 +212,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default=None, metavar="PATH",
                         help="also build with the package under PATH (a worktree of older code)")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved builds per code")
+    parser.add_argument("--readout", action="store_true",
+                        help="also time iter_layout_blocks (the local-label retrain's read-out) "
+                             "over the built layout, with each code")
     parser.add_argument("--lite", action="store_true", help="milvus-lite instead of a server")
     parser.add_argument("--quick", action="store_true", help="3,000 rows, 8 clusters, milvus-lite")
     parser.add_argument("--out", default=None)
@@ -184,13 +229,13 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             uri = f"{tmp}/bench.db"
             rows, info = run(uri, "milvus-lite", args.rows, args.clusters, args.data,
-                             args.baseline, args.repeat)
+                             args.baseline, args.repeat, args.readout)
             release_lite(uri)
     else:
         from benchmarks.server import milvus_uri
         with milvus_uri() as (uri, label):
             rows, info = run(uri, label, args.rows, args.clusters, args.data, args.baseline,
-                             args.repeat)
+                             args.repeat, args.readout)
     print(f"\n{info['backend']}; vectors: {info['vectors']}; source insert {info['insert_source_s']:.1f} s; "
           f"load average after {info['load_avg'][0]:.2f}")
     print_table(rows, ["code", "rows", "dim", "L"] + [f"{p}_s" for p in PHASES]
@@ -199,6 +244,9 @@ def main(argv=None) -> int:
                        "index_load_rows_per_s", "rows_per_s"],
                 "rows/s per pass (baseline: 'read' is its vectors-only sample pass; its second "
                 "read-out is inside 'assign')")
+    if info["readout"]:
+        print_table(info["readout"], ["code", "rows", "seconds", "rows_per_s"],
+                    "read-out of the laid-out collection (iter_layout_blocks)")
     if args.baseline:
         base = [r["total_s"] for r in rows if r["code"] == "baseline"]
         cur = [r["total_s"] for r in rows if r["code"] == "current"]
