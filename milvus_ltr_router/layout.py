@@ -361,7 +361,10 @@ def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = S
     pk, vf = layout.primary_field, layout.vector_field
     if storage.cluster_field is not None:
         fields = [pk, vf, storage.cluster_field]
-        for cols in iter_columns(client, layout.collection, fields, batch_size, readers=readers):
+        parts = None if is_milvus_lite(client) else \
+            cluster_range_filters(storage.cluster_field, layout.sizes, batch_size, pk)
+        for cols in iter_columns(client, layout.collection, fields, batch_size, readers=readers,
+                                 parts=parts):
             if progress is not None:
                 progress.update(len(cols[pk]))
             yield (np.asarray(cols[pk]), cols[vf],
@@ -373,6 +376,37 @@ def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = S
             if progress is not None:
                 progress.update(len(cols[pk]))
             yield np.asarray(cols[pk]), cols[vf], index
+
+
+def cluster_range_filters(field: str, sizes: Sequence[int], rows_per_part: int,
+                          primary_field: str | None = None) -> list[str]:
+    """Filters on the cluster-id ``field`` that split a layout into runs of consecutive
+    clusters of about ``rows_per_part`` rows (by the recorded ``sizes``): disjoint, and the
+    first and last open-ended, so together they cover every row whatever its cluster id.
+    A cluster of more than twice ``rows_per_part`` rows is split further by residue of the
+    integer ``primary_field`` (when given), so no request outgrows the server's reply limit."""
+    edges, acc = [], 0
+    for c, n in enumerate(sizes):
+        if acc and acc + int(n) > rows_per_part:
+            edges.append(c)
+            acc = 0
+        acc += int(n)
+    edges = [None] + edges + [None]
+    parts = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        expr = " and ".join(x for x in (f"{field} >= {lo}" if lo is not None else "",
+                                        f"{field} < {hi}" if hi is not None else "") if x)
+        expr = expr or f"{field} % 1 == 0"
+        lo_c, hi_c = lo or 0, len(sizes) if hi is None else hi
+        big = int(sum(int(n) for n in sizes[lo_c:hi_c]))
+        k = -(-big // rows_per_part)
+        if primary_field is None or big <= 2 * rows_per_part:
+            parts.append(expr)
+            continue
+        for j in range(k):
+            res = f"{primary_field} % {k} == {j}" + (f" or {primary_field} % {k} == {j - k}" if j else "")
+            parts.append(f"({expr}) and ({res})")
+    return parts
 
 
 # --------------------------------------------------------------------------- build

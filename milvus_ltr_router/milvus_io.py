@@ -138,7 +138,9 @@ def iter_rows(client: MilvusClient, collection: str, output_fields: list[str],
 
 # --------------------------------------------------------------------------- column-wise I/O
 SCAN_ROWS = 16384           # rows per read request: the server's query window (offset + limit)
-WRITE_BYTES = 16 << 20      # payload per insert request (Milvus 2.3 refuses requests over ~64 MB)
+SCAN_BYTES = 16 << 20       # and at most this payload: a part may hold twice its share, and the
+                            # proxy sends at most 64 MB (proxy.grpc.serverMaxSendSize)
+WRITE_BYTES = 16 << 20      # payload per insert request (the proxy refuses requests over 64 MB)
 _INT_TYPES = (DataType.INT8, DataType.INT16, DataType.INT32, DataType.INT64)
 
 Columns = dict   # field name -> np.ndarray (numbers, [n, dim] float vectors) or list (other values)
@@ -326,12 +328,16 @@ def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
 
 def iter_columns(client: MilvusClient, collection: str, output_fields: list[str],
                  batch_size: int = SCAN_ROWS, partition_names: list[str] | None = None,
-                 filter: str = "", readers: int = 2) -> Iterator[Columns]:
+                 filter: str = "", readers: int = 2, parts: list[str] | None = None
+                 ) -> Iterator[Columns]:
     """Batches of columns (see :func:`_result_columns`) over every row of ``collection``.
 
     Collections with an integer primary key on a server are read by :func:`plan_scan`'s
     independent requests, ``readers`` of them in flight, all at one snapshot timestamp
-    (rows written after the scan starts are not read). Otherwise (string keys,
+    (rows written after the scan starts are not read). ``parts``, when given, are the
+    filters of those requests instead (disjoint, together covering every row: e.g. ranges
+    of an indexed field, which cost an index lookup each, where the residue filters cost
+    a pass over every key each - O(N^2 / batch_size) in all). Otherwise (string keys,
     milvus-lite) the rows come from ``query_iterator``. Batches hold about
     ``batch_size`` rows (at most twice that); their order is not the key order.
     """
@@ -353,8 +359,12 @@ def iter_columns(client: MilvusClient, collection: str, output_fields: list[str]
             else:
                 yield rows_to_columns(batch, fields, vectors)
         return
+    row_bytes = sum(4 * dims[f] if f in dims else 8 if types.get(f) in _INT_TYPES else 64
+                    for f in fields) + (64 if dynamic else 0)
+    batch_size = max(1, min(batch_size, SCAN_BYTES // row_bytes))
     ts = snapshot_timestamp()
-    plan = plan_scan(client, collection, primary["name"], batch_size, partition_names, filter, ts)
+    plan = parts if parts is not None else \
+        plan_scan(client, collection, primary["name"], batch_size, partition_names, filter, ts)
 
     def fetch(expr: str) -> Columns:
         res = client.query(collection, filter=expr, output_fields=output_fields,

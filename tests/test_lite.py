@@ -336,3 +336,18 @@ def test_column_io_round_trip_on_lite(tmp_path):
     finally:
         client.close()
         release_lite(uri)
+
+
+def test_cluster_range_filters_cover_every_row_once():
+    """Issue 14: the read-out's parts of a laid-out collection - runs of clusters by recorded
+    size, big clusters split by key residue - match every (cluster id, key) exactly once, also
+    cluster ids outside the layout and negative keys."""
+    from milvus_ltr_router.layout import cluster_range_filters
+    sizes = [3, 30, 1, 1, 0, 12, 2]
+    parts = cluster_range_filters("c", sizes, 10, "id")
+    assert len(parts) > 3 and any("id %" in p for p in parts)
+    for c in range(-2, len(sizes) + 2):
+        for key in range(-25, 25):
+            hits = [p for p in parts if eval(p, {}, {"c": c, "id": key})]
+            assert len(hits) == 1, (c, key, hits)
+    assert cluster_range_filters("c", [50], 100) == ["c % 1 == 0"]
