@@ -23,8 +23,8 @@ from pymilvus.exceptions import DataNotMatchException, ParamError
 
 from .clustering import as_vector_batch, assign_with_room, balanced_capacity
 from .errors import InputError, OperationalError
-from .layout import (Layout, cluster_sizes, current_layout_id, has_stray_partition, laid_out_name,
-                     read_layout, stray_rows)
+from .layout import (Layout, cluster_of, cluster_sizes, current_layout_id, has_stray_partition,
+                     laid_out_name, read_layout, stray_rows)
 from .milvus_io import is_milvus_lite, key_list_literal, snapshot_timestamp
 from .storage import DEFAULT_PARTITION, storage_status
 from .querylog import QueryLogger
@@ -69,6 +69,43 @@ class _ClusterSizes:
 
     def estimate(self) -> np.ndarray:
         return self.read + self.routed
+
+
+def locate_keys(keys_in, keys: list, guesses: list[str], partitions: list[str]) -> dict:
+    """Key -> the partitions that hold a row with that key, found with few queries.
+
+    ``keys_in(keys, partitions)`` answers which of ``keys`` have a row in any of
+    ``partitions``. Keys are grouped by their guessed partition; per group one query
+    checks the guess and one the other partitions, and keys found elsewhere (rows not in
+    their nearest cluster, stale copies) are located by halving those partitions (about
+    ``log2(len(partitions))`` queries per such key, batched per half). A key found
+    nowhere maps to no partition.
+    """
+    out: dict = {}
+
+    def halve(group: list, parts: list[str]) -> None:
+        if len(parts) == 1:
+            for key in group:
+                out.setdefault(key, set()).add(parts[0])
+            return
+        for half in (parts[:len(parts) // 2], parts[len(parts) // 2:]):
+            hit = keys_in(group, half)
+            if hit:
+                halve([k for k in group if k in hit], half)
+
+    by_guess: dict[str, list] = {}
+    for key, part in zip(keys, guesses):
+        by_guess.setdefault(part, []).append(key)
+    for guess, group in by_guess.items():
+        hit = keys_in(group, [guess]) if guess in partitions else set()
+        for key in group:
+            if key in hit:
+                out.setdefault(key, set()).add(guess)
+        rest = [p for p in partitions if p != guess]
+        elsewhere = keys_in(group, rest) if rest else set()
+        if elsewhere:
+            halve([k for k in group if k in elsewhere], rest)
+    return out
 
 
 class RoutedMilvusClient(MilvusClient):
@@ -196,6 +233,7 @@ class RoutedMilvusClient(MilvusClient):
         for a size-bounded layout also the live cluster sizes that routed writes go by."""
         with self._routing_lock:
             self._routing.pop(collection_name, None)
+            self._strays.clear()        # rows outside the layout: counted again too
         state = self._state(collection_name)
         sizes = None if state is None else self._cluster_sizes(state)
         if sizes is not None:
@@ -606,12 +644,29 @@ class RoutedMilvusClient(MilvusClient):
             for r in found:
                 out.setdefault(r[pk], set()).add(storage.write_partition(r[storage.cluster_field]))
             return out
-        # partition storage: Milvus does not say which partition a row is in; ask which keys
-        # exist at all, then every partition is a candidate for those keys
-        found = self.query(layout.collection, filter=expr, output_fields=[pk], timeout=timeout,
-                           consistency_level="Strong")
-        every = set(storage.partitions) | {DEFAULT_PARTITION}
-        return {r[pk]: every for r in found}
+        # partition storage: Milvus does not say which partition a row is in. Only partitions
+        # where the key is found now may be cleaned after the write: deleting it from every
+        # other partition would also delete a concurrent writer's new copy (two upserts of one
+        # key to two clusters would leave none). Each stored row is looked for first in the
+        # partition of its stored vector's nearest cluster, the rest by halving the partitions.
+        found = self.query(layout.collection, filter=expr, output_fields=[pk, layout.vector_field],
+                           timeout=timeout, consistency_level="Strong")
+        if not found:
+            return {}
+        guess = cluster_of(layout, np.asarray([r[layout.vector_field] for r in found],
+                                              dtype=np.float32))
+        candidates = [storage.write_partition(int(c)) or DEFAULT_PARTITION for c in guess]
+        every = sorted(set(storage.partitions) | {DEFAULT_PARTITION})
+        return locate_keys(lambda keys, parts: self._keys_in(layout, keys, parts, timeout),
+                           [r[pk] for r in found], candidates, every)
+
+    def _keys_in(self, layout: Layout, keys: list, partitions: list[str], timeout) -> set:
+        """Which of ``keys`` have a row in any of ``partitions`` (a Strong query)."""
+        pk = layout.primary_field
+        rows = self.query(layout.collection, filter=f"{pk} in {key_list_literal(keys)}",
+                          output_fields=[pk], partition_names=list(partitions), timeout=timeout,
+                          consistency_level="Strong")
+        return {r[pk] for r in rows}
 
     def _delete_moved(self, collection_name, layout: Layout, rows, clusters, old_parts: dict,
                       timeout) -> None:
