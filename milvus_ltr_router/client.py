@@ -246,7 +246,9 @@ class RoutedMilvusClient(MilvusClient):
         ``adaptive`` says whether ``recall_target`` is calibrated (None: served as fixed nprobe);
         ``rows_outside_layout`` counts rows written around the layout (searched until
         ``repair-layout`` moves them; -1: could not be counted); ``balance`` is the size bound
-        routed writes keep (None: the layout has none; see :meth:`insert`)."""
+        routed writes keep (None: the layout has none; see :meth:`insert`); ``failures``
+        counts consecutive failed reads of the model dir or router (with ``error`` the last
+        reason) and ``next_check_s`` is how long until it is read again (None: no error)."""
         state = self._state(collection_name)
         stats = vars(self._logger.stats).copy() if self._logger else {}
         if state is None:
@@ -262,6 +264,9 @@ class RoutedMilvusClient(MilvusClient):
                 "n_partitions": state.layout.n_partitions, "nprobe": self._default_nprobe(state),
                 "storage": storage_status(state.layout.storage),
                 "adaptive": adaptive, "balance": self._balance_status(state), "error": state.error,
+                "failures": state.failures,
+                "next_check_s": max(0.0, state.retry_at - time.monotonic()) if state.failures
+                else None,
                 "rows_outside_layout": self._stray_count(state), "query_log": stats}
 
     def _balance_status(self, state: _Routing) -> dict | None:
