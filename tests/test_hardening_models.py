@@ -133,6 +133,7 @@ def routed(monkeypatch, tmp_path):
     """A RoutedMilvusClient with Milvus's layout calls replaced: collection 'docs' has a layout."""
     layout = make_layout()
     monkeypatch.setattr(MilvusClient, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(MilvusClient, "close", lambda self: None)
     monkeypatch.setattr(client_mod, "laid_out_name", lambda client, name: layout.collection)
     monkeypatch.setattr(client_mod, "current_layout_id", lambda client, name: layout.layout_id)
     monkeypatch.setattr(client_mod, "read_layout", lambda client, name: layout)
@@ -145,7 +146,7 @@ def routed(monkeypatch, tmp_path):
 
     yield make, layout
     for c in made:
-        c._pool.shutdown(wait=True)
+        c.close()
 
 
 def test_model_dir_that_is_a_file_serves_centroids_with_a_warning(routed, tmp_path, caplog):
@@ -153,9 +154,9 @@ def test_model_dir_that_is_a_file_serves_centroids_with_a_warning(routed, tmp_pa
     (tmp_path / "models").write_text("not a directory")
     client = make()
     with caplog.at_level(logging.WARNING, logger="milvus_ltr_router.client"):
-        state = client._state("docs")           # search's first step; raised NotADirectoryError
-    assert state.router.kind == "centroid" and state.failures == 1
-    assert "Not a directory" in state.error and "router pointer" in state.error
+        state = client.router_status("docs")    # search's first step; raised NotADirectoryError
+    assert state["mode"] == "centroid" and state["failures"] == 1
+    assert "Not a directory" in state["error"] and "router pointer" in state["error"]
     assert any("routing 'docs' by centroids" in r.getMessage() for r in caplog.records)
     with pytest.raises(RegistryError, match="unreadable"):
         ModelRegistry(tmp_path / "models").current("docs")
@@ -171,12 +172,12 @@ def test_corrupt_pointer_is_logged_and_recovers_when_fixed(routed, tmp_path, cap
     reg.pointer_path("docs").write_text("{not json")
     client = make()
     with caplog.at_level(logging.WARNING, logger="milvus_ltr_router.client"):
-        state = client._state("docs")
-    assert state.router.kind == "centroid" and "corrupt" in state.error
+        state = client.router_status("docs")
+    assert state["mode"] == "centroid" and "corrupt" in state["error"]
     assert [r for r in caplog.records if r.levelno == logging.WARNING and "corrupt" in r.getMessage()]
     reg.pointer_path("docs").write_text(text)   # repaired by hand: the stamp changes
-    state = client._state("docs")
-    assert state.router.kind == "learned" and state.version == good and state.error == ""
+    state = client.router_status("docs")
+    assert state["mode"] == "learned" and state["version"] == good and state["error"] == ""
 
 
 def test_failed_router_load_is_retried_with_backoff_without_a_new_publish(routed, tmp_path,
@@ -189,28 +190,33 @@ def test_failed_router_load_is_retried_with_backoff_without_a_new_publish(routed
     path.write_bytes(b"half a file")             # as after a transient read/copy error
     reg.publish("docs", path, version, {})
     client = make(reload_interval=0.0)
-    first = client._state("docs")
-    assert first.router.kind == "centroid" and "not a loadable ONNX model" in first.error
-    assert first.failures == 1
+    first = client.router_status("docs")
+    assert first["mode"] == "centroid" and "not a loadable ONNX model" in first["error"]
+    assert first["failures"] == 1 and 0 < first["next_check_s"] <= retry_delay(1, 0.0)
+    fallback = client.router("docs")
     export_router(weights(), None, layout, "docs", path)      # the file is fixed; pointer untouched
     stamp = reg.pointer_stamp("docs")
-    assert client._state("docs") is first                     # within the backoff: not re-read yet
+    assert client.router("docs") is fallback                  # within the backoff: not re-read yet
     real = time.monotonic
     monkeypatch.setattr(client_mod.time, "monotonic", lambda: real() + retry_delay(1, 0.0) + 0.5)
-    state = client._state("docs")
+    state = client.router_status("docs")
     assert reg.pointer_stamp("docs") == stamp
-    assert state.router.kind == "learned" and state.version == version and state.failures == 0
+    assert state["mode"] == "learned" and state["version"] == version and state["failures"] == 0
+    assert state["next_check_s"] is None
 
 
-def test_consecutive_failures_back_off_longer(routed, tmp_path):
+def test_consecutive_failures_back_off_longer(routed, tmp_path, monkeypatch):
     make, layout = routed
     (tmp_path / "models").write_text("not a directory")
     client = make(reload_interval=5.0)
-    one = client._load_router(layout, ("unreadable", "x"))
-    two = client._load_router(layout, ("unreadable", "x"), one)
-    now = time.monotonic()
-    assert (one.failures, two.failures) == (1, 2)
-    assert two.retry_at - now == pytest.approx(10.0, abs=1.0)     # 5 s, then 10 s
+    one = client.router_status("docs")
+    real, shift = time.monotonic, [0.0]
+    monkeypatch.setattr(client_mod.time, "monotonic", lambda: real() + shift[0])
+    shift[0] = 5.5                                                # past the first backoff
+    two = client.router_status("docs")
+    assert (one["failures"], two["failures"]) == (1, 2)
+    assert one["next_check_s"] == pytest.approx(5.0, abs=1.0)     # 5 s, then 10 s
+    assert two["next_check_s"] == pytest.approx(10.0, abs=1.0)
     assert retry_delay(1, 5.0) == 5.0 and retry_delay(3, 5.0) == 20.0 and retry_delay(30, 5.0) == 300.0
     assert retry_delay(1, 0.0) == 1.0                              # never a reload per search
 
@@ -271,8 +277,8 @@ def test_pointer_naming_a_file_outside_is_not_served(routed, tmp_path, escape):
     reg.pointer_path("docs").write_text(json.dumps({**pointer, "version": version}))
     with pytest.raises(RegistryError, match="invalid router version"):
         reg.current("docs")
-    state = make()._state("docs")
-    assert state.router.kind == "centroid" and "invalid router version" in state.error
+    state = make().router_status("docs")
+    assert state["mode"] == "centroid" and "invalid router version" in state["error"]
 
 
 def test_pointer_history_entries_are_checked(tmp_path):
