@@ -127,3 +127,26 @@ def test_routed_writes_keep_the_bound_on_a_server(milvus_uri, bounded_layouts, f
     finally:
         routed.delete(layout.collection, filter=f"id >= {50_000_000}")
         routed.close()
+
+
+def test_end_to_end_benchmark_compares_with_and_without_the_bound(milvus_server, tmp_path, monkeypatch):
+    """``bench_end_to_end --max-cluster-ratio``: the bounded layout is built, timed beside the
+    unbounded one, and reported with median and p99 latency at recall@10 0.9 / 0.95."""
+    import json
+    from benchmarks import bench_end_to_end
+    monkeypatch.setenv("MILVUS_URI", milvus_server.uri)
+    assert bench_end_to_end.main(["--quick", "--storage", "single", "--max-cluster-ratio", "1.5",
+                                  "--concurrency", "0", "--recall-targets", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "end_to_end_fixture_k10_quick.json").read_text())
+    methods = {r["method"] for r in out["rows"]}
+    assert {"learned routing (bound 1.5)", "centroid routing (bound 1.5)",
+            "learned routing", "centroid routing"} <= methods
+    bal = out["balance"]
+    assert bal["sizes_bounded"]["max"] <= balanced_capacity(3000, out["L"], 1.5)
+    assert bal["sizes"]["max_over_mean"] > bal["sizes_bounded"]["max_over_mean"]
+    assert [r["method"] for r in bal["latency"]] == ["learned routing", "centroid routing",
+                                                     "learned routing (bound 1.5)",
+                                                     "centroid routing (bound 1.5)"]
+    assert set(bal["latency"][0]) == {"method", "median_ms@0.9", "p99_ms@0.9", "median_ms@0.95",
+                                      "p99_ms@0.95"}
+    assert any(r["storage"] == "single, bound 1.5" for r in out["storage"])
