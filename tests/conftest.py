@@ -58,3 +58,20 @@ def second_lock_attempt():
         t.join()
         return errors[0] if errors else None
     return attempt
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory, fixture_data, request):
+    """A milvus-lite file (one per test module) with 'src' (1,500 MiniLM documents) laid out as
+    'docs' (8 clusters, partition storage); released so a CLI run can open it."""
+    from pymilvus import MilvusClient
+    from milvus_ltr_router.layout import build_layout
+    from milvus_ltr_router.milvus_io import create_vector_collection, release_lite
+    uri = str(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]) / "test.db")
+    client = MilvusClient(uri)
+    create_vector_collection(client, "src", fixture_data.docs[:1500])
+    build_layout(client, "src", "docs", n_clusters=8, seed=0)
+    client.close()
+    release_lite(uri)            # milvus-lite serves a file to one client at a time
+    yield uri
+    release_lite(uri)

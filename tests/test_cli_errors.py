@@ -10,25 +10,12 @@ from pymilvus.exceptions import MilvusException
 from milvus_ltr_router import cli
 from milvus_ltr_router.errors import (EXIT_FAIL, EXIT_LOCKED, EXIT_USAGE, InputError,
                                       LockHeldError, OperationalError, describe, exit_code)
-from milvus_ltr_router.layout import LayoutError, build_layout
-from milvus_ltr_router.milvus_io import CollectionError, create_vector_collection, release_lite
+from milvus_ltr_router.layout import LayoutError
+from milvus_ltr_router.milvus_io import CollectionError, release_lite
 from milvus_ltr_router.registry import LockedError, ModelRegistry, RegistryError
 from milvus_ltr_router.router import RouterError
 
 DEAD = "http://127.0.0.1:9"      # nothing listens: a command that contacts Milvus fails with 1
-
-
-@pytest.fixture(scope="module")
-def lite(tmp_path_factory, fixture_data):
-    """A milvus-lite file with 'src' (1,500 MiniLM documents) laid out as 'docs' (8 partitions)."""
-    uri = str(tmp_path_factory.mktemp("cli_errors") / "test.db")
-    client = MilvusClient(uri)
-    create_vector_collection(client, "src", fixture_data.docs[:1500])
-    build_layout(client, "src", "docs", n_clusters=8, seed=0)
-    client.close()
-    release_lite(uri)            # milvus-lite serves a file to one client at a time
-    yield uri
-    release_lite(uri)
 
 
 def run(caplog, *argv):

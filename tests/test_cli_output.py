@@ -5,11 +5,8 @@ import json
 
 import numpy as np
 import pytest
-from pymilvus import MilvusClient
 
 from milvus_ltr_router import cli
-from milvus_ltr_router.layout import build_layout
-from milvus_ltr_router.milvus_io import create_vector_collection, release_lite
 from milvus_ltr_router.registry import ModelRegistry
 
 PARSERS = {"milvus-ltr-router": cli.build_parser, "retrain-router": cli.retrain_parser}
@@ -64,17 +61,6 @@ def test_top_level_help_ends_with_the_next_commands_and_exit_codes(capsys):
 
 
 # ---------------------------------------------------------------- status
-@pytest.fixture(scope="module")
-def lite(tmp_path_factory, fixture_data):
-    """A milvus-lite file with 'src' (1,500 MiniLM documents) laid out as 'docs' (8 clusters)."""
-    uri = str(tmp_path_factory.mktemp("cli_output") / "test.db")
-    client = MilvusClient(uri)
-    create_vector_collection(client, "src", fixture_data.docs[:1500])
-    build_layout(client, "src", "docs", n_clusters=8, seed=0)
-    client.close()
-    release_lite(uri)
-    yield uri
-    release_lite(uri)
 
 
 def status(capsys, uri, model_dir, *extra):
