@@ -147,6 +147,17 @@ def test_a_write_failing_in_a_later_partition_reports_exactly_what_landed(
         assert info.value.written == 1 and info.value.partitions_done == [part_a]
         assert partitions_holding(raw, lay, k1) == [part_a] and partitions_holding(raw, lay, k4) == [part_a]
         assert count(raw, lay.collection) == before + 2
+
+        # k1 (stored in a) moves to c, which is written; then the request for b is refused:
+        # k1's old copy in a is still deleted (one row per key for the keys that moved)
+        k5 = 9_100_005
+        with pytest.raises(WriteError) as info:
+            app.upsert(lay.collection, [{"id": k1, "vector": vc.tolist(), "title": "ok"},
+                                        {"id": k5, "vector": vb.tolist(), "title": too_long}])
+        assert info.value.written == 1 and info.value.partitions_done == [part_c]
+        assert partitions_holding(raw, lay, k1) == [part_c]
+        assert partitions_holding(raw, lay, k5) == []
+        assert count(raw, lay.collection) == before + 2
         app.delete(lay.collection, ids=[k1, k4])
         assert count(raw, lay.collection) == before
     finally:

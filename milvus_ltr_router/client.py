@@ -492,11 +492,13 @@ class RoutedMilvusClient(MilvusClient):
         except ValueError as exc:
             raise RoutedDataError(f"rows for {collection_name!r}: {exc}") from exc
         bound = self._cluster_sizes(state)
+        # where stored copies of the keys are, found before anything is written (a failure
+        # here writes nothing and counts nothing against the size bound)
+        old_parts = self._stored_partitions(state, rows, timeout) \
+            if kind == "upsert" and storage.mode != "single" and not self._is_lite() else {}
         clusters = self._assign_rows(state, bound, vectors)
         if storage.cluster_field is not None:
             rows = [{**r, storage.cluster_field: int(c)} for r, c in zip(rows, clusters)]
-        old_parts = self._stored_partitions(state, rows, timeout) \
-            if kind == "upsert" and storage.mode != "single" and not self._is_lite() else {}
         by_partition: dict[str, list[int]] = {}
         for i, c in enumerate(clusters):
             by_partition.setdefault(storage.write_partition(c), []).append(i)
@@ -509,11 +511,19 @@ class RoutedMilvusClient(MilvusClient):
                 except Exception as exc:
                     if not done:            # nothing written: the caller sees what pymilvus raised
                         raise
-                    written = sum(len(by_partition[p]) for p in done)
+                    written_rows = [i for p in done for i in by_partition[p]]
+                    cleaned = ""
+                    try:                    # keys that did move keep one row: drop their old copy
+                        self._delete_moved(collection_name, layout, [rows[i] for i in written_rows],
+                                           clusters[written_rows], old_parts, timeout)
+                    except Exception as clean_exc:
+                        cleaned = (f"; deleting the old copies of the written keys failed too "
+                                   f"({clean_exc}): repeat the upsert to remove them")
                     raise WriteError(f"{kind} into {collection_name!r} failed at partition "
-                                     f"{part or DEFAULT_PARTITION!r} after {written} of {len(rows)} "
-                                     f"rows were written (into {done or 'none'}): {exc}",
-                                     written=written, partitions_done=done) from exc
+                                     f"{part or DEFAULT_PARTITION!r} after {len(written_rows)} of "
+                                     f"{len(rows)} rows were written (into {done or 'none'}): "
+                                     f"{exc}{cleaned}",
+                                     written=len(written_rows), partitions_done=done) from exc
                 total += res.get("insert_count", res.get("upsert_count", len(idx)))
                 cost += res.get("cost", 0) or 0
                 for i, pk in zip(idx, res.get("ids", []) or []):
@@ -646,8 +656,16 @@ class RoutedMilvusClient(MilvusClient):
             found = self.query(layout.collection, filter=expr, output_fields=[pk, storage.cluster_field],
                                timeout=timeout, consistency_level="Strong")
             out: dict = {}
+            n = layout.n_partitions
             for r in found:
-                out.setdefault(r[pk], set()).add(storage.write_partition(r[storage.cluster_field]))
+                c = r[storage.cluster_field]
+                # an id outside the layout was not written by a routed client: look in _default
+                part = storage.write_partition(c) if isinstance(c, int) and 0 <= c < n \
+                    else DEFAULT_PARTITION
+                out.setdefault(r[pk], set()).add(part)
+            if found and self._stray_partition(state):  # _default holds rows written around it
+                for key in self._keys_in(layout, sorted(out), [DEFAULT_PARTITION], timeout):
+                    out[key].add(DEFAULT_PARTITION)
             return out
         # partition storage: Milvus does not say which partition a row is in. Only partitions
         # where the key is found now may be cleaned after the write: deleting it from every
