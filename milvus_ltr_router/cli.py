@@ -477,7 +477,10 @@ def format_status(status: dict) -> str:
                       + ("" if status.get("router_dir_exists", True) else ", which does not exist")
                       + ")"),
     ]
-    if router.get("version") is None:
+    if router.get("version") is None and router.get("error"):
+        lines.append(("router", f"NOT USABLE ({router['error']}): searches route by centroids; "
+                                "the next published router replaces the pointer"))
+    elif router.get("version") is None:
         lines.append(("router", "none published: searches route by centroids"))
     else:
         state = "usable" if router.get("usable") else \
@@ -500,7 +503,7 @@ def _cmd_status(args) -> int:
     from .layout import cluster_sizes, read_layout, stray_rows
     from .storage import storage_status
     from .querylog import log_size
-    from .registry import ModelRegistry
+    from .registry import ModelRegistry, RegistryError
     from .router import Router, RouterError
     with _connected(args) as client:
         lay = read_layout(client, args.collection)
@@ -508,8 +511,12 @@ def _cmd_status(args) -> int:
         live = cluster_sizes(client, lay)
         strays = stray_rows(client, lay)
     registry = ModelRegistry(args.model_dir)
-    current = registry.current(lay.collection)
     router_info: dict = {"version": None}
+    try:
+        current = registry.current(lay.collection)
+    except RegistryError as exc:    # what clients then do: route by centroids (and say why)
+        current = None
+        router_info.update(usable=False, error=str(exc))
     if current is not None:
         router_info = {"version": current.version, "published_at": current.published_at,
                        "metrics": current.metrics}
@@ -583,9 +590,9 @@ def _cmd_retrain(args) -> int:
     if args.report:
         try:
             result.report_paths = write_report(result, args.report)
-        except OSError as exc:     # after a publish, a failed report must not read as a failed run
-            logging.getLogger("milvus-ltr-router").error("report not written to %s: %s",
-                                                         args.report, exc)
+        except Exception as exc:   # after a publish, a failed report must not read as a failed run
+            logging.getLogger("milvus-ltr-router").error("report not written to %s: %s: %s",
+                                                         args.report, type(exc).__name__, exc)
     if args.json:
         print(result.to_json())
     else:
@@ -656,13 +663,13 @@ def check_demo_args(args) -> None:
 
 
 def check_build_layout_args(args, count_source_rows=None) -> None:
-    from .clustering import resolve_sample_size
     """build-layout: refuse arguments that can never work (exit 2) before anything is read.
 
     ``count_source_rows()``, when given, returns ``(real source name, rows)``
     so that ``--clusters`` above the row count and a target that is the
     source under an alias are refused up front too.
     """
+    from .clustering import resolve_sample_size
     if args.source == args.target:
         raise InputError(f"--target must differ from --source ({args.source!r}): the source is "
                          "never modified; name a new collection")

@@ -34,7 +34,7 @@ QUERY_INPUT = "query"          # float32 [batch, dim]
 SCORES_OUTPUT = "scores"       # float32 [batch, L]
 ADAPTIVE_INPUT = "adaptive"    # optional bool scalar: rank with the adaptive head (default false)
 
-# metadata_props keys; the first three are required
+# metadata_props keys; REQUIRED_KEYS must be present
 METADATA_KEYS = ("partition_names", "dim", "layout_id", "metric", "collection", "nprobe",
                  "temperature", "recall_thresholds", "stopping_model", "metrics", "training",
                  "created_at", "package_version")

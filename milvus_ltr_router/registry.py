@@ -121,7 +121,9 @@ class ModelRegistry:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an integer >= 1 (published routers kept per "
                              f"collection, the live one included), got {keep!r}")
-        self.model_dir = Path(model_dir)
+        # absolute once: the lock key and every path stay the same if the process changes
+        # directory between a retrain's lock and its publish
+        self.model_dir = Path(model_dir).absolute()
         self.keep = keep
 
     def collection_dir(self, collection: str) -> Path:

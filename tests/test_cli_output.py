@@ -145,6 +145,18 @@ def test_status_with_an_unusable_router_still_answers(lite, tmp_path, capsys):
     assert "recall_target" not in got
 
 
+def test_status_with_a_corrupt_pointer_still_answers(lite, tmp_path, capsys):
+    """What clients do with a corrupt CURRENT.json (route by centroids), status says, exit 0."""
+    registry = ModelRegistry(tmp_path / "m")
+    registry.pointer_path("docs").parent.mkdir(parents=True)
+    registry.pointer_path("docs").write_text("{not json")
+    got = lines_of(status(capsys, lite, tmp_path / "m"))
+    assert got["router"].startswith("NOT USABLE (router pointer ") and "corrupt" in got["router"]
+    assert "searches route by centroids" in got["router"]
+    data = json.loads(status(capsys, lite, tmp_path / "m", "--json"))
+    assert data["router"]["usable"] is False and "corrupt" in data["router"]["error"]
+
+
 def test_format_status_of_an_adopted_grouped_layout_with_strays():
     """The pure formatter over the dict that ``status --json`` prints."""
     data = {"collection": "c", "uri": "http://m:19530", "model_dir": "/srv/m",
