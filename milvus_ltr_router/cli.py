@@ -111,13 +111,13 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
                         "(0 = top-k only; 0.5 keeps top-1 accuracy while raising recall@k)")
     p.add_argument("--no-adaptive-head", dest="adaptive_head", action="store_false",
                    help="do not train the second, top-k-only head that recall_target searches "
-                        "rank with (trained by default when --top1-weight > 0)")
+                        "rank with (trained by default when --label-k > 1 and --top1-weight > 0)")
     p.add_argument("--min-queries", type=int, default=200,
                    help="refuse to train on fewer usable queries (at least 10): exit 1 for the "
                         "query log, 2 for a --queries file")
     p.add_argument("--epochs", type=int, default=100,
-                   help="most training epochs; training stops earlier once validation top-1 "
-                        "accuracy stops improving")
+                   help="most training epochs; training stops earlier once the validation "
+                        "score (--metric at --nprobe) stops improving")
     p.add_argument("--init", choices=["auto", "centroids", "random"], default="auto",
                    help="starting weights: 'centroids' = centroid routing, 'random' = small "
                         "random weights, 'auto' trains from both and keeps the better on the "
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="milvus-ltr-router", formatter_class=HelpFormatter,
         description="Learned partition routing for Milvus (learning-to-rank IVF routing).",
         epilog=MAIN_EPILOG)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (before the command: milvus-ltr-router -v status ...)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str = "",
@@ -212,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Lloyd passes over the whole source after k-means on the sample "
                         "(streamed; each pass reads the source once)")
     p.add_argument("--max-cluster-ratio", type=float,
-                   help="bound every cluster at this multiple of the mean size when rows are "
-                        "assigned at build time (e.g. 2.0; default unbounded)")
+                   help="bound every cluster at this multiple of the mean size (e.g. 2.0): at "
+                        "build time, and afterwards on RoutedMilvusClient inserts and upserts, "
+                        "which send a row to its nearest cluster with room (router_status()"
+                        "['balance']); default unbounded")
     p.add_argument("--seed", type=int, default=0, help="seed of the k-means sample and clustering")
     p.add_argument("--index-type", default="FLAT",
                    help="vector index of the laid-out collection (default FLAT: exact scans of the "
@@ -245,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a layout the collection already has")
 
-    p = command("repair-layout", "move rows written around the layout (into _default of a "
-                "one-partition-per-cluster layout) into their clusters",
+    p = command("repair-layout", "move rows written around the layout (into _default, in "
+                "partition or grouped storage) into their clusters",
                 "'status' warns when such rows exist; routed searches include them until moved.")
     _connection_args(p)
     p.add_argument("--collection", required=True, help="laid-out collection (or an alias of one)")
