@@ -29,7 +29,7 @@ from .clustering import (as_vector_batch, assign_balanced, assign_clusters, bala
                          default_n_clusters, fit_centroids, normalize_rows, refine_centroids,
                          resolve_sample_size)
 from .labels import Block, check_metric
-from .milvus_io import (DEFAULT_PARTITION, SCAN_ROWS, SERVER_PARTITION_LIMIT, WRITE_BYTES,
+from .milvus_io import (DEFAULT_PARTITION, SCAN_BYTES, SCAN_ROWS, SERVER_PARTITION_LIMIT, WRITE_BYTES,
                         CollectionError, CollectionInfo, Columns, ParallelWriter, clone_schema,
                         concat_columns, count_rows, describe, ensure_loaded, is_milvus_lite,
                         iter_columns, iter_rows, key_list_literal, n_rows_of, request_rows,
@@ -280,7 +280,11 @@ def cluster_sizes(client: MilvusClient, layout: Layout, batch_size: int = 65536)
     if storage.cluster_field is None:
         return partition_sizes(client, layout.collection, layout.partition_names)
     counts = np.zeros(layout.n_clusters, dtype=np.int64)
-    for cols in iter_columns(client, layout.collection, [storage.cluster_field], batch_size):
+    parts = None if is_milvus_lite(client) else \
+        cluster_range_filters(storage.cluster_field, _live_sizes(client, layout), batch_size,
+                              layout.primary_field)
+    for cols in iter_columns(client, layout.collection, [storage.cluster_field], batch_size,
+                             parts=parts):
         cid = np.asarray(cols[storage.cluster_field], dtype=np.int64)
         counts += np.bincount(cid[(cid >= 0) & (cid < layout.n_clusters)], minlength=layout.n_clusters)
     return counts
@@ -361,8 +365,12 @@ def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = S
     pk, vf = layout.primary_field, layout.vector_field
     if storage.cluster_field is not None:
         fields = [pk, vf, storage.cluster_field]
+        # parts sized in bytes as well as rows (a reply may not pass 64 MB), by sizes scaled to
+        # the rows stored now (routed inserts grow clusters after the build)
+        rows_per_part = max(1, min(batch_size, SCAN_BYTES // (4 * layout.dim + 16)))
         parts = None if is_milvus_lite(client) else \
-            cluster_range_filters(storage.cluster_field, layout.sizes, batch_size, pk)
+            cluster_range_filters(storage.cluster_field, _live_sizes(client, layout),
+                                  rows_per_part, pk)
         for cols in iter_columns(client, layout.collection, fields, batch_size, readers=readers,
                                  parts=parts):
             if progress is not None:
@@ -376,6 +384,18 @@ def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = S
             if progress is not None:
                 progress.update(len(cols[pk]))
             yield np.asarray(cols[pk]), cols[vf], index
+
+
+def _live_sizes(client: MilvusClient, layout: Layout) -> np.ndarray:
+    """The recorded cluster sizes scaled up to the rows the collection holds now (one
+    ``count(*)``): read parts planned from them stay within their byte budget when routed
+    inserts have grown the collection since the build (a single cluster that grew far
+    more than the rest can still make its part up to that much larger)."""
+    sizes = np.asarray(layout.sizes, dtype=np.float64)
+    recorded, live = float(sizes.sum()), float(count_rows(client, layout.collection))
+    if recorded > 0 and live > recorded:
+        sizes = sizes * (live / recorded)
+    return np.ceil(sizes).astype(np.int64)
 
 
 def cluster_range_filters(field: str, sizes: Sequence[int], rows_per_part: int,
