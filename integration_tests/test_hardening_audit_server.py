@@ -261,7 +261,8 @@ def test_non_finite_and_3d_queries_through_the_routed_client(milvus_server, part
 
 
 def test_clone_schema_says_what_the_laid_out_copy_drops(milvus_server, fixture_data, caplog):
-    """auto_id, default values and the partition key are not carried into the layout's copy:
+    """auto_id, default values, the partition key and scalar indexes are not carried into the
+    layout's copy:
     the build says so, field by field (it used to drop them silently)."""
     from pymilvus import DataType
     client = plain(milvus_server)
@@ -274,6 +275,7 @@ def test_clone_schema_says_what_the_laid_out_copy_drops(milvus_server, fixture_d
     schema.add_field("tenant", DataType.INT64, is_partition_key=True)
     params = client.prepare_index_params()
     params.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+    params.add_index(field_name="hits", index_type="STL_SORT", index_name="hits_idx")
     client.create_collection(source, schema=schema, index_params=params)
     try:
         client.insert(source, [{"vector": v.tolist(), "hits": i, "tenant": i % 3}
@@ -283,7 +285,8 @@ def test_clone_schema_says_what_the_laid_out_copy_drops(milvus_server, fixture_d
             build_layout(client, source, target, n_clusters=4, seed=0)
         text = caplog.text
         assert f"the laid-out copy of {source!r} does not keep" in text
-        for what in ("auto_id on 'id'", "default value of 'hits'", "partition key 'tenant'"):
+        for what in ("auto_id on 'id'", "default value of 'hits'", "partition key 'tenant'",
+                     "scalar index 'hits_idx'"):
             assert what in text, what
         assert client.query(target, filter="", output_fields=["count(*)"],
                             **STRONG)[0]["count(*)"] == 300

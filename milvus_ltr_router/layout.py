@@ -631,8 +631,21 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
         spill.close()
 
 
-def _target_schema(info: CollectionInfo, layout: Layout):
-    schema = clone_schema(info)
+def _scalar_indexes(client: MilvusClient, info: CollectionInfo) -> list[str]:
+    """Names of the source's indexes on fields other than its vector field."""
+    names = []
+    try:
+        for name in client.list_indexes(info.name):
+            field = (client.describe_index(info.name, name) or {}).get("field_name")
+            if field != info.vector_field:
+                names.append(name)
+    except Exception as exc:            # only for a warning: never fail a build on it
+        log.debug("could not list the indexes of %r: %s", info.name, exc)
+    return names
+
+
+def _target_schema(info: CollectionInfo, layout: Layout, scalar_indexes: Sequence[str] = ()):
+    schema = clone_schema(info, scalar_indexes)
     if layout.storage.cluster_field is not None:
         extra = {"is_clustering_key": True} if layout.storage.clustering_key else {}
         schema.add_field(layout.storage.cluster_field, DataType.INT64,
@@ -708,7 +721,8 @@ def _write_target(client, info: CollectionInfo, layout: Layout, source: "_RowSpi
     n_rows = source.rows
     if client.has_collection(target) and overwrite:
         drop_layout(client, target)
-    client.create_collection(target, schema=_target_schema(info, layout))
+    client.create_collection(target, schema=_target_schema(info, layout,
+                                                           _scalar_indexes(client, info)))
     # indexes before the rows: segments are indexed as they seal, not all after the flush
     client.create_index(target, vector_index_params(client, info.vector_field, layout.metric, index))
     if storage.cluster_field is not None:

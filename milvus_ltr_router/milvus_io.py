@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from pymilvus import DataType, MilvusClient, mkts_from_unixtime
@@ -562,22 +562,23 @@ def rows_to_arrays(batch: list[dict], primary: str, vector: str) -> tuple[np.nda
     return ids, vecs
 
 
-def clone_schema(info: CollectionInfo):
+def clone_schema(info: CollectionInfo, scalar_indexes: Sequence[str] = ()):
     """A new schema with the same fields, keeping primary keys as given (auto_id off).
 
     What the copy does not carry over is logged as a warning, field by field:
     auto_id (rows keep the source's keys; new rows need a key), default values,
-    the partition key (the layout decides partitions). Scalar indexes are not
-    copied either: create them on the target after the build.
+    the partition key (the layout decides partitions), and the source's
+    ``scalar_indexes`` (names of its indexes on other fields than the vector; create
+    them on the target after the build).
     """
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=info.enable_dynamic_field)
     dropped = [f"auto_id on {f['name']!r}" for f in info.fields if f.get("auto_id")]
     dropped += [f"default value of {f['name']!r}" for f in info.fields
                 if f.get("default_value") not in (None, "")]
     dropped += [f"partition key {f['name']!r}" for f in info.fields if f.get("is_partition_key")]
+    dropped += [f"scalar index {name!r}" for name in scalar_indexes]
     if dropped:
-        log.warning("the laid-out copy of %r does not keep: %s (and no scalar indexes)", info.name,
-                    "; ".join(dropped))
+        log.warning("the laid-out copy of %r does not keep: %s", info.name, "; ".join(dropped))
     for f in info.fields:
         params = dict(f.get("params") or {})
         extra = {}
