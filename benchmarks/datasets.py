@@ -313,24 +313,30 @@ def build_wordnet_minilm(n_docs: int | None, n_queries: int | None, seed: int = 
     )
 
 
-def build_large_model2vec(seed: int = 0) -> EmbeddingDataset:
-    """WordNet glosses + GCIDE definitions (~289k texts) and all real questions, model2vec 256-d."""
-    texts = read_wordnet_glosses(wordnet_dir()) + read_gcide_definitions(gcide_dir())
-    docs = list(dict.fromkeys(texts))                 # drop exact duplicates, keep order
-    corpus = set(docs)
-    queries = [q for q in read_topic_queries(pyserini_wheel_path()) if q not in corpus]
+def model2vec_dataset(name: str, docs: list[str], corpus: str, seed: int) -> EmbeddingDataset:
+    """``docs`` and every real question that is not one of them, embedded with the static
+    model2vec model (256-d, not normalised): the sets used for scale and latency only."""
+    known = set(docs)
+    queries = [q for q in read_topic_queries(pyserini_wheel_path()) if q not in known]
     encoder = model2vec_encoder()
     log.info("embedding %d documents and %d queries with model2vec", len(docs), len(queries))
     return EmbeddingDataset(
-        name=f"wordnet-gcide-model2vec-{len(docs)}",
+        name=f"{name}-{len(docs)}",
         docs=embed(encoder, docs, batch_size=4096, desc="documents"),
         queries=embed(encoder, queries, batch_size=4096, desc="queries"),
         meta={"model": "model2vec distilled from all-MiniLM-L6-v2, pca_dims=256, not normalised",
-              "corpus": "WordNet 3.0 glosses + GCIDE 0.48 definitions",
+              "corpus": corpus,
               "queries": "pyserini 0.12.0 topics: " + ", ".join(QUERY_TOPICS), "seed": seed,
               "quality_claims": "none - scale and latency only"},
     )
 
+
+def build_large_model2vec(seed: int = 0) -> EmbeddingDataset:
+    """WordNet glosses + GCIDE definitions (~289k texts) and all real questions, model2vec 256-d."""
+    texts = read_wordnet_glosses(wordnet_dir()) + read_gcide_definitions(gcide_dir())
+    docs = list(dict.fromkeys(texts))                 # drop exact duplicates, keep order
+    return model2vec_dataset("wordnet-gcide-model2vec", docs,
+                             "WordNet 3.0 glosses + GCIDE 0.48 definitions", seed)
 
 def unpacked_package(package: str) -> Path:
     """A Debian package's ``.deb`` fetched with ``apt-get download`` and unpacked (``dpkg -x``)
@@ -370,22 +376,10 @@ def build_xlarge_model2vec(n_docs: int = XLARGE_ROWS, seed: int = 0) -> Embeddin
         rng = np.random.default_rng(seed)
         extra = [extra[i] for i in np.sort(rng.choice(len(extra), need, replace=False))]
     docs = base + extra
-    corpus = set(docs)
-    queries = [q for q in read_topic_queries(pyserini_wheel_path()) if q not in corpus]
-    encoder = model2vec_encoder()
-    log.info("embedding %d documents and %d queries with model2vec", len(docs), len(queries))
-    return EmbeddingDataset(
-        name=f"docs-wordnet-gcide-model2vec-{len(docs)}",
-        docs=embed(encoder, docs, batch_size=4096, desc="documents"),
-        queries=embed(encoder, queries, batch_size=4096, desc="queries"),
-        meta={"model": "model2vec distilled from all-MiniLM-L6-v2, pca_dims=256, not normalised",
-              "corpus": f"WordNet 3.0 glosses + GCIDE 0.48 definitions ({len(base)}) + "
-                        f"{len(extra)} sentences of Debian documentation packages: "
-                        + ", ".join(DOC_PACKAGES),
-              "queries": "pyserini 0.12.0 topics: " + ", ".join(QUERY_TOPICS), "seed": seed,
-              "quality_claims": "none - scale and latency only"},
-    )
-
+    return model2vec_dataset(
+        "docs-wordnet-gcide-model2vec", docs,
+        f"WordNet 3.0 glosses + GCIDE 0.48 definitions ({len(base)}) + {len(extra)} sentences of "
+        "Debian documentation packages: " + ", ".join(DOC_PACKAGES), seed)
 
 DATASETS = ("fixture", "small", "medium", "large", "xlarge")
 CACHE_FILES = {"large": "wordnet-gcide-model2vec-large.npz",
