@@ -93,13 +93,20 @@ def debian_package_dir(package: str, subdir: str, marker: str) -> Path:
     dest = cache_dir() / "sources" / package
     target = dest / subdir
     if not (target / marker).exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        log.info("fetching Debian package %s", package)
-        subprocess.run(["apt-get", "download", package], cwd=dest, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deb = sorted(dest.glob(f"{package}*.deb"))[0]
-        subprocess.run(["dpkg", "-x", str(deb), str(dest)], check=True)
+        fetch_and_unpack(package, dest)
     return target
+
+
+def fetch_and_unpack(package: str, dest: Path) -> Path:
+    """``apt-get download`` a Debian package into ``dest`` and unpack it there (``dpkg -x``,
+    never installed); returns the ``.deb``'s path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    log.info("fetching Debian package %s", package)
+    subprocess.run(["apt-get", "download", package], cwd=dest, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deb = sorted(dest.glob(f"{package}_*.deb"))[0]
+    subprocess.run(["dpkg", "-x", str(deb), str(dest)], check=True)
+    return deb
 
 
 def wordnet_dir() -> Path:
@@ -344,13 +351,7 @@ def unpacked_package(package: str) -> Path:
     dest = cache_dir() / "sources" / "debian" / package
     done = dest / ".unpacked"
     if not done.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        log.info("fetching Debian package %s", package)
-        subprocess.run(["apt-get", "download", package], cwd=dest, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deb = sorted(dest.glob(f"{package}_*.deb"))[0]
-        subprocess.run(["dpkg", "-x", str(deb), str(dest)], check=True)
-        deb.unlink()
+        fetch_and_unpack(package, dest).unlink()
         done.touch()
     return dest
 
