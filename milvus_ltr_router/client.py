@@ -561,7 +561,7 @@ class RoutedMilvusClient(MilvusClient):
         room (then counted as routed, and in flight until :meth:`_written`)."""
         layout = state.layout
         if bound is None:
-            return assign_with_room(vectors, layout.centroids, layout.algorithm, layout.sizes, None)[0]
+            return cluster_of(layout, vectors)
         if bound.checked_at is None:        # this client's first routed write: read sizes first
             with bound.reading:
                 if bound.checked_at is None:
