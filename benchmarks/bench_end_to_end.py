@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     from benchmarks.datasets import EmbeddingDataset, load_or_build
     from milvus_ltr_router.labels import array_blocks, exact_knn
     from milvus_ltr_router.layout import build_layout
-    from milvus_ltr_router.milvus_io import create_vector_collection, vector_index_params
+    from milvus_ltr_router.schema import vector_index_params
+    from milvus_ltr_router.writer import create_vector_collection
     from milvus_ltr_router.registry import ModelRegistry
     from milvus_ltr_router.retrain import RetrainConfig, retrain
     from milvus_ltr_router.storage import STORAGE_CHOICES

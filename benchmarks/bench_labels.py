@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from pymilvus import MilvusClient
     from benchmarks.datasets import load_or_build
     from milvus_ltr_router.layout import build_layout, drop_layout
-    from milvus_ltr_router.milvus_io import create_vector_collection
+    from milvus_ltr_router.writer import create_vector_collection
     from benchmarks.server import milvus_uri
     data = load_or_build(args.dataset)
     queries = data.queries[np.random.default_rng(0).permutation(len(data.queries))[:args.queries]]

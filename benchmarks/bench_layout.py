@@ -60,7 +60,8 @@ def bench_vectors(n_rows: int, data: str = "auto") -> tuple[np.ndarray, str]:
 def create_source(client, name: str, vecs: np.ndarray) -> float:
     """The source collection (id, vector, an int tag), written column-wise; seconds taken."""
     from pymilvus import DataType, MilvusClient
-    from milvus_ltr_router.milvus_io import ParallelWriter, vector_index_params
+    from milvus_ltr_router.schema import vector_index_params
+    from milvus_ltr_router.writer import ParallelWriter
     t0 = time.perf_counter()
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)

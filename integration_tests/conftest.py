@@ -136,7 +136,7 @@ def fixture_data():
 def wordnet_source(milvus_server, fixture_data):
     """20,000 real MiniLM vectors with scalar fields, in an unpartitioned collection."""
     from pymilvus import MilvusClient
-    from milvus_ltr_router.milvus_io import create_vector_collection
+    from milvus_ltr_router.writer import create_vector_collection
     client = MilvusClient(uri=milvus_server.uri, token=milvus_server.token)
     name = f"wordnet_src_{uuid.uuid4().hex[:6]}"
     n = len(fixture_data.docs)

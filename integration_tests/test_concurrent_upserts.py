@@ -10,7 +10,7 @@ from pymilvus import MilvusClient
 
 from milvus_ltr_router.client import RoutedMilvusClient
 from milvus_ltr_router.layout import build_layout, cluster_of, drop_layout
-from milvus_ltr_router.milvus_io import create_vector_collection
+from milvus_ltr_router.writer import create_vector_collection
 
 ROUNDS = 12
 

@@ -23,7 +23,7 @@ from pymilvus.exceptions import MilvusException, ParamError
 
 from milvus_ltr_router.client import RoutedMilvusClient, WriteError
 from milvus_ltr_router.layout import build_layout, cluster_of, drop_layout
-from milvus_ltr_router.milvus_io import create_vector_collection
+from milvus_ltr_router.writer import create_vector_collection
 
 N_DOCS = 2000
 N_CLUSTERS = 8

@@ -4,7 +4,9 @@ import pytest
 
 from milvus_ltr_router.layout import (LayoutError, adopt_layout, build_layout, cluster_of, drop_layout,
                                       iter_layout_blocks, layout_collection_name, read_layout)
-from milvus_ltr_router.milvus_io import (CollectionError, create_vector_collection, iter_rows)
+from milvus_ltr_router.milvus_io import CollectionError
+from milvus_ltr_router.scan import iter_rows
+from milvus_ltr_router.writer import create_vector_collection
 
 
 def test_layout_round_trip_on_real_vectors(client, wordnet_source, wordnet_layout, fixture_data):
@@ -96,7 +98,7 @@ def test_metric_found_through_a_custom_index_name(client, unique_name):
     """describe_index takes the index *name* on a server: a custom name must not make the metric
     silently default to IP (issue 13)."""
     from pymilvus import DataType, MilvusClient
-    from milvus_ltr_router.milvus_io import describe
+    from milvus_ltr_router.schema import describe
     name = unique_name("idx")
     schema = MilvusClient.create_schema(auto_id=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
@@ -115,8 +117,10 @@ def test_column_scan_and_parallel_writes_keep_every_row_once(client, unique_name
     writer, on keys that are negative, strided and huge, with string and dynamic fields; then a
     build through them keeps every row exactly once with all its values."""
     from pymilvus import DataType, MilvusClient
-    from milvus_ltr_router.milvus_io import (DYNAMIC_COLUMN, ParallelWriter, iter_columns, plan_scan,
-                                             vector_index_params)
+    from milvus_ltr_router.columns import DYNAMIC_COLUMN
+    from milvus_ltr_router.scan import iter_columns, plan_scan
+    from milvus_ltr_router.schema import vector_index_params
+    from milvus_ltr_router.writer import ParallelWriter
     name = unique_name("cols")
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
     schema.add_field("id", DataType.INT64, is_primary=True)

@@ -29,11 +29,12 @@ from .clustering import (as_vector_batch, assign_balanced, assign_clusters, bala
                          default_n_clusters, fit_centroids, normalize_rows, refine_centroids,
                          resolve_sample_size)
 from .labels import Block, check_metric
-from .milvus_io import (DEFAULT_PARTITION, SCAN_BYTES, SCAN_ROWS, SERVER_PARTITION_LIMIT, WRITE_BYTES,
-                        CollectionError, CollectionInfo, Columns, ParallelWriter, clone_schema,
-                        concat_columns, count_rows, describe, ensure_loaded, is_milvus_lite,
-                        iter_columns, iter_rows, key_list_literal, n_rows_of, request_rows,
-                        rows_to_arrays, take_rows, vector_index_params)
+from .columns import Columns, concat_columns, n_rows_of, rows_to_arrays, take_rows
+from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, count_rows,
+                        ensure_loaded, is_milvus_lite, key_list_literal)
+from .scan import SCAN_BYTES, SCAN_ROWS, iter_columns, iter_rows
+from .schema import CollectionInfo, clone_schema, describe, vector_index_params
+from .writer import WRITE_BYTES, ParallelWriter, request_rows
 from .progress import ProgressCounter
 from .sampling import reservoir_sample
 from .storage import (CLUSTER_FIELD, Storage, StorageError, check_clustering_key_support, choose_mode,
@@ -359,7 +360,7 @@ def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = S
     vector. In ``partition`` storage Milvus does not report which partition a
     row sits in, so it reads partition by partition: the partition asked is the
     membership. Reads are column-wise, ``readers`` requests in flight (see
-    :func:`.milvus_io.iter_columns`); blocks do not come in key order.
+    :func:`.scan.iter_columns`); blocks do not come in key order.
     """
     storage = layout.storage
     pk, vf = layout.primary_field, layout.vector_field

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from .milvus_io import count_rows, iter_rows, vector_index_params
+from .milvus_io import count_rows
 from .progress import ProgressCounter
 from .sampling import reservoir_sample
+from .scan import iter_rows
+from .schema import vector_index_params
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,8 @@ def lite(tmp_path_factory, fixture_data, request):
     'docs' (8 clusters, partition storage); released so a CLI run can open it."""
     from pymilvus import MilvusClient
     from milvus_ltr_router.layout import build_layout
-    from milvus_ltr_router.milvus_io import create_vector_collection, release_lite
+    from milvus_ltr_router.milvus_io import release_lite
+    from milvus_ltr_router.writer import create_vector_collection
     uri = str(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]) / "test.db")
     client = MilvusClient(uri)
     create_vector_collection(client, "src", fixture_data.docs[:1500])

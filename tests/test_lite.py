@@ -10,7 +10,8 @@ from pymilvus import MilvusClient
 from milvus_ltr_router.client import RoutedMilvusClient
 from milvus_ltr_router.layout import (LayoutError, assign, build_layout, iter_layout_blocks,
                                       read_layout)
-from milvus_ltr_router.milvus_io import CollectionError, create_vector_collection, release_lite
+from milvus_ltr_router.milvus_io import CollectionError, release_lite
+from milvus_ltr_router.writer import create_vector_collection
 
 
 @pytest.fixture
@@ -308,8 +309,10 @@ def test_column_io_round_trip_on_lite(tmp_path):
     """Issue 14: the parallel column writer and the column read-out (query_iterator fallback on
     milvus-lite) keep every row once, with string and dynamic values."""
     from pymilvus import DataType
-    from milvus_ltr_router.milvus_io import (DYNAMIC_COLUMN, ParallelWriter, iter_columns,
-                                             vector_index_params)
+    from milvus_ltr_router.columns import DYNAMIC_COLUMN
+    from milvus_ltr_router.scan import iter_columns
+    from milvus_ltr_router.schema import vector_index_params
+    from milvus_ltr_router.writer import ParallelWriter
     uri = str(tmp_path / "cols.db")
     client = MilvusClient(uri)
     try:

@@ -156,7 +156,8 @@ def lite_docs(tmp_path_factory, fixture_data):
     """milvus-lite with 1,500 MiniLM documents laid out in 8 partitions, and 400 real queries."""
     from pymilvus import MilvusClient
     from milvus_ltr_router.layout import build_layout
-    from milvus_ltr_router.milvus_io import create_vector_collection, release_lite
+    from milvus_ltr_router.milvus_io import release_lite
+    from milvus_ltr_router.writer import create_vector_collection
     tmp = tmp_path_factory.mktemp("retrain_gate")
     uri = str(tmp / "test.db")
     client = MilvusClient(uri)

@@ -1,0 +1,40 @@
+"""Names that moved out of a module stay importable from it, with a DeprecationWarning
+naming their new home, and are the very objects the new home holds."""
+import importlib
+
+import pytest
+
+MOVED = [
+    ("milvus_ltr_router.milvus_io", "describe", "milvus_ltr_router.schema"),
+    ("milvus_ltr_router.milvus_io", "clone_schema", "milvus_ltr_router.schema"),
+    ("milvus_ltr_router.milvus_io", "iter_columns", "milvus_ltr_router.scan"),
+    ("milvus_ltr_router.milvus_io", "SCAN_ROWS", "milvus_ltr_router.scan"),
+    ("milvus_ltr_router.milvus_io", "take_rows", "milvus_ltr_router.columns"),
+    ("milvus_ltr_router.milvus_io", "ParallelWriter", "milvus_ltr_router.writer"),
+    ("milvus_ltr_router.milvus_io", "create_vector_collection", "milvus_ltr_router.writer"),
+]
+
+
+@pytest.mark.parametrize("old, name, home", MOVED)
+def test_moved_name_warns_and_is_the_new_object(old, name, home):
+    module = importlib.import_module(old)
+    with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} has moved: import it from {home}"):
+        value = getattr(module, name)
+    assert value is getattr(importlib.import_module(home), name)
+
+
+def test_from_import_of_a_moved_name_warns():
+    with pytest.warns(DeprecationWarning, match="milvus_ltr_router.writer"):
+        from milvus_ltr_router.milvus_io import ParallelWriter  # noqa: F401
+
+
+def test_names_that_stayed_do_not_warn(recwarn):
+    from milvus_ltr_router.milvus_io import release_lite, is_lite_uri  # noqa: F401
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+
+
+def test_unknown_name_is_still_an_attribute_error():
+    import milvus_ltr_router.milvus_io as mio
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        mio.no_such_name
+    assert not hasattr(mio, "no_such_name")
