@@ -19,6 +19,6 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   demo) setup train; exec "$VENV/bin/milvus-ltr-router" demo "$@" ;;
-  test) setup train,server,dev; exec "$VENV/bin/python" -m pytest tests integration_tests -p no:cacheprovider "$@" ;;
+  test) setup train,server,dev,metrics; exec "$VENV/bin/python" -m pytest tests integration_tests -p no:cacheprovider "$@" ;;
   *) echo "usage: ./dev.sh demo|test [args...]" >&2; exit 2 ;;
 esac
