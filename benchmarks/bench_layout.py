@@ -130,7 +130,11 @@ _READOUT_SNIPPET = """
 import json, sys, time
 import milvus_ltr_router
 from pymilvus import MilvusClient
-from milvus_ltr_router.layout import iter_layout_blocks, read_layout
+from milvus_ltr_router.layout import read_layout
+try:
+    from milvus_ltr_router.readout import iter_layout_blocks
+except ImportError:     # a baseline from before the layout's stages had modules of their own
+    from milvus_ltr_router.layout import iter_layout_blocks
 client = MilvusClient(sys.argv[1])
 layout = read_layout(client, sys.argv[2])
 t0, n = time.perf_counter(), 0

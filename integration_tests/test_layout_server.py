@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from milvus_ltr_router.layout import (LayoutError, adopt_layout, build_layout, cluster_of, drop_layout,
-                                      iter_layout_blocks, layout_collection_name, read_layout)
+                                      layout_collection_name, read_layout)
+from milvus_ltr_router.readout import iter_layout_blocks
 from milvus_ltr_router.milvus_io import CollectionError
 from milvus_ltr_router.scan import iter_rows
 from milvus_ltr_router.writer import create_vector_collection

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from milvus_ltr_router.labels import exact_knn
-from milvus_ltr_router.layout import iter_layout_blocks, read_layout
+from milvus_ltr_router.layout import read_layout
+from milvus_ltr_router.readout import iter_layout_blocks
 from milvus_ltr_router.server_knn import LabelPathError, choose_label_path, milvus_knn
 
 

@@ -1,4 +1,4 @@
-"""IVF layouts on Milvus: the plugin's own clusters, stored in Milvus.
+"""IVF layouts on Milvus: the layout model and its metadata.
 
 Milvus builds its IVF per segment and exposes no centroids, so the plugin owns
 the clustering. A layout is a collection whose rows are stored by cluster -
@@ -6,6 +6,11 @@ one partition per cluster, or a cluster-id field (see :mod:`.storage`) - plus
 a companion collection ``<collection>__ltr_layout`` holding one row per
 cluster (centroid, cluster name, size) and the layout's metadata, so every
 process that can reach Milvus (clients, the cron job) reads the same layout.
+That collection is read and written here only.
+
+The layout's life cycle lives above this module, each stage importing it:
+:mod:`.build` (the build pipeline), :mod:`.readout` (every row with its cluster)
+and :mod:`.repair` (stray rows, adopting a collection already partitioned).
 """
 from __future__ import annotations
 
@@ -24,21 +29,22 @@ from typing import Iterator, Sequence
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from .errors import OperationalError
 from .clustering import (as_vector_batch, assign_balanced, assign_clusters, balanced_capacity, check_algorithm,
                          default_n_clusters, fit_centroids, normalize_rows, refine_centroids,
                          resolve_sample_size)
-from .labels import Block, check_metric
 from .columns import Columns, concat_columns, n_rows_of, rows_to_arrays, take_rows
+from .deprecation import moved_names
+from .errors import OperationalError
+from .labels import check_metric
 from .milvus_io import (DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, CollectionError, count_rows,
                         ensure_loaded, is_milvus_lite, key_list_literal)
-from .scan import SCAN_BYTES, SCAN_ROWS, iter_columns, iter_rows
-from .schema import CollectionInfo, clone_schema, describe, vector_index_params
-from .writer import WRITE_BYTES, ParallelWriter, request_rows
 from .progress import ProgressCounter
 from .sampling import reservoir_sample
+from .scan import SCAN_ROWS, iter_columns, iter_rows
+from .schema import CollectionInfo, clone_schema, describe, vector_index_params
 from .storage import (CLUSTER_FIELD, Storage, StorageError, check_clustering_key_support, choose_mode,
                       default_groups, group_clusters, make_storage)
+from .writer import WRITE_BYTES, ParallelWriter, request_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,15 @@ class LayoutError(OperationalError):
 
 @dataclass
 class Layout:
-    """A clustered collection: what routing needs, read back from Milvus."""
+    """A clustered collection: what routing needs, read back from Milvus.
+
+    Per-cluster facts are arrays with one row per cluster (row i is cluster i):
+    ``centroids``, ``partition_names``, ``sizes``. They are stored as columns of the
+    metadata collection, one row per cluster (:func:`write_layout_meta`,
+    :func:`read_layout`); facts of the whole layout go into :meth:`meta`. A new
+    per-cluster fact (e.g. each cluster's moments) is a field here with a default, a
+    column in ``_meta_schema`` and ``_cluster_rows``, and a read in ``_layout_from_rows``.
+    """
 
     collection: str
     centroids: np.ndarray            # [L, d] float32
@@ -87,9 +101,11 @@ class Layout:
 
     @property
     def n_clusters(self) -> int:
+        """Number of clusters."""
         return len(self.partition_names)
 
     def meta(self) -> dict:
+        """Layout-wide metadata, as stored (JSON) with cluster 0 of the metadata collection."""
         return {"version": META_VERSION, "collection": self.collection, "metric": self.metric,
                 "algorithm": self.algorithm, "dim": self.dim, "layout_id": self.layout_id,
                 "clustering_id": self.clustering_id,
@@ -98,27 +114,18 @@ class Layout:
                 "n_partitions": self.n_partitions, **self.storage.meta(), **self.extra}
 
 
-@dataclass
-class BuildReport:
-    layout: Layout
-    rows: int
-    empty_partitions: list[str]
-    seconds: dict[str, float]        # read / cluster / write / index_load / verify
-
-    def rows_per_second(self) -> dict[str, float]:
-        return {k: self.rows / v for k, v in self.seconds.items() if v > 0}
-
-
 def new_layout_id() -> str:
     """Sortable and unique: creation time plus a random suffix."""
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
 def utc_now() -> str:
+    """Now, UTC, to the second (ISO 8601): a layout's ``created_at``."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def layout_collection_name(collection: str) -> str:
+    """Name of the metadata collection of the laid-out ``collection``."""
     return f"{collection}{LAYOUT_SUFFIX}"
 
 
@@ -139,30 +146,153 @@ def assign(layout: Layout, vectors) -> list[str]:
     return [layout.partition_names[i] for i in cluster_of(layout, vectors)]
 
 
-# --------------------------------------------------------------------------- storage
-def _write_layout_meta(client: MilvusClient, layout: Layout) -> None:
+def has_stray_partition(layout: Layout) -> bool:
+    """Whether ``_default`` lies outside the layout (rows there were written around it)."""
+    return layout.storage.mode != "single" and DEFAULT_PARTITION not in layout.storage.partitions
+
+
+# --------------------------------------------------------------------------- the metadata collection
+# One row per cluster: the per-cluster facts as columns, the layout-wide metadata (JSON) on
+# cluster 0's row. A new per-cluster fact is a field in _meta_schema, a value in _cluster_rows
+# and a read in _layout_from_rows.
+_META_FIELDS = ["cluster", "centroid", "partition_name", "size", "meta"]
+_META_KEYS = {"version", "collection", "metric", "algorithm", "dim", "layout_id", "vector_field",
+              "primary_field", "seed", "created_at", "source", "n_partitions",
+              "clustering_id"} | Storage.META_KEYS     # read into fields; other keys go to extra
+
+
+def _meta_schema(dim: int):
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("cluster", DataType.INT64, is_primary=True)
+    schema.add_field("centroid", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("partition_name", DataType.VARCHAR, max_length=255)
+    schema.add_field("size", DataType.INT64)
+    schema.add_field("meta", DataType.VARCHAR, max_length=65535)
+    return schema
+
+
+def _cluster_rows(layout: Layout) -> list[dict]:
+    meta = json.dumps(layout.meta())
+    return [{"cluster": i, "centroid": layout.centroids[i].tolist(), "partition_name": p,
+             "size": int(layout.sizes[i]), "meta": meta if i == 0 else ""}
+            for i, p in enumerate(layout.partition_names)]
+
+
+def _layout_from_rows(name: str, rows: list[dict], meta: dict) -> Layout:
+    """The layout stored in ``rows`` (cluster order) and ``meta`` for the collection ``name``."""
+    names = [r["partition_name"] for r in rows]
+    try:
+        storage = Storage.from_meta(meta, names)
+    except StorageError as exc:
+        raise LayoutError(f"layout collection {layout_collection_name(name)!r}: {exc}") from exc
+    layout = Layout(
+        collection=name,
+        centroids=np.asarray([r["centroid"] for r in rows], dtype=np.float32),
+        partition_names=names,
+        sizes=np.asarray([r["size"] for r in rows], dtype=np.int64),
+        metric=meta["metric"], algorithm=meta["algorithm"], dim=int(meta["dim"]),
+        layout_id=meta["layout_id"], vector_field=meta["vector_field"],
+        primary_field=meta["primary_field"], seed=int(meta.get("seed", 0)),
+        created_at=meta.get("created_at", ""), source=meta.get("source"),
+        extra={k: v for k, v in meta.items() if k not in _META_KEYS}, storage=storage,
+        clustering_id=meta.get("clustering_id", ""))
+    if layout.centroids.shape != (len(rows), layout.dim):
+        raise LayoutError(f"stored centroids have shape {layout.centroids.shape}, "
+                          f"expected ({len(rows)}, {layout.dim})")
+    return layout
+
+
+def write_layout_meta(client: MilvusClient, layout: Layout) -> None:
     """Store centroids and metadata in ``<collection>__ltr_layout`` (replacing any old one)."""
     name = layout_collection_name(layout.collection)
     if client.has_collection(name):
         client.drop_collection(name)
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("cluster", DataType.INT64, is_primary=True)
-    schema.add_field("centroid", DataType.FLOAT_VECTOR, dim=layout.dim)
-    schema.add_field("partition_name", DataType.VARCHAR, max_length=255)
-    schema.add_field("size", DataType.INT64)
-    schema.add_field("meta", DataType.VARCHAR, max_length=65535)
     index = vector_index_params(client, "centroid", "IP" if layout.metric == "L2" else layout.metric)
-    client.create_collection(name, schema=schema, index_params=index)
-    meta = json.dumps(layout.meta())
-    rows = [{"cluster": i, "centroid": layout.centroids[i].tolist(), "partition_name": p,
-             "size": int(layout.sizes[i]), "meta": meta if i == 0 else ""}
-            for i, p in enumerate(layout.partition_names)]
+    client.create_collection(name, schema=_meta_schema(layout.dim), index_params=index)
+    rows = _cluster_rows(layout)
     for start in range(0, len(rows), 1000):
         client.insert(name, rows[start:start + 1000])
     client.flush(name)
     client.load_collection(name)
 
 
+def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False) -> Layout:
+    """The layout of ``collection`` (or of the collection an alias points at).
+
+    Checks that every partition exists and loads the collection if it is not
+    loaded; with ``check_sizes`` also that live row counts equal the stored
+    sizes (they drift once routed inserts arrive).
+    """
+    name = resolve_collection(client, collection)
+    layout = _layout_from_rows(name, *_read_meta_rows(client, name))
+    _check_collection(client, layout)
+    ensure_loaded(client, name)
+    if check_sizes:
+        _check_sizes(client, layout)
+    return layout
+
+
+def _read_meta_rows(client: MilvusClient, name: str) -> tuple[list[dict], dict]:
+    """The rows of ``name``'s metadata collection in cluster order, and the layout's metadata."""
+    meta_name = layout_collection_name(name)
+    if not client.has_collection(meta_name):
+        raise LayoutError(f"collection {name!r} has no layout (no {meta_name!r}); build one with "
+                          f"'milvus-ltr-router build-layout' or adopt its partitions with "
+                          f"'milvus-ltr-router adopt-layout'")
+    ensure_loaded(client, meta_name)
+    rows = client.query(meta_name, filter="cluster >= 0", output_fields=_META_FIELDS)
+    if not rows:
+        raise LayoutError(f"layout collection {meta_name!r} is empty")
+    rows.sort(key=lambda r: r["cluster"])
+    if [r["cluster"] for r in rows] != list(range(len(rows))):
+        raise LayoutError(f"layout collection {meta_name!r} has gaps in its cluster numbers")
+    meta_text = next((r["meta"] for r in rows if r["meta"]), None)
+    if meta_text is None:
+        raise LayoutError(f"layout collection {meta_name!r} has no metadata row")
+    meta = json.loads(meta_text)
+    if int(meta.get("n_partitions", len(rows))) != len(rows):
+        raise LayoutError(f"layout collection {meta_name!r} holds {len(rows)} of the "
+                          f"{meta['n_partitions']} clusters its metadata names: it is being "
+                          f"written (build-layout --overwrite?) or was left half-written")
+    return rows, meta
+
+
+def _check_collection(client: MilvusClient, layout: Layout) -> None:
+    """The laid-out collection has the partitions and the cluster-id field the layout names."""
+    name, storage = layout.collection, layout.storage
+    live = set(client.list_partitions(name))
+    missing = [p for p in storage.partitions if p not in live]
+    if missing:
+        raise LayoutError(f"layout {layout.layout_id} of {name!r} names partitions that do not "
+                          f"exist: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if storage.cluster_field is not None:
+        fields = {f["name"] for f in client.describe_collection(name)["fields"]}
+        if storage.cluster_field not in fields:
+            raise LayoutError(f"layout {layout.layout_id} of {name!r} stores clusters in field "
+                              f"{storage.cluster_field!r}, which the collection does not have")
+
+
+def _check_sizes(client: MilvusClient, layout: Layout) -> None:
+    """Live row counts equal the sizes the layout recorded."""
+    live = cluster_sizes(client, layout)
+    diff = np.flatnonzero(live != layout.sizes)
+    if len(diff):
+        raise LayoutError(f"{len(diff)} clusters of {layout.collection!r} hold a different number "
+                          f"of rows than the layout recorded (first: "
+                          f"{layout.partition_names[diff[0]]} {live[diff[0]]} vs {layout.sizes[diff[0]]})")
+
+
+def current_layout_id(client: MilvusClient, collection: str) -> str | None:
+    """The stored layout id of a (real) collection name: one small query, for change checks."""
+    try:
+        rows = client.query(layout_collection_name(collection), filter="cluster == 0",
+                            output_fields=["meta"])
+        return json.loads(rows[0]["meta"])["layout_id"]
+    except Exception:   # missing, unloaded or unreadable: the caller re-reads the whole layout
+        return None
+
+
+# --------------------------------------------------------------------------- names and aliases
 def resolve_collection(client: MilvusClient, collection: str) -> str:
     """The real collection name behind ``collection`` (which may be an alias)."""
     if not client.has_collection(collection):
@@ -180,91 +310,31 @@ def laid_out_name(client: MilvusClient, collection: str) -> str | None:
 
 
 def has_layout(client: MilvusClient, collection: str) -> bool:
+    """Whether ``collection`` (or the collection an alias points at) has a layout."""
     return laid_out_name(client, collection) is not None
 
 
-def current_layout_id(client: MilvusClient, collection: str) -> str | None:
-    """The stored layout id of a (real) collection name: one small query, for change checks."""
+def point_alias(client: MilvusClient, alias: str, collection: str) -> None:
+    """Create ``alias`` or move it to ``collection`` (one atomic switch for applications)."""
     try:
-        rows = client.query(layout_collection_name(collection), filter="cluster == 0",
-                            output_fields=["meta"])
-        return json.loads(rows[0]["meta"])["layout_id"]
-    except Exception:   # missing, unloaded or unreadable: the caller re-reads the whole layout
-        return None
+        existing = client.describe_alias(alias)
+    except Exception:
+        existing = None
+    if existing:
+        client.alter_alias(collection, alias)
+    else:
+        client.create_alias(collection, alias)
+    log.info("alias %r now points at %r", alias, collection)
 
 
-def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False) -> Layout:
-    """The layout of ``collection`` (or of the collection an alias points at).
-
-    Checks that every partition exists and loads the collection if it is not
-    loaded; with ``check_sizes`` also that live row counts equal the stored
-    sizes (they drift once routed inserts arrive).
-    """
-    name = resolve_collection(client, collection)
-    meta_name = layout_collection_name(name)
-    if not client.has_collection(meta_name):
-        raise LayoutError(f"collection {name!r} has no layout (no {meta_name!r}); build one with "
-                          f"'milvus-ltr-router build-layout' or adopt its partitions with "
-                          f"'milvus-ltr-router adopt-layout'")
-    ensure_loaded(client, meta_name)
-    rows = client.query(meta_name, filter="cluster >= 0",
-                        output_fields=["cluster", "centroid", "partition_name", "size", "meta"])
-    if not rows:
-        raise LayoutError(f"layout collection {meta_name!r} is empty")
-    rows.sort(key=lambda r: r["cluster"])
-    if [r["cluster"] for r in rows] != list(range(len(rows))):
-        raise LayoutError(f"layout collection {meta_name!r} has gaps in its cluster numbers")
-    meta_text = next((r["meta"] for r in rows if r["meta"]), None)
-    if meta_text is None:
-        raise LayoutError(f"layout collection {meta_name!r} has no metadata row")
-    meta = json.loads(meta_text)
-    if int(meta.get("n_partitions", len(rows))) != len(rows):
-        raise LayoutError(f"layout collection {meta_name!r} holds {len(rows)} of the "
-                          f"{meta['n_partitions']} clusters its metadata names: it is being "
-                          f"written (build-layout --overwrite?) or was left half-written")
-    known = {"version", "collection", "metric", "algorithm", "dim", "layout_id", "vector_field",
-             "primary_field", "seed", "created_at", "source", "n_partitions",
-             "clustering_id"} | Storage.META_KEYS
-    names = [r["partition_name"] for r in rows]
-    try:
-        storage = Storage.from_meta(meta, names)
-    except StorageError as exc:
-        raise LayoutError(f"layout collection {meta_name!r}: {exc}") from exc
-    layout = Layout(
-        collection=name,
-        centroids=np.asarray([r["centroid"] for r in rows], dtype=np.float32),
-        partition_names=names,
-        sizes=np.asarray([r["size"] for r in rows], dtype=np.int64),
-        metric=meta["metric"], algorithm=meta["algorithm"], dim=int(meta["dim"]),
-        layout_id=meta["layout_id"], vector_field=meta["vector_field"],
-        primary_field=meta["primary_field"], seed=int(meta.get("seed", 0)),
-        created_at=meta.get("created_at", ""), source=meta.get("source"),
-        extra={k: v for k, v in meta.items() if k not in known}, storage=storage,
-        clustering_id=meta.get("clustering_id", ""))
-    if layout.centroids.shape != (len(rows), layout.dim):
-        raise LayoutError(f"stored centroids have shape {layout.centroids.shape}, "
-                          f"expected ({len(rows)}, {layout.dim})")
-    live = set(client.list_partitions(name))
-    missing = [p for p in storage.partitions if p not in live]
-    if missing:
-        raise LayoutError(f"layout {layout.layout_id} of {name!r} names partitions that do not "
-                          f"exist: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if storage.cluster_field is not None:
-        fields = {f["name"] for f in client.describe_collection(name)["fields"]}
-        if storage.cluster_field not in fields:
-            raise LayoutError(f"layout {layout.layout_id} of {name!r} stores clusters in field "
-                              f"{storage.cluster_field!r}, which the collection does not have")
-    ensure_loaded(client, name)
-    if check_sizes:
-        live_sizes = cluster_sizes(client, layout)
-        diff = np.flatnonzero(live_sizes != layout.sizes)
-        if len(diff):
-            raise LayoutError(f"{len(diff)} clusters of {name!r} hold a different number of rows "
-                              f"than the layout recorded (first: {layout.partition_names[diff[0]]} "
-                              f"{live_sizes[diff[0]]} vs {layout.sizes[diff[0]]})")
-    return layout
+def drop_layout(client: MilvusClient, collection: str) -> None:
+    """Drop a laid-out collection and its layout metadata (never called on a source)."""
+    for name in (collection, layout_collection_name(collection)):
+        if client.has_collection(name):
+            client.drop_collection(name)
 
 
+# --------------------------------------------------------------------------- live cluster sizes
 def partition_sizes(client: MilvusClient, collection: str, names: Sequence[str]) -> np.ndarray:
     """Live row count of each partition (server statistics; flush first for exact counts).
 
@@ -282,7 +352,7 @@ def cluster_sizes(client: MilvusClient, layout: Layout, batch_size: int = 65536)
         return partition_sizes(client, layout.collection, layout.partition_names)
     counts = np.zeros(layout.n_clusters, dtype=np.int64)
     parts = None if is_milvus_lite(client) else \
-        cluster_range_filters(storage.cluster_field, _live_sizes(client, layout), batch_size,
+        cluster_range_filters(storage.cluster_field, live_sizes(client, layout), batch_size,
                               layout.primary_field)
     for cols in iter_columns(client, layout.collection, [storage.cluster_field], batch_size,
                              parts=parts):
@@ -291,9 +361,47 @@ def cluster_sizes(client: MilvusClient, layout: Layout, batch_size: int = 65536)
     return counts
 
 
-def has_stray_partition(layout: Layout) -> bool:
-    """Whether ``_default`` lies outside the layout (rows there were written around it)."""
-    return layout.storage.mode != "single" and DEFAULT_PARTITION not in layout.storage.partitions
+def live_sizes(client: MilvusClient, layout: Layout) -> np.ndarray:
+    """The recorded cluster sizes scaled up to the rows the collection holds now (one
+    ``count(*)``): read parts planned from them stay within their byte budget when routed
+    inserts have grown the collection since the build (a single cluster that grew far
+    more than the rest can still make its part up to that much larger)."""
+    sizes = np.asarray(layout.sizes, dtype=np.float64)
+    recorded, live = float(sizes.sum()), float(count_rows(client, layout.collection))
+    if recorded > 0 and live > recorded:
+        sizes = sizes * (live / recorded)
+    return np.ceil(sizes).astype(np.int64)
+
+
+def cluster_range_filters(field: str, sizes: Sequence[int], rows_per_part: int,
+                          primary_field: str | None = None) -> list[str]:
+    """Filters on the cluster-id ``field`` that split a layout into runs of consecutive
+    clusters of about ``rows_per_part`` rows (by the recorded ``sizes``): disjoint, and the
+    first and last open-ended, so together they cover every row whatever its cluster id.
+    A cluster of more than twice ``rows_per_part`` rows is split further by residue of the
+    integer ``primary_field`` (when given), so no request outgrows the server's reply limit."""
+    edges, acc = [], 0
+    for c, n in enumerate(sizes):
+        if acc and acc + int(n) > rows_per_part:
+            edges.append(c)
+            acc = 0
+        acc += int(n)
+    edges = [None] + edges + [None]
+    parts = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        expr = " and ".join(x for x in (f"{field} >= {lo}" if lo is not None else "",
+                                        f"{field} < {hi}" if hi is not None else "") if x)
+        expr = expr or f"{field} % 1 == 0"
+        lo_c, hi_c = lo or 0, len(sizes) if hi is None else hi
+        big = int(sum(int(n) for n in sizes[lo_c:hi_c]))
+        k = -(-big // rows_per_part)
+        if primary_field is None or big <= 2 * rows_per_part:
+            parts.append(expr)
+            continue
+        for j in range(k):
+            res = f"{primary_field} % {k} == {j}" + (f" or {primary_field} % {k} == {j - k}" if j else "")
+            parts.append(f"({expr}) and ({res})")
+    return parts
 
 
 def stray_rows(client: MilvusClient, layout: Layout) -> int:
@@ -352,85 +460,18 @@ def move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int = 4096
         log.info("moved %d rows out of _default (%d so far)", len(batch), moved)
 
 
-def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = SCAN_ROWS,
-                       progress: ProgressCounter | None = None, readers: int = 2) -> Iterator[Block]:
-    """``(ids, vectors, cluster index)`` blocks over the whole laid-out collection.
-
-    With a cluster-id field, one pass over the collection reads it beside each
-    vector. In ``partition`` storage Milvus does not report which partition a
-    row sits in, so it reads partition by partition: the partition asked is the
-    membership. Reads are column-wise, ``readers`` requests in flight (see
-    :func:`.scan.iter_columns`); blocks do not come in key order.
-    """
-    storage = layout.storage
-    pk, vf = layout.primary_field, layout.vector_field
-    if storage.cluster_field is not None:
-        fields = [pk, vf, storage.cluster_field]
-        # parts sized in bytes as well as rows (a reply may not pass 64 MB), by sizes scaled to
-        # the rows stored now (routed inserts grow clusters after the build)
-        rows_per_part = max(1, min(batch_size, SCAN_BYTES // (4 * layout.dim + 16)))
-        parts = None if is_milvus_lite(client) else \
-            cluster_range_filters(storage.cluster_field, _live_sizes(client, layout),
-                                  rows_per_part, pk)
-        for cols in iter_columns(client, layout.collection, fields, batch_size, readers=readers,
-                                 parts=parts):
-            if progress is not None:
-                progress.update(len(cols[pk]))
-            yield (np.asarray(cols[pk]), cols[vf],
-                   np.asarray(cols[storage.cluster_field], dtype=np.int64))
-        return
-    for index, name in enumerate(layout.partition_names):
-        for cols in iter_columns(client, layout.collection, [pk, vf], batch_size,
-                                 partition_names=[name], readers=readers):
-            if progress is not None:
-                progress.update(len(cols[pk]))
-            yield np.asarray(cols[pk]), cols[vf], index
-
-
-def _live_sizes(client: MilvusClient, layout: Layout) -> np.ndarray:
-    """The recorded cluster sizes scaled up to the rows the collection holds now (one
-    ``count(*)``): read parts planned from them stay within their byte budget when routed
-    inserts have grown the collection since the build (a single cluster that grew far
-    more than the rest can still make its part up to that much larger)."""
-    sizes = np.asarray(layout.sizes, dtype=np.float64)
-    recorded, live = float(sizes.sum()), float(count_rows(client, layout.collection))
-    if recorded > 0 and live > recorded:
-        sizes = sizes * (live / recorded)
-    return np.ceil(sizes).astype(np.int64)
-
-
-def cluster_range_filters(field: str, sizes: Sequence[int], rows_per_part: int,
-                          primary_field: str | None = None) -> list[str]:
-    """Filters on the cluster-id ``field`` that split a layout into runs of consecutive
-    clusters of about ``rows_per_part`` rows (by the recorded ``sizes``): disjoint, and the
-    first and last open-ended, so together they cover every row whatever its cluster id.
-    A cluster of more than twice ``rows_per_part`` rows is split further by residue of the
-    integer ``primary_field`` (when given), so no request outgrows the server's reply limit."""
-    edges, acc = [], 0
-    for c, n in enumerate(sizes):
-        if acc and acc + int(n) > rows_per_part:
-            edges.append(c)
-            acc = 0
-        acc += int(n)
-    edges = [None] + edges + [None]
-    parts = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        expr = " and ".join(x for x in (f"{field} >= {lo}" if lo is not None else "",
-                                        f"{field} < {hi}" if hi is not None else "") if x)
-        expr = expr or f"{field} % 1 == 0"
-        lo_c, hi_c = lo or 0, len(sizes) if hi is None else hi
-        big = int(sum(int(n) for n in sizes[lo_c:hi_c]))
-        k = -(-big // rows_per_part)
-        if primary_field is None or big <= 2 * rows_per_part:
-            parts.append(expr)
-            continue
-        for j in range(k):
-            res = f"{primary_field} % {k} == {j}" + (f" or {primary_field} % {k} == {j - k}" if j else "")
-            parts.append(f"({expr}) and ({res})")
-    return parts
-
-
 # --------------------------------------------------------------------------- build
+@dataclass
+class BuildReport:
+    layout: Layout
+    rows: int
+    empty_partitions: list[str]
+    seconds: dict[str, float]        # read / cluster / write / index_load / verify
+
+    def rows_per_second(self) -> dict[str, float]:
+        return {k: self.rows / v for k, v in self.seconds.items() if v > 0}
+
+
 class _RowSpill:
     """Every row of the source, column batches pickled to one temporary file as they are
     read: the source is read from Milvus once, and clustering, refinement and assignment
@@ -780,7 +821,7 @@ def _write_target(client, info: CollectionInfo, layout: Layout, source: "_RowSpi
     # every row is written and the sizes are final: the small layout collection is written
     # (create, insert, flush, load: seconds of server waits) while the target flushes and loads
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltr-meta") as pool:
-        meta = pool.submit(_write_layout_meta, client, layout)
+        meta = pool.submit(write_layout_meta, client, layout)
         client.flush(target)
         flush_s = time.perf_counter() - t0
         client.load_collection(target)
@@ -802,26 +843,6 @@ def _verify(client, layout: Layout, n_rows: int) -> list[str]:
     if empty:
         log.warning("%d of %d partitions are empty: %s", len(empty), layout.n_partitions, empty[:10])
     return empty
-
-
-def point_alias(client: MilvusClient, alias: str, collection: str) -> None:
-    """Create ``alias`` or move it to ``collection`` (one atomic switch for applications)."""
-    try:
-        existing = client.describe_alias(alias)
-    except Exception:
-        existing = None
-    if existing:
-        client.alter_alias(collection, alias)
-    else:
-        client.create_alias(collection, alias)
-    log.info("alias %r now points at %r", alias, collection)
-
-
-def drop_layout(client: MilvusClient, collection: str) -> None:
-    """Drop a laid-out collection and its layout metadata (never called on a source)."""
-    for name in (collection, layout_collection_name(collection)):
-        if client.has_collection(name):
-            client.drop_collection(name)
 
 
 # --------------------------------------------------------------------------- adopt
@@ -866,5 +887,11 @@ def adopt_layout(client: MilvusClient, collection: str, algorithm: str = "kmeans
                     vector_field=info.vector_field, primary_field=info.primary_field,
                     created_at=utc_now(),
                     extra={"adopted": True})
-    _write_layout_meta(client, layout)
-    return layout
+    write_layout_meta(client, layout)
+
+
+# Names that lived here before the layout's life cycle got modules of its own: importable from
+# here with a DeprecationWarning (imported when asked for, so no import cycle at load time).
+__getattr__ = moved_names(__name__, {
+    "iter_layout_blocks": "milvus_ltr_router.readout",
+})

@@ -21,9 +21,10 @@ from pymilvus import MilvusClient
 from .errors import InputError, OperationalError
 from .evaluate import RoutingQuality, evaluate_adaptive, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
-from .layout import Layout, iter_layout_blocks, read_layout, stray_rows
+from .layout import Layout, read_layout, stray_rows
 from .progress import ProgressCounter
 from .querylog import sample_queries
+from .readout import iter_layout_blocks
 from .registry import ModelRegistry
 from .server_knn import LABEL_PATHS, choose_label_path, milvus_knn
 from .router import CentroidRouter, Router, RouterError

@@ -12,6 +12,7 @@ MOVED = [
     ("milvus_ltr_router.milvus_io", "take_rows", "milvus_ltr_router.columns"),
     ("milvus_ltr_router.milvus_io", "ParallelWriter", "milvus_ltr_router.writer"),
     ("milvus_ltr_router.milvus_io", "create_vector_collection", "milvus_ltr_router.writer"),
+    ("milvus_ltr_router.layout", "iter_layout_blocks", "milvus_ltr_router.readout"),
 ]
 
 
@@ -30,11 +31,28 @@ def test_from_import_of_a_moved_name_warns():
 
 def test_names_that_stayed_do_not_warn(recwarn):
     from milvus_ltr_router.milvus_io import release_lite, is_lite_uri  # noqa: F401
+    from milvus_ltr_router.layout import Layout, LayoutError, read_layout, cluster_sizes  # noqa: F401
     assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
 
 
-def test_unknown_name_is_still_an_attribute_error():
-    import milvus_ltr_router.milvus_io as mio
+@pytest.mark.parametrize("old", ["milvus_ltr_router.milvus_io", "milvus_ltr_router.layout"])
+def test_unknown_name_is_still_an_attribute_error(old):
+    module = importlib.import_module(old)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        mio.no_such_name
-    assert not hasattr(mio, "no_such_name")
+        module.no_such_name
+    assert not hasattr(module, "no_such_name")
+
+
+@pytest.mark.parametrize("old, above", [
+    ("milvus_ltr_router.layout", ["readout", "build", "repair"]),
+    ("milvus_ltr_router.milvus_io", ["schema", "columns", "scan", "writer"]),
+])
+def test_old_modules_import_none_of_the_new_homes_at_load_time(old, above):
+    """The deprecation path is lazy: importing the old module loads none of the new homes."""
+    import subprocess
+    import sys
+    names = [f"milvus_ltr_router.{m}" for m in above]
+    code = f"import sys, {old}; print(sorted(m for m in sys.modules if m in {names!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
