@@ -1,0 +1,196 @@
+"""The routing core for searches: what a routed client decides, with no Milvus calls.
+
+The way ``h11`` and ``hyper-h2`` keep a protocol apart from its sockets, the routing core
+(this module for searches, :mod:`.placement` for writes) holds every decision a routed
+client makes as plain functions and classes over arrays and request descriptions; the
+clients (:mod:`.client`, and any other shell: an asyncio one, a batch planner) perform
+the I/O these decisions name. Nothing here imports pymilvus or talks to Milvus, so every
+decision is unit-tested without a server::
+
+    queries = query_matrix(data, layout.dim, layout.collection)
+    probed = probe_clusters(router, queries, default, nprobe=8)      # clusters per query
+    plan = plan_search(layout, probed, caller_filter, limit=10)      # requests to send
+    results = [search(r.take(queries), r.partition_names, r.filter) for r in plan.requests]
+    hits = merge(plan, results)                                      # one result, query order
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+FALLBACK_NPROBE = 8            # clusters per query when neither client nor router names one
+LARGER_IS_BETTER = ("IP", "COSINE")
+
+
+class QueryInputError(InputError):
+    """Search data that does not fit a laid-out collection (the shells re-raise it as
+    pymilvus's ``ParamError``: see :class:`.serving.RoutedParamError`)."""
+
+
+# --------------------------------------------------------------------------- clusters per query
+def query_matrix(data, dim: int, collection: str, one_vector_ok: bool = False) -> np.ndarray:
+    """``data`` as a float32 ``[nq, dim]`` matrix, or :class:`QueryInputError`."""
+    try:
+        queries = np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise QueryInputError(f"search data for {collection!r} is not a list of "
+                              f"float vectors: {exc}") from exc
+    if queries.ndim == 1 and one_vector_ok and len(queries):
+        queries = queries[None, :]
+    if queries.ndim != 2 or len(queries) == 0 or queries.shape[1] != dim:
+        raise QueryInputError(f"search data of shape {queries.shape} does not match collection "
+                              f"{collection!r}: expected a non-empty list of vectors of dim {dim}")
+    return queries
+
+
+def default_nprobe(nprobe: int | None, router, n_clusters: int) -> int:
+    """Clusters per query when a search names none: the client's ``nprobe``, else the
+    router's own default, else :data:`FALLBACK_NPROBE`; at most ``n_clusters``."""
+    n = nprobe or getattr(router, "default_nprobe", None) or FALLBACK_NPROBE
+    return min(n, n_clusters)
+
+
+def probe_clusters(router, queries: np.ndarray, default: int, nprobe: int | None = None,
+                   recall_target: float | None = None, min_nprobe: int = 1,
+                   max_nprobe: int | None = None, collection: str = ""):
+    """The clusters each query probes, best first: ``nprobe`` of them (``default`` when
+    None), or per query as many as ``recall_target`` needs (adaptive nprobe, between
+    ``min_nprobe`` and ``max_nprobe``). A router without a recall calibration (centroid
+    fallback, old routers) serves ``recall_target`` at the fixed nprobe, with a warning,
+    rather than failing the search."""
+    if recall_target is not None and not router.recall_thresholds:
+        log.warning("router of %r has no recall calibration; recall_target=%s served with "
+                    "nprobe=%d", collection, recall_target, default)
+        recall_target = None
+    if recall_target is not None:
+        return router.rank_adaptive(queries, recall_target, min_nprobe, max_nprobe)
+    return router.rank(queries, default if nprobe is None else nprobe)
+
+
+# --------------------------------------------------------------------------- search requests
+def search_is_routable(data, partition_names, ids, positional: Sequence = ()) -> bool:
+    """Whether a search can be routed at all: it sends vectors, names no partitions and no
+    ``ids``, and passes no later pymilvus parameters positionally (``ranker``, ...)."""
+    return partition_names is None and ids is None and data is not None and not positional
+
+
+def searches_layout_field(anns_field, layout) -> bool:
+    """Whether ``anns_field`` (None or "": the default) is the layout's vector field."""
+    return anns_field in (None, "", layout.vector_field)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One search to send: the batch's query ``rows`` (indices, in the order the request
+    carries them), restricted to ``clusters`` as Milvus is told: ``partition_names`` (None:
+    the whole collection) and ``filter`` (the caller's, combined with the cluster filter)."""
+
+    rows: tuple[int, ...]
+    clusters: tuple[int, ...]
+    partition_names: list[str] | None
+    filter: str
+
+    def take(self, queries: np.ndarray) -> np.ndarray:
+        """This request's query vectors out of the batch."""
+        return queries[list(self.rows)]
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """The requests one routed search sends. Every query row is carried by at least one
+    request; :func:`merge` puts their answers back together in query order (a row carried
+    by several requests gets the best ``limit`` of their hits, by ``metric``)."""
+
+    n_queries: int
+    requests: tuple[SearchRequest, ...]
+    limit: int | None = None
+    metric: str = "IP"
+    primary_field: str = "id"
+
+
+def group_by_clusters(probed) -> list[tuple[tuple[int, ...], list[int]]]:
+    """``(clusters, rows)`` per distinct probed set: queries that probe the same clusters
+    share one request (in order of first use). A batch planner may group otherwise (e.g.
+    queries whose clusters overlap share a request with their union)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(probed):
+        groups.setdefault(tuple(sorted(int(c) for c in row)), []).append(i)
+    return list(groups.items())
+
+
+def search_request(storage: Storage, clusters: Sequence[int], rows: Sequence[int],
+                   caller_filter: str = "", extra_partitions: Sequence[str] = ()) -> SearchRequest:
+    """The request searching ``clusters`` for query ``rows`` (:meth:`.Storage.search_target`).
+    ``extra_partitions`` (e.g. ``_default`` while it holds rows written around the layout)
+    are named too wherever the request names partitions."""
+    clusters = tuple(sorted({int(c) for c in clusters}))
+    parts, expr = storage.search_target(clusters, caller_filter)
+    if extra_partitions and parts is not None:
+        parts = parts + list(extra_partitions)
+    return SearchRequest(tuple(int(r) for r in rows), clusters, parts, expr)
+
+
+def plan_search(layout, probed, caller_filter: str = "", *, stray_partition: str | None = None,
+                limit: int | None = None,
+                group: Callable[[Any], list[tuple[Sequence[int], Sequence[int]]]] = group_by_clusters
+                ) -> SearchPlan:
+    """The requests that search each query's ``probed`` clusters of ``layout``.
+
+    ``group(probed)`` gives ``(clusters, rows)`` pairs, one request each (default:
+    :func:`group_by_clusters`); ``stray_partition`` is searched with the clusters (see
+    :func:`search_request`)."""
+    extra = (stray_partition,) if stray_partition is not None else ()
+    requests = tuple(search_request(layout.storage, clusters, rows, caller_filter, extra)
+                     for clusters, rows in group(probed))
+    return SearchPlan(len(probed), requests, limit, layout.metric, layout.primary_field)
+
+
+def _merge_hits(plan: SearchPlan, parts: list):
+    """The best ``plan.limit`` hits of several answers for one query, each key once (hits
+    are dicts with ``distance`` and the primary key, as pymilvus's ``Hit``)."""
+    larger = plan.metric.upper() in LARGER_IS_BETTER
+    by_key: dict = {}
+    for hits in parts:
+        for hit in hits:
+            key = hit.get(plan.primary_field)
+            kept = by_key.get(key)
+            if kept is None or (hit["distance"] > kept["distance"] if larger
+                                else hit["distance"] < kept["distance"]):
+                by_key[key] = hit
+    ranked = sorted(by_key.values(), key=lambda h: h["distance"], reverse=larger)[:plan.limit]
+    merged = copy.copy(parts[0])
+    merged[:] = ranked
+    if hasattr(merged, "ids") and hasattr(merged, "distances"):    # pymilvus's Hits
+        merged.ids = [h.get(plan.primary_field) for h in ranked]
+        merged.distances = [h["distance"] for h in ranked]
+    return merged
+
+
+def merge(plan: SearchPlan, results: Sequence):
+    """One result in query order from the answers to ``plan.requests`` (same order).
+
+    The result is a shallow copy of the first answer (so pymilvus's ``SearchResult`` type
+    and its extras survive) holding each query's hits; an ``extra["cost"]`` is summed over
+    the answers."""
+    if len(results) != len(plan.requests):
+        raise ValueError(f"{len(results)} answers for {len(plan.requests)} requests")
+    parts: list[list] = [[] for _ in range(plan.n_queries)]
+    for res, request in zip(results, plan.requests):
+        for r, hits in zip(request.rows, res):
+            parts[r].append(hits)
+    hits = [p[0] if len(p) == 1 else _merge_hits(plan, p) if p else None for p in parts]
+    merged = copy.copy(results[0])
+    merged[:] = hits
+    extra = getattr(merged, "extra", None)
+    if isinstance(extra, dict) and "cost" in extra:
+        merged.extra = dict(extra, cost=sum(getattr(r, "extra", {}).get("cost", 0) for r in results))
+    return merged
