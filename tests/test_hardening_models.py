@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from pymilvus import MilvusClient
 
-from milvus_ltr_router import client as client_mod
+from milvus_ltr_router import serving as serving_mod
 from milvus_ltr_router.atomic import write_atomic
 from milvus_ltr_router.client import RoutedMilvusClient
 from milvus_ltr_router.export import export_router, linear_router_model, router_metadata
@@ -134,9 +134,9 @@ def routed(monkeypatch, tmp_path):
     layout = make_layout()
     monkeypatch.setattr(MilvusClient, "__init__", lambda self, *a, **k: None)
     monkeypatch.setattr(MilvusClient, "close", lambda self: None)
-    monkeypatch.setattr(client_mod, "laid_out_name", lambda client, name: layout.collection)
-    monkeypatch.setattr(client_mod, "current_layout_id", lambda client, name: layout.layout_id)
-    monkeypatch.setattr(client_mod, "read_layout", lambda client, name: layout)
+    monkeypatch.setattr(serving_mod, "laid_out_name", lambda client, name: layout.collection)
+    monkeypatch.setattr(serving_mod, "current_layout_id", lambda client, name: layout.layout_id)
+    monkeypatch.setattr(serving_mod, "read_layout", lambda client, name: layout)
     made = []
 
     def make(model_dir=tmp_path / "models", reload_interval=0.0):
@@ -153,7 +153,7 @@ def test_model_dir_that_is_a_file_serves_centroids_with_a_warning(routed, tmp_pa
     make, layout = routed
     (tmp_path / "models").write_text("not a directory")
     client = make()
-    with caplog.at_level(logging.WARNING, logger="milvus_ltr_router.client"):
+    with caplog.at_level(logging.WARNING, logger="milvus_ltr_router.serving"):
         state = client.router_status("docs")    # search's first step; raised NotADirectoryError
     assert state["mode"] == "centroid" and state["failures"] == 1
     assert "Not a directory" in state["error"] and "router pointer" in state["error"]
@@ -171,7 +171,7 @@ def test_corrupt_pointer_is_logged_and_recovers_when_fixed(routed, tmp_path, cap
     text = reg.pointer_path("docs").read_text()
     reg.pointer_path("docs").write_text("{not json")
     client = make()
-    with caplog.at_level(logging.WARNING, logger="milvus_ltr_router.client"):
+    with caplog.at_level(logging.WARNING, logger="milvus_ltr_router.serving"):
         state = client.router_status("docs")
     assert state["mode"] == "centroid" and "corrupt" in state["error"]
     assert [r for r in caplog.records if r.levelno == logging.WARNING and "corrupt" in r.getMessage()]
@@ -198,7 +198,7 @@ def test_failed_router_load_is_retried_with_backoff_without_a_new_publish(routed
     stamp = reg.pointer_stamp("docs")
     assert client.router("docs") is fallback                  # within the backoff: not re-read yet
     real = time.monotonic
-    monkeypatch.setattr(client_mod.time, "monotonic", lambda: real() + retry_delay(1, 0.0) + 0.5)
+    monkeypatch.setattr(serving_mod.time, "monotonic", lambda: real() + retry_delay(1, 0.0) + 0.5)
     state = client.router_status("docs")
     assert reg.pointer_stamp("docs") == stamp
     assert state["mode"] == "learned" and state["version"] == version and state["failures"] == 0
@@ -211,7 +211,7 @@ def test_consecutive_failures_back_off_longer(routed, tmp_path, monkeypatch):
     client = make(reload_interval=5.0)
     one = client.router_status("docs")
     real, shift = time.monotonic, [0.0]
-    monkeypatch.setattr(client_mod.time, "monotonic", lambda: real() + shift[0])
+    monkeypatch.setattr(serving_mod.time, "monotonic", lambda: real() + shift[0])
     shift[0] = 5.5                                                # past the first backoff
     two = client.router_status("docs")
     assert (one["failures"], two["failures"]) == (1, 2)

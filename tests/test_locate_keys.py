@@ -1,9 +1,9 @@
-"""client.locate_keys: which partitions hold each key, with few queries (partition storage
+"""placement.locate_keys: which partitions hold each key, with few queries (partition storage
 upserts delete the old copy only where it was found, so concurrent writers never erase
 each other's new rows)."""
 import numpy as np
 
-from milvus_ltr_router.client import locate_keys
+from milvus_ltr_router.placement import locate_keys
 
 
 def make_store(n_parts=64, n_keys=200, seed=0):

@@ -1,0 +1,283 @@
+"""Routed writes: each row into its cluster, one row per key, clusters kept under their bound.
+
+The decisions are the routing core's (:mod:`.placement`: where each row goes, which old
+copies to delete); this module asks Milvus what they need to know (the live cluster
+sizes, where stored copies of upserted keys are) and performs the writes and deletes.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+from pymilvus import MilvusClient
+from pymilvus.client.types import OmitZeroDict
+from pymilvus.exceptions import DataNotMatchException
+
+from .errors import InputError, OperationalError
+from .layout import Layout, cluster_sizes
+from .milvus_io import key_list_literal, snapshot_timestamp
+from .placement import (ClusterSizes, RowInputError, every_partition, guess_partitions, locate_keys,
+                        needs_stored_lookup, place_rows, plan_write, prepare_rows, rows_of,
+                        size_bound_ratio, stale_copies, stored_partitions_by_cluster)
+from .storage import DEFAULT_PARTITION
+
+log = logging.getLogger(__name__)
+
+
+class RoutedDataError(InputError, DataNotMatchException):
+    """A written row that does not fit a laid-out collection (pymilvus: DataNotMatchException)."""
+
+    def __init__(self, message: str):
+        DataNotMatchException.__init__(self, message=message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class WriteError(OperationalError):
+    """A routed insert/upsert that failed part-way: ``written`` rows landed, in
+    ``partitions_done``; the rest did not."""
+
+    def __init__(self, message: str, written: int = 0, partitions_done: list | None = None):
+        super().__init__(message)
+        self.written = written
+        self.partitions_done = list(partitions_done or [])
+
+
+class RoutedWrites:
+    """One client's routed writes, and the cluster sizes they go by in size-bounded layouts.
+
+    ``client`` answers the queries (sizes, stored keys); ``submit(fn)`` runs a background
+    re-read of the sizes (a thread pool's ``submit``); ``is_lite()`` says whether the
+    backend is milvus-lite, whose upsert already replaces a key in every partition.
+    """
+
+    def __init__(self, client: MilvusClient, *, submit: Callable, is_lite: Callable[[], bool],
+                 refresh_interval: float = 10.0):
+        self.client = client
+        self.submit = submit
+        self.is_lite = is_lite
+        self.refresh_interval = refresh_interval
+        self._sizes: dict[str, tuple[ClusterSizes, threading.Lock]] = {}  # collection -> (sizes, reading)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ size bound
+    def _bound(self, layout: Layout) -> tuple[ClusterSizes, threading.Lock] | None:
+        """This client's sizes of a layout built with a size bound, and the lock held while
+        they are read (None: no bound)."""
+        ratio = size_bound_ratio(layout)
+        if ratio is None:
+            return None
+        with self._lock:
+            entry = self._sizes.get(layout.collection)
+            if entry is None or entry[0].layout_id != layout.layout_id:   # new or rebuilt
+                entry = self._sizes[layout.collection] = (ClusterSizes(layout, ratio), threading.Lock())
+        return entry
+
+    def sizes(self, layout: Layout) -> ClusterSizes | None:
+        """The cluster sizes routed writes into ``layout`` go by (None: no size bound)."""
+        entry = self._bound(layout)
+        return None if entry is None else entry[0]
+
+    def balance_status(self, layout: Layout) -> dict | None:
+        """The size bound routed writes keep (:meth:`.placement.ClusterSizes.status`); reads nothing."""
+        sizes = self.sizes(layout)
+        return None if sizes is None else sizes.status(time.monotonic())
+
+    def read_sizes(self, layout: Layout) -> None:
+        """Read the live cluster sizes of a size-bounded ``layout`` now."""
+        entry = self._bound(layout)
+        if entry is not None:
+            with entry[1]:
+                self._read_sizes(layout, entry[0])
+
+    def _place(self, layout: Layout, vectors: np.ndarray) -> tuple[np.ndarray, ClusterSizes | None]:
+        """Cluster of each written row (:func:`.placement.place_rows`) and the sizes that
+        counted them. Before this client's first routed write the live sizes are read."""
+        entry = self._bound(layout)
+        if entry is None:
+            return place_rows(layout, vectors), None
+        sizes, reading = entry
+        if sizes.checked_at is None:        # this client's first routed write: read sizes first
+            with reading:
+                if sizes.checked_at is None:
+                    try:
+                        self._read_sizes(layout, sizes)
+                    except Exception as exc:
+                        sizes.checked_at = time.monotonic()
+                        log.warning("reading the cluster sizes of %r failed (%s: %s); routed "
+                                    "writes go by its build-time sizes for now", layout.collection,
+                                    type(exc).__name__, exc)
+        clusters = place_rows(layout, vectors, sizes)
+        self._refresh_sizes_when_due(layout, sizes, reading)
+        return clusters, sizes
+
+    def _refresh_sizes_when_due(self, layout: Layout, sizes: ClusterSizes,
+                                reading: threading.Lock) -> None:
+        """Re-read the live sizes in the background when the last read (or failed attempt)
+        is ``refresh_interval`` old. Writes do not wait for it: they go by the estimate."""
+        if not sizes.due(time.monotonic(), self.refresh_interval):
+            return
+        if not reading.acquire(blocking=False):
+            return                              # a read is under way
+        sizes.checked_at = time.monotonic()
+
+        def read():
+            try:
+                self._read_sizes(layout, sizes)
+            except Exception as exc:            # keep the estimate; try again next interval
+                log.warning("reading the cluster sizes of %r failed (%s: %s); routed writes go "
+                            "by this client's estimate", layout.collection, type(exc).__name__, exc)
+            finally:
+                reading.release()
+        try:
+            self.submit(read)
+        except RuntimeError:                    # the client is closing: no read
+            reading.release()
+
+    def _read_sizes(self, layout: Layout, sizes: ClusterSizes) -> None:
+        """Replace the estimate's base by the live sizes (the caller holds the reading lock)."""
+        done = sizes.begin_read()
+        started = time.monotonic()
+        sizes.finish_read(self.live_cluster_sizes(layout), done, started)
+
+    def live_cluster_sizes(self, layout: Layout) -> np.ndarray:
+        """Rows in each cluster now, including rows not flushed yet.
+
+        On a server, partition statistics leave out rows not flushed yet, so partition storage
+        is counted by ``count(*)`` per partition at one snapshot timestamp; the field storage
+        modes read only the cluster-id column (:func:`.layout.cluster_sizes`)."""
+        if layout.storage.cluster_field is None and not self.is_lite():
+            ts = snapshot_timestamp()
+            return np.asarray([int(self.client.query(layout.collection, filter="",
+                                                     output_fields=["count(*)"], partition_names=[p],
+                                                     consistency_level="Customized",
+                                                     guarantee_timestamp=ts)[0]["count(*)"])
+                               for p in layout.partition_names], dtype=np.int64)
+        return cluster_sizes(self.client, layout)
+
+    # ------------------------------------------------------------------ writes
+    def write(self, kind: str, write: Callable, delete: Callable, collection_name: str,
+              layout: Layout, data, timeout=None, *, stray_partition: Callable[[], str | None],
+              **kwargs):
+        """A routed ``insert`` or ``upsert`` of ``data`` into ``layout``'s collection.
+
+        Each row goes to its cluster: the cluster's partition, and its id in the cluster-id
+        field. An upsert keeps one row per primary key: where a key's new vector belongs to
+        another partition than its stored row, the new row is written first and the old copy
+        is then deleted from its old partition (Milvus servers upsert within one partition
+        only; milvus-lite's upsert already replaces the key in every partition). A key given
+        twice in one upsert keeps its last row, as within one Milvus request. ``write`` and
+        ``delete`` are pymilvus's calls; ``stray_partition()`` names ``_default`` while it
+        holds rows written around the layout.
+        """
+        rows = rows_of(data)
+        if not rows:
+            return write(collection_name, rows, timeout=timeout, **kwargs)
+        try:
+            rows, vectors = prepare_rows(kind, layout, rows, collection_name)
+        except RowInputError as exc:
+            raise RoutedDataError(str(exc)) from exc
+        # where stored copies of the keys are, found before anything is written (a failure
+        # here writes nothing and counts nothing against the size bound)
+        old_parts = self.stored_partitions(layout, rows, timeout, stray_partition) \
+            if needs_stored_lookup(kind, layout.storage) and not self.is_lite() else {}
+        clusters, sizes = self._place(layout, vectors)
+        plan = plan_write(layout, rows, clusters)
+        total, cost, ids, done = 0, 0, [None] * len(plan.rows), []
+        written: list[int] = []                 # rows of the batches that were written
+        try:
+            for batch in plan.batches:
+                part = batch.partition_name
+                try:
+                    res = write(collection_name, plan.batch_rows(batch), timeout=timeout,
+                                partition_name=part, **kwargs)
+                except Exception as exc:
+                    if not done:            # nothing written: the caller sees what pymilvus raised
+                        raise
+                    cleaned = ""
+                    try:                    # keys that did move keep one row: drop their old copy
+                        self.delete_stale(delete, collection_name, layout,
+                                          [plan.rows[i] for i in written], clusters[written],
+                                          old_parts, timeout)
+                    except Exception as clean_exc:
+                        cleaned = (f"; deleting the old copies of the written keys failed too "
+                                   f"({clean_exc}): repeat the upsert to remove them")
+                    raise WriteError(f"{kind} into {collection_name!r} failed at partition "
+                                     f"{part or DEFAULT_PARTITION!r} after {len(written)} of "
+                                     f"{len(plan.rows)} rows were written (into {done or 'none'}): "
+                                     f"{exc}{cleaned}",
+                                     written=len(written), partitions_done=done) from exc
+                total += res.get("insert_count", res.get("upsert_count", len(batch.rows)))
+                cost += res.get("cost", 0) or 0
+                for i, pk in zip(batch.rows, res.get("ids", []) or []):
+                    ids[i] = pk
+                done.append(part)
+                written.extend(batch.rows)
+        finally:
+            if sizes is not None:
+                sizes.landed(clusters, written)
+        try:
+            self.delete_stale(delete, collection_name, layout, plan.rows, clusters, old_parts, timeout)
+        except Exception as exc:
+            raise WriteError(f"{kind} into {collection_name!r} wrote all {len(plan.rows)} rows, but "
+                             f"deleting the old copies of keys that moved to another partition "
+                             f"failed; repeat the upsert to remove them: {exc}",
+                             written=len(plan.rows), partitions_done=done) from exc
+        key = "upsert_count" if kind == "upsert" else "insert_count"
+        return OmitZeroDict({key: total, "ids": ids, "cost": cost})
+
+    # ------------------------------------------------------------------ stored copies
+    def stored_partitions(self, layout: Layout, rows: list[dict], timeout,
+                          stray_partition: Callable[[], str | None]) -> dict:
+        """Primary key -> partitions holding a stored row with that key (before an upsert)."""
+        storage, pk = layout.storage, layout.primary_field
+        keys = [r[pk] for r in rows if pk in r]
+        if not keys:
+            return {}
+        expr = f"{pk} in {key_list_literal(keys)}"
+        if storage.cluster_field is not None:
+            found = self.client.query(layout.collection, filter=expr,
+                                      output_fields=[pk, storage.cluster_field], timeout=timeout,
+                                      consistency_level="Strong")
+            out = stored_partitions_by_cluster(storage, found, pk)
+            if found and stray_partition():     # _default holds rows written around it
+                for key in self.keys_in(layout, sorted(out), [DEFAULT_PARTITION], timeout):
+                    out[key].add(DEFAULT_PARTITION)
+            return out
+        # partition storage: Milvus does not say which partition a row is in. Only partitions
+        # where the key is found now may be cleaned after the write: deleting it from every
+        # other partition would also delete a concurrent writer's new copy (two upserts of one
+        # key to two clusters would leave none). Each stored row is looked for first in the
+        # partition of its stored vector's nearest cluster, the rest by halving the partitions.
+        found = self.client.query(layout.collection, filter=expr,
+                                  output_fields=[pk, layout.vector_field], timeout=timeout,
+                                  consistency_level="Strong")
+        if not found:
+            return {}
+        guesses = guess_partitions(layout, np.asarray([r[layout.vector_field] for r in found],
+                                                      dtype=np.float32))
+        return locate_keys(lambda keys, parts: self.keys_in(layout, keys, parts, timeout),
+                           [r[pk] for r in found], guesses, every_partition(storage))
+
+    def keys_in(self, layout: Layout, keys: list, partitions: list[str], timeout=None) -> set:
+        """Which of ``keys`` have a row in any of ``partitions`` (a Strong query)."""
+        pk = layout.primary_field
+        rows = self.client.query(layout.collection, filter=f"{pk} in {key_list_literal(keys)}",
+                                 output_fields=[pk], partition_names=list(partitions),
+                                 timeout=timeout, consistency_level="Strong")
+        return {r[pk] for r in rows}
+
+    @staticmethod
+    def delete_stale(delete: Callable, collection_name: str, layout: Layout, rows: list,
+                     clusters: np.ndarray, old_parts: dict, timeout=None) -> None:
+        """Delete the stale copy of every upserted key from partitions other than its new one
+        (:func:`.placement.stale_copies`)."""
+        pk = layout.primary_field
+        for part, keys in stale_copies(layout, rows, clusters, old_parts).items():
+            delete(collection_name, filter=f"{pk} in {key_list_literal(keys)}",
+                   partition_name=part, timeout=timeout)
