@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     from milvus_ltr_router.clustering import normalize_rows
     from benchmarks.datasets import EmbeddingDataset, load_or_build
     from milvus_ltr_router.labels import array_blocks, exact_knn
-    from milvus_ltr_router.layout import build_layout
+    from milvus_ltr_router.build import build_layout
     from milvus_ltr_router.schema import vector_index_params
     from milvus_ltr_router.writer import create_vector_collection
     from milvus_ltr_router.registry import ModelRegistry

@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         return 0
     from pymilvus import MilvusClient
     from benchmarks.datasets import load_or_build
-    from milvus_ltr_router.layout import build_layout, drop_layout
+    from milvus_ltr_router.build import build_layout
+    from milvus_ltr_router.layout import drop_layout
     from milvus_ltr_router.writer import create_vector_collection
     from benchmarks.server import milvus_uri
     data = load_or_build(args.dataset)

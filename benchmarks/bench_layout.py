@@ -83,7 +83,11 @@ _BASELINE_SNIPPET = """
 import json, resource, sys, time
 import milvus_ltr_router
 from pymilvus import MilvusClient
-from milvus_ltr_router.layout import build_layout, drop_layout
+from milvus_ltr_router.layout import drop_layout
+try:
+    from milvus_ltr_router.build import build_layout
+except ImportError:     # a baseline from before the layout's stages had modules of their own
+    from milvus_ltr_router.layout import build_layout
 uri, src, dst, n_clusters = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 client = MilvusClient(uri)
 try:
@@ -104,7 +108,8 @@ def build_with(uri: str, src: str, n_clusters: int, package_root: str | None,
     if package_root is None:
         import milvus_ltr_router
         from pymilvus import MilvusClient
-        from milvus_ltr_router.layout import build_layout, drop_layout
+        from milvus_ltr_router.build import build_layout
+        from milvus_ltr_router.layout import drop_layout
         client = MilvusClient(uri)
         try:
             report = build_layout(client, src, dst, n_clusters=n_clusters)

@@ -154,7 +154,8 @@ def wordnet_source(milvus_server, fixture_data):
 def wordnet_layout(milvus_server, wordnet_source):
     """The source clustered into 64 partitions (spherical k-means), built once per session."""
     from pymilvus import MilvusClient
-    from milvus_ltr_router.layout import build_layout, drop_layout
+    from milvus_ltr_router.build import build_layout
+    from milvus_ltr_router.layout import drop_layout
     client = MilvusClient(uri=milvus_server.uri, token=milvus_server.token)
     target = f"wordnet_ivf_{uuid.uuid4().hex[:6]}"
     report = build_layout(client, wordnet_source, target, n_clusters=64, seed=0)

@@ -11,7 +11,8 @@ import pytest
 from milvus_ltr_router.cli import main as cli_main
 from milvus_ltr_router.client import RoutedMilvusClient
 from milvus_ltr_router.clustering import balanced_capacity
-from milvus_ltr_router.layout import build_layout, cluster_of, cluster_sizes, drop_layout, read_layout
+from milvus_ltr_router.build import build_layout
+from milvus_ltr_router.layout import cluster_of, cluster_sizes, drop_layout, read_layout
 from milvus_ltr_router.milvus_io import count_rows
 from milvus_ltr_router.storage import CLUSTER_FIELD
 

@@ -9,7 +9,8 @@ import numpy as np
 from pymilvus import MilvusClient
 
 from milvus_ltr_router.client import RoutedMilvusClient
-from milvus_ltr_router.layout import build_layout, cluster_of, drop_layout
+from milvus_ltr_router.build import build_layout
+from milvus_ltr_router.layout import cluster_of, drop_layout
 from milvus_ltr_router.writer import create_vector_collection
 
 ROUNDS = 12

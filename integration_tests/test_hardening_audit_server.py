@@ -22,7 +22,8 @@ from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException, ParamError
 
 from milvus_ltr_router.client import RoutedMilvusClient, WriteError
-from milvus_ltr_router.layout import build_layout, cluster_of, drop_layout
+from milvus_ltr_router.build import build_layout
+from milvus_ltr_router.layout import cluster_of, drop_layout
 from milvus_ltr_router.writer import create_vector_collection
 
 N_DOCS = 2000

@@ -18,7 +18,8 @@ from pymilvus import MilvusClient
 
 from milvus_ltr_router.client import RoutedMilvusClient
 from milvus_ltr_router.export import export_router
-from milvus_ltr_router.layout import build_layout, drop_layout
+from milvus_ltr_router.build import build_layout
+from milvus_ltr_router.layout import drop_layout
 from milvus_ltr_router.writer import create_vector_collection
 from milvus_ltr_router.registry import ModelRegistry, retry_delay
 from milvus_ltr_router.router import linear_centroid_scorer

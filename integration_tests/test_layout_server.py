@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from milvus_ltr_router.layout import (LayoutError, adopt_layout, build_layout, cluster_of, drop_layout,
+from milvus_ltr_router.build import build_layout
+from milvus_ltr_router.layout import (LayoutError, adopt_layout, cluster_of, drop_layout,
                                       layout_collection_name, read_layout)
 from milvus_ltr_router.readout import iter_layout_blocks
 from milvus_ltr_router.milvus_io import CollectionError

@@ -31,7 +31,8 @@ def test_milvus_and_local_labels_agree(client, wordnet_layout, fixture_data):
 
 def test_milvus_labels_refused_where_search_is_not_exact(client, wordnet_source, wordnet_layout,
                                                         unique_name):
-    from milvus_ltr_router.layout import build_layout, drop_layout
+    from milvus_ltr_router.build import build_layout
+    from milvus_ltr_router.layout import drop_layout
     name = unique_name("ivf_layout")
     lay = build_layout(client, wordnet_source, name, storage="single", clusters_from=wordnet_layout.layout,
                        index={"index_type": "IVF_FLAT", "params": {"nlist": 16}}).layout

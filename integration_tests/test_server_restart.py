@@ -29,7 +29,7 @@ from pymilvus.exceptions import MilvusException
 
 from milvus_ltr_router.client import RoutedMilvusClient
 from milvus_ltr_router.export import export_router
-from milvus_ltr_router.layout import build_layout
+from milvus_ltr_router.build import build_layout
 from milvus_ltr_router.milvus_io import count_rows
 from milvus_ltr_router.writer import create_vector_collection
 from milvus_ltr_router.registry import ModelRegistry

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from milvus_ltr_router.client import RoutedMilvusClient
-from milvus_ltr_router.layout import (LayoutError, build_layout, cluster_of, cluster_sizes, drop_layout,
-                                      read_layout)
+from milvus_ltr_router.build import build_layout
+from milvus_ltr_router.layout import LayoutError, cluster_of, cluster_sizes, drop_layout, read_layout
 from milvus_ltr_router.milvus_io import count_rows
 from milvus_ltr_router.storage import CLUSTER_FIELD
 

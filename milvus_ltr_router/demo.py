@@ -58,7 +58,8 @@ def run_demo(db: str = "./demo_output/demo.db", out: str = "./demo_output",
     from .client import RoutedMilvusClient
     from .fixture import load_fixture
     from .evaluate import evaluate_router, nprobe_grid
-    from .layout import build_layout, read_layout
+    from .build import build_layout
+    from .layout import read_layout
     from .milvus_io import release_lite
     from .writer import create_vector_collection
     from .progress import progress

@@ -65,7 +65,7 @@ def lite(tmp_path_factory, fixture_data, request):
     """A milvus-lite file (one per test module) with 'src' (1,500 MiniLM documents) laid out as
     'docs' (8 clusters, partition storage); released so a CLI run can open it."""
     from pymilvus import MilvusClient
-    from milvus_ltr_router.layout import build_layout
+    from milvus_ltr_router.build import build_layout
     from milvus_ltr_router.milvus_io import release_lite
     from milvus_ltr_router.writer import create_vector_collection
     uri = str(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]) / "test.db")

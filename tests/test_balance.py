@@ -10,7 +10,8 @@ from pymilvus import MilvusClient
 from milvus_ltr_router.client import RoutedMilvusClient
 from milvus_ltr_router.clustering import (assign_clusters, assign_with_room, balanced_capacity,
                                           normalize_rows)
-from milvus_ltr_router.layout import build_layout, cluster_of, cluster_sizes
+from milvus_ltr_router.build import build_layout
+from milvus_ltr_router.layout import cluster_of, cluster_sizes
 from milvus_ltr_router.milvus_io import count_rows, release_lite
 from milvus_ltr_router.writer import create_vector_collection
 from milvus_ltr_router.storage import CLUSTER_FIELD

@@ -8,7 +8,8 @@ import pytest
 from pymilvus import MilvusClient
 
 from milvus_ltr_router.client import RoutedMilvusClient
-from milvus_ltr_router.layout import LayoutError, assign, build_layout, read_layout
+from milvus_ltr_router.build import build_layout
+from milvus_ltr_router.layout import LayoutError, assign, read_layout
 from milvus_ltr_router.readout import iter_layout_blocks
 from milvus_ltr_router.milvus_io import CollectionError, release_lite
 from milvus_ltr_router.writer import create_vector_collection

@@ -13,6 +13,8 @@ MOVED = [
     ("milvus_ltr_router.milvus_io", "ParallelWriter", "milvus_ltr_router.writer"),
     ("milvus_ltr_router.milvus_io", "create_vector_collection", "milvus_ltr_router.writer"),
     ("milvus_ltr_router.layout", "iter_layout_blocks", "milvus_ltr_router.readout"),
+    ("milvus_ltr_router.layout", "build_layout", "milvus_ltr_router.build"),
+    ("milvus_ltr_router.layout", "BuildReport", "milvus_ltr_router.build"),
 ]
 
 

@@ -155,7 +155,7 @@ def test_neighbour_subset_keeps_tie_flags():
 def lite_docs(tmp_path_factory, fixture_data):
     """milvus-lite with 1,500 MiniLM documents laid out in 8 partitions, and 400 real queries."""
     from pymilvus import MilvusClient
-    from milvus_ltr_router.layout import build_layout
+    from milvus_ltr_router.build import build_layout
     from milvus_ltr_router.milvus_io import release_lite
     from milvus_ltr_router.writer import create_vector_collection
     tmp = tmp_path_factory.mktemp("retrain_gate")
