@@ -129,3 +129,93 @@ def export_router(weight, bias, layout, collection: str, path, metrics: dict | N
     """
     meta = router_metadata(layout, collection, metrics=metrics, nprobe=nprobe, **values)
     return save_model(linear_router_model(weight, bias, meta, adaptive_head), path)
+
+
+def moment_router_model(scorer, metadata: RouterMetadata | dict[str, str]):
+    """An :class:`onnx.ModelProto` computing :class:`~.moments.MomentScorer` scores; checked.
+
+    ``scores = W q + b + a * spread(q)``: with ``rescore_top >= L`` every cluster's
+    spread comes from its rank-``r`` sketch (one ``[d, L r]`` MatMul); otherwise in two
+    stages - every cluster scored with the isotropic spread, the top ``rescore_top``
+    re-scored with their sketch (TopK, Gather, batched MatMul) and scattered back above
+    the rest, as the numpy scorer does.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if isinstance(metadata, RouterMetadata):
+        metadata = metadata.to_onnx()
+    weight, bias = _check_head(scorer.weight, scorer.bias, metadata, "moment router")
+    n_parts, dim = weight.shape
+    scaled = np.asarray(scorer.scaled_bases, np.float32)
+    rank = scaled.shape[1]
+    if scaled.shape != (n_parts, rank, dim):
+        raise InputError(f"moment router bases have shape {scaled.shape}, expected "
+                         f"[{n_parts}, rank, {dim}]")
+    m = scorer.candidates
+    arr = numpy_helper.from_array
+    inits = [arr(np.ascontiguousarray(weight.T), "W_T"),
+             arr(np.zeros(n_parts, np.float32) if bias is None else bias, "b"),
+             arr(np.asarray(scorer.spread_weight, np.float32), "a"),
+             arr(np.asarray(scorer.residual, np.float32), "residual"),
+             arr(np.array([1], np.int64), "axis1"), arr(np.array([2], np.int64), "axis2")]
+    node = helper.make_node
+    nodes = [node("MatMul", [QUERY_INPUT, "W_T"], ["qw"]), node("Add", ["qw", "b"], ["lin"]),
+             node("Mul", [QUERY_INPUT, QUERY_INPUT], ["q2"]),
+             node("ReduceSum", ["q2", "axis1"], ["qsq"], keepdims=1)]          # [B, 1]
+
+    def spread(proj, resid, out):     # sqrt(sum_r proj^2 + residual * ||q||^2)
+        return [node("Mul", [proj, proj], [f"{out}_p2"]),
+                node("ReduceSum", [f"{out}_p2", "axis2"], [f"{out}_v"], keepdims=0),
+                node("Mul", [resid, "qsq"], [f"{out}_rq"]),
+                node("Add", [f"{out}_v", f"{out}_rq"], [f"{out}_var"]),
+                node("Relu", [f"{out}_var"], [f"{out}_pos"]),
+                node("Sqrt", [f"{out}_pos"], [out])]
+
+    if m >= n_parts:
+        inits += [arr(np.ascontiguousarray(scaled.reshape(n_parts * rank, dim).T), "V_T"),
+                  arr(np.array([-1, n_parts, rank], np.int64), "shape_blr")]
+        nodes += [node("MatMul", [QUERY_INPUT, "V_T"], ["proj_flat"]),
+                  node("Reshape", ["proj_flat", "shape_blr"], ["proj"]),
+                  *spread("proj", "residual", "sd"),
+                  node("Mul", ["a", "sd"], ["asd"]),
+                  node("Add", ["lin", "asd"], [SCORES_OUTPUT])]
+    else:
+        iso_a = np.asarray(scorer.spread_weight, np.float32) * np.asarray(scorer.iso_scale,
+                                                                            np.float32)
+        inits += [arr(scaled, "V"), arr(iso_a, "iso_a"), arr(np.array([m], np.int64), "m"),
+                  arr(np.array([0, m * rank, dim], np.int64), "shape_bkd"),
+                  arr(np.array([0, m, rank], np.int64), "shape_bmr"),
+                  arr(np.array(1.0, np.float32), "one")]
+        nodes += [node("Sqrt", ["qsq"], ["qn"]),
+                  node("Mul", ["iso_a", "qn"], ["iso"]),
+                  node("Add", ["lin", "iso"], ["first"]),
+                  node("TopK", ["first", "m"], ["first_top", "top"], axis=1),
+                  node("Gather", ["V", "top"], ["Vg"], axis=0),                 # [B, m, r, d]
+                  node("Reshape", ["Vg", "shape_bkd"], ["Vg_flat"]),            # [B, m r, d]
+                  node("Unsqueeze", [QUERY_INPUT, "axis2"], ["q_col"]),         # [B, d, 1]
+                  node("MatMul", ["Vg_flat", "q_col"], ["proj_col"]),           # [B, m r, 1]
+                  node("Reshape", ["proj_col", "shape_bmr"], ["proj"]),         # [B, m, r]
+                  node("Gather", ["residual", "top"], ["resid_top"], axis=0),
+                  *spread("proj", "resid_top", "sd"),
+                  node("Gather", ["a", "top"], ["a_top"], axis=0),
+                  node("Mul", ["a_top", "sd"], ["asd"]),
+                  node("GatherElements", ["lin", "top"], ["lin_top"], axis=1),
+                  node("Add", ["lin_top", "asd"], ["second"]),
+                  node("ReduceMax", ["first"], ["first_max"], axes=[1], keepdims=1),
+                  node("ReduceMin", ["second"], ["second_min"], axes=[1], keepdims=1),
+                  node("Sub", ["first_max", "second_min"], ["gap"]),
+                  node("Add", ["gap", "one"], ["shift"]),
+                  node("Sub", ["first", "shift"], ["below"]),
+                  node("ScatterElements", ["below", "top", "second"], [SCORES_OUTPUT], axis=1)]
+    graph = helper.make_graph(
+        nodes, "moment_router",
+        [helper.make_tensor_value_info(QUERY_INPUT, TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info(SCORES_OUTPUT, TensorProto.FLOAT, ["batch", n_parts])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="milvus-ltr-router")
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, metadata)
+    onnx.checker.check_model(model)
+    return model
