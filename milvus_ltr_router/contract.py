@@ -37,8 +37,12 @@ ADAPTIVE_INPUT = "adaptive"    # optional bool scalar: rank with the adaptive he
 # metadata_props keys; REQUIRED_KEYS must be present
 METADATA_KEYS = ("partition_names", "dim", "layout_id", "metric", "collection", "nprobe",
                  "temperature", "recall_thresholds", "stopping_model", "metrics", "training",
-                 "created_at", "package_version")
+                 "created_at", "package_version", "router_kind")
 REQUIRED_KEYS = ("partition_names", "dim", "layout_id", "metric")
+#: What a router file scores with: a trained linear scorer, the training-free moment router
+#: (cluster means and covariance sketches, :mod:`.moments`), a trained scorer over the moment
+#: features, or the centroid scorer exported as a file.
+ROUTER_KINDS = ("learned", "moments", "learned-moments", "centroid")
 TABLE_TOLERANCE = 1e-9         # recall table rows may wobble this much in floating point
 
 
@@ -84,6 +88,7 @@ class RouterMetadata:
     training: dict | None = None
     created_at: str = ""
     package_version: str = ""
+    router_kind: str = "learned"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -120,6 +125,9 @@ class RouterMetadata:
         if not isinstance(self.layout_id, str) or not self.layout_id:
             raise ContractError(f"metadata layout_id must be a non-empty string, "
                                 f"got {self.layout_id!r}")
+        if self.router_kind not in ROUTER_KINDS:
+            raise ContractError(f"metadata router_kind must be one of {', '.join(ROUTER_KINDS)}, "
+                                f"got {self.router_kind!r}")
         if self.metric not in METRICS:
             raise ContractError(f"metadata metric must be one of {', '.join(METRICS)}, "
                                 f"got {self.metric!r}")
@@ -173,6 +181,7 @@ class RouterMetadata:
             "metrics": json.dumps(self.metrics),
             "created_at": self.created_at,
             "package_version": self.package_version,
+            "router_kind": self.router_kind,
         }
         if self.nprobe is not None:
             out["nprobe"] = str(self.nprobe)
@@ -211,7 +220,8 @@ class RouterMetadata:
                 stopping_model=StoppingModel.from_json(
                     json.loads(props.get("stopping_model", "null"))),
                 created_at=str(props.get("created_at", "")),
-                package_version=str(props.get("package_version", "")))
+                package_version=str(props.get("package_version", "")),
+                router_kind=str(props.get("router_kind", "learned")))
         except (KeyError, ValueError, TypeError) as exc:
             raise ContractError(f"lacks valid metadata ({exc}); was it exported by "
                                 "milvus-ltr-router?") from exc

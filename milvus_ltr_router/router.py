@@ -1,9 +1,11 @@
 """Routers: score the partitions of a layout for each query and pick the best ``nprobe``.
 
 Serving uses onnxruntime only (no torch). :class:`Router` loads a published
-ONNX model; :class:`CentroidRouter` ranks the layout's centroids, which is both
-the baseline the learned router must beat and the fallback when no usable
-model exists.
+ONNX model (a learned router, the moment router or a learned router over the
+moment features: ``Router.kind`` says which); :class:`MomentRouter` scores a
+layout's stored cluster moments in numpy, the cold-start router before any
+file is published; :class:`CentroidRouter` ranks the layout's centroids, the
+baseline every router must beat and the fallback of a layout without moments.
 
 onnxruntime (1.2x) writes a device id and a telemetry database under
 ``~/.cache/Microsoft`` and a ``.ses`` file in the temp dir whenever it opens a model,
@@ -213,8 +215,43 @@ class CentroidRouter(LinearRouter):
                          metric=layout.metric)
 
 
+class MomentRouter(BaseRouter):
+    """The training-free moment router of a layout (:mod:`.moments`), in numpy.
+
+    Scores ``<q, mu_i> + c * spread_i(q) * sqrt(2 ln n_i)`` from the layout's stored
+    cluster moments: what a collection is routed by before any router is published.
+    The same scorer exported to ONNX (:func:`.export.moment_router_model`) is what
+    ``retrain-router`` publishes when the moment router wins its gate.
+    """
+
+    kind = "moments"
+
+    def __init__(self, layout, optimism: float | None = None, rescore_top: int | None = None,
+                 temperature: float = 1.0, scorer=None):
+        from .moments import DEFAULT_OPTIMISM, DEFAULT_RESCORE_TOP, MomentScorer
+        moments = getattr(layout, "moments", None)
+        if scorer is None:
+            if moments is None:
+                raise RouterError(f"layout of {layout.collection!r} has no cluster moments; "
+                                  "rebuild it or run retrain-router to compute them")
+            scorer = MomentScorer.from_moments(
+                moments, optimism=DEFAULT_OPTIMISM if optimism is None else optimism,
+                rescore_top=DEFAULT_RESCORE_TOP if rescore_top is None else rescore_top)
+        self.scorer = scorer
+        self.optimism = optimism
+        self.partition_names = list(layout.partition_names)
+        self.dim = int(layout.dim)
+        self.layout_id = layout.clustering_id
+        self.temperature = temperature
+        self.metadata = {"metric": layout.metric, "layout_id": self.layout_id}
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        return self.scorer.scores(queries)
+
+
 class Router(BaseRouter):
-    """A learned linear router served by onnxruntime."""
+    """A router file served by onnxruntime: learned, moments or learned over moments
+    (:attr:`kind`, from the file's metadata)."""
 
     kind = "learned"
 
@@ -241,6 +278,7 @@ class Router(BaseRouter):
 
     def _set_info(self, info: RouterMetadata) -> None:
         self.info = info
+        self.kind = info.router_kind
         self.partition_names = list(info.partition_names)
         self.dim = info.dim
         self.layout_id = info.layout_id

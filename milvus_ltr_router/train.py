@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 # how the log names each initialisation of the trainer (both are trained runs, neither is
 # centroid routing itself: "centroids" only starts there)
-_START_NAMES = {"centroids": "centroid-initialised run", "random": "random-initialised run"}
+_START_NAMES = {"centroids": "centroid-initialised run", "random": "random-initialised run",
+                "moments": "moment-initialised run"}
 
 
 def split_indices(n: int, seed: int = 0, fractions=(0.64, 0.16, 0.20)):
@@ -78,9 +79,10 @@ class _Run:
     score: float
     best_epoch: int
     history: list = field(default_factory=list)
+    spread_weight: np.ndarray | None = None
 
 
-INITS = ("auto", "centroids", "random")
+INITS = ("auto", "moments", "centroids", "random")
 VAL_METRICS = ("top1", "recall")
 
 
@@ -139,7 +141,14 @@ class LinearRouterTrainer(BaseEstimator):
     centroids : ``[L, dim]`` centroids of the layout: the start of ``init="centroids"``.
     metric : the layout's metric (IP, COSINE or L2), for the centroid start.
     init : ``"centroids"`` (start at centroid routing), ``"random"`` (the paper's start) or
-        ``"auto"``: train from both and keep the better on the validation criterion.
+        ``"moments"`` (start at the moment router: needs ``moments``) or ``"auto"``: train from
+        each start that applies (moments, centroids; random without either) and keep the
+        best on the validation criterion.
+    moments : the layout's :class:`~.moments.ClusterMoments`. With them the router scores
+        ``W q + b + a * spread(q)``: a learned per-cluster weight ``a`` on each cluster's
+        spread along the query (:meth:`.moments.ClusterMoments.spread`), the moment
+        router's optimistic term; without them ``W q + b``.
+    optimism : the moment router's ``c`` that ``init="moments"`` starts from.
     lr, batch_size, max_epochs, patience, weight_decay : Adam and early stopping.
     top1_weight : with ``[n, k]`` labels, the weight of the top-1 term in the loss.
     val_metric, val_nprobe, val_k : the validation criterion that early stopping and the
@@ -150,15 +159,15 @@ class LinearRouterTrainer(BaseEstimator):
 
     Attributes after :meth:`fit`
     ----------------------------
-    coef_ ``[L, dim]`` and intercept_ ``[L]`` (the learned scale folded in, so
-    ``softmax(scores)`` is the model's probability), init_ (the initialisation kept),
+    coef_ ``[L, dim]``, intercept_ ``[L]`` and, with moments, spread_coef_ ``[L]`` (the
+    learned scale folded in, so ``softmax(scores)`` is the model's probability), init_ (the initialisation kept),
     best_epoch_, best_score_ (its validation criterion), candidates_ (initialisation ->
     best validation criterion), history_ (:class:`EpochRecord` per epoch and run),
     val_criterion_ (e.g. ``"top1@nprobe=8"``), n_partitions_, n_features_in_.
     """
 
     def __init__(self, *, n_partitions: int | None = None, centroids=None, metric: str = "IP",
-                 init: str = "auto", lr: float = 1e-3, batch_size: int = 512,
+                 moments=None, optimism: float = 1.0, init: str = "auto", lr: float = 1e-3, batch_size: int = 512,
                  max_epochs: int = 100, patience: int = 10, weight_decay: float = 0.0,
                  top1_weight: float = 0.0, val_metric: str = "top1", val_nprobe: int = 1,
                  val_k: int = 10, seed: int = 0, num_threads: int | None = None,
@@ -166,6 +175,8 @@ class LinearRouterTrainer(BaseEstimator):
         self.n_partitions = n_partitions
         self.centroids = centroids
         self.metric = metric
+        self.moments = moments
+        self.optimism = optimism
         self.init = init
         self.lr = lr
         self.batch_size = batch_size
@@ -224,6 +235,13 @@ class LinearRouterTrainer(BaseEstimator):
             raise InputError(f"centroids has {len(centroids)} rows for n_partitions={n_parts}")
         if self.init == "centroids" and centroids is None:
             raise InputError("init='centroids' needs the layout's centroids (centroids=...)")
+        if self.moments is not None and self.moments.n_clusters != n_parts:
+            raise InputError(f"moments describe {self.moments.n_clusters} clusters for "
+                             f"n_partitions={n_parts}")
+        if self.init == "moments" and self.moments is None:
+            raise InputError("init='moments' needs the layout's cluster moments (moments=...)")
+        if not _is_real(self.optimism) or self.optimism < 0:
+            raise InputError(f"optimism must be a finite number >= 0, got {self.optimism!r}")
         if self.val_nprobe > n_parts:
             raise InputError(f"val_nprobe {self.val_nprobe} is more than the {n_parts} partitions")
         return int(n_parts), centroids
@@ -244,6 +262,8 @@ class LinearRouterTrainer(BaseEstimator):
         dim = X.shape[1]
         if centroids is not None and centroids.shape[1] != dim:
             raise InputError(f"centroids have dimension {centroids.shape[1]} but X has {dim}")
+        if self.moments is not None and self.moments.dim != dim:
+            raise InputError(f"moments have dimension {self.moments.dim} but X has {dim}")
         y = _check_labels(y, "y", len(X), n_parts)
         if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
             raise InputError("eval_set=(X_val, y_val) is required: held-out queries and their "
@@ -255,17 +275,25 @@ class LinearRouterTrainer(BaseEstimator):
         import torch
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        inits = {"auto": ["centroids", "random"], "centroids": ["centroids"],
-                 "random": ["random"]}[self.init]
-        if centroids is None:
-            inits = ["random"]
+        moments = self.moments
+        if self.init == "auto":
+            inits = (["moments"] if moments is not None else []) + \
+                (["centroids"] if centroids is not None else [])
+            inits = inits or ["random"]
+            if moments is None and centroids is not None:
+                inits.append("random")
+        else:
+            inits = [self.init] if self.init != "centroids" or centroids is not None else ["random"]
         val_parts = y_val[:, None] if y_val.ndim == 1 else y_val
         val_nb = Neighbours(np.zeros_like(val_parts), np.zeros(val_parts.shape, np.float32),
                             val_parts)
         self.val_criterion_ = f"{self.val_metric}@nprobe={self.val_nprobe}"
-        runs = [self._fit_one(start, X, y, X_val, val_nb, n_parts, centroids) for start in inits]
-        best = max(runs, key=lambda r: (r.score, r.init == "centroids"))
+        spreads = None if moments is None else (moments.spread(X), moments.spread(X_val))
+        runs = [self._fit_one(start, X, y, X_val, val_nb, n_parts, centroids, spreads)
+                for start in inits]
+        best = max(runs, key=lambda r: (r.score, r.init in ("moments", "centroids")))
         self.coef_, self.intercept_ = best.weight, best.bias
+        self.spread_coef_ = best.spread_weight
         self.init_, self.best_epoch_, self.best_score_ = best.init, best.best_epoch, best.score
         self.history_ = [rec for r in runs for rec in r.history]
         self.candidates_ = {r.init: r.score for r in runs}
@@ -281,7 +309,10 @@ class LinearRouterTrainer(BaseEstimator):
         if not hasattr(self, "coef_"):
             raise NotFittedError("this LinearRouterTrainer is not fitted yet; call fit() first")
         X = _check_vectors(X, "X", self.n_features_in_)
-        return X @ self.coef_.T + self.intercept_
+        scores = X @ self.coef_.T + self.intercept_
+        if self.spread_coef_ is not None:
+            scores += self.spread_coef_ * self.moments.spread(X)
+        return scores
 
     # ------------------------------------------------------------------ internals
     def _score(self, scores, val_nb: Neighbours) -> float:
@@ -292,7 +323,7 @@ class LinearRouterTrainer(BaseEstimator):
         quality = routing_quality(top, val_nb, self.val_k)
         return quality.top1_accuracy if self.val_metric == "top1" else quality.recall
 
-    def _fit_one(self, start, X, y, X_val, val_nb, n_parts, centroids) -> _Run:
+    def _fit_one(self, start, X, y, X_val, val_nb, n_parts, centroids, spreads=None) -> _Run:
         import torch
         from .clustering import linear_centroid_scorer
         from .progress import progress
@@ -306,25 +337,44 @@ class LinearRouterTrainer(BaseEstimator):
         else:
             target = torch.from_numpy(y.astype(np.int64))
 
-        if start == "centroids":
-            w0, b0 = linear_centroid_scorer(centroids, self.metric)
-            weight = torch.nn.Parameter(torch.from_numpy(w0.copy()))
-            bias = torch.nn.Parameter(torch.from_numpy(b0.copy()))
-            log_scale = torch.nn.Parameter(torch.tensor(self._fit_scale(xt, target, weight, bias)))
+        if start in ("centroids", "moments"):
+            if start == "moments":
+                w0, b0 = self.moments.means, np.zeros(n_parts, np.float32)
+            else:
+                w0, b0 = linear_centroid_scorer(centroids, self.metric)
+            weight = torch.nn.Parameter(torch.from_numpy(np.array(w0, np.float32)))
+            bias = torch.nn.Parameter(torch.from_numpy(np.array(b0, np.float32)))
         else:
             bound = 1.0 / np.sqrt(dim)
             weight = torch.nn.Parameter(torch.empty(n_parts, dim).uniform_(-bound, bound, generator=gen))
             bias = torch.nn.Parameter(torch.zeros(n_parts))
-            log_scale = torch.nn.Parameter(torch.tensor(0.0))
+        log_scale = torch.nn.Parameter(torch.tensor(0.0))
         params = [weight, bias, log_scale]
+        if spreads is not None:     # learned weight on each cluster's spread (moments start: c)
+            from .moments import size_factor
+            a0 = self.optimism * size_factor(self.moments.sizes) if start == "moments" \
+                else np.zeros(n_parts, np.float32)
+            params.append(torch.nn.Parameter(torch.from_numpy(np.asarray(a0, np.float32))))
+            ft, fv = torch.from_numpy(spreads[0]), torch.from_numpy(spreads[1])
+        else:
+            ft = fv = None
+
+        def raw(x, f):
+            out = x @ weight.T + bias
+            return out if f is None else out + params[3] * f
+
+        if start in ("centroids", "moments"):
+            with torch.no_grad():
+                log_scale.fill_(self._fit_scale(raw(xt[:20000], None if ft is None
+                                                    else ft[:20000]), target[:20000]))
         opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
-        def logits(x):
-            return torch.exp(log_scale) * (x @ weight.T + bias)
+        def logits(x, f):
+            return torch.exp(log_scale) * raw(x, f)
 
         def val_score() -> float:
             with torch.no_grad():
-                return self._score(logits(xv), val_nb)
+                return self._score(logits(xv, fv), val_nb)
 
         best_score, best_epoch = val_score(), 0
         best_state = [p.detach().clone() for p in params]
@@ -337,7 +387,8 @@ class LinearRouterTrainer(BaseEstimator):
             total = 0.0
             for i in range(0, len(xt), self.batch_size):
                 idx = perm[i:i + self.batch_size]
-                loss = torch.nn.functional.cross_entropy(logits(xt[idx]), target[idx])
+                loss = torch.nn.functional.cross_entropy(
+                    logits(xt[idx], None if ft is None else ft[idx]), target[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -355,22 +406,23 @@ class LinearRouterTrainer(BaseEstimator):
                 stale += 1
                 if stale >= self.patience:
                     break
-        w, b, ls = best_state
+        w, b, ls = best_state[:3]
         scale = float(torch.exp(ls))
+        spread = None if len(best_state) < 4 else (best_state[3] * scale).numpy().astype(np.float32)
         return _Run(start, (w * scale).numpy().astype(np.float32),
-                    (b * scale).numpy().astype(np.float32), best_score, best_epoch, history)
+                    (b * scale).numpy().astype(np.float32), best_score, best_epoch, history,
+                    spread)
 
     @staticmethod
-    def _fit_scale(xt, target, weight, bias) -> float:
-        """log-scale minimising training cross-entropy of the centroid scorer (1-D grid)."""
+    def _fit_scale(raw, target) -> float:
+        """log-scale minimising the training cross-entropy of the starting scores ``raw``
+        (1-D grid)."""
         import torch
         with torch.no_grad():
-            raw = xt[:20000] @ weight.T + bias
-            tgt = target[:20000]
-            raw = raw / raw.std().clamp_min(1e-12)
+            std = float(raw.std().clamp_min(1e-12))
+            unit = raw / std
             grid = np.linspace(-3, 6, 46)
-            losses = [float(torch.nn.functional.cross_entropy(np.exp(g) * raw, tgt)) for g in grid]
-            best = float(grid[int(np.argmin(losses))]) - float(np.log(float(
-                (xt[:20000] @ weight.T + bias).std().clamp_min(1e-12))))
-        return best
+            losses = [float(torch.nn.functional.cross_entropy(np.exp(g) * unit, target))
+                      for g in grid]
+        return float(grid[int(np.argmin(losses))]) - float(np.log(std))
 

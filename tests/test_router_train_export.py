@@ -128,7 +128,7 @@ def test_fit_with_eval_set_learns_and_keeps_the_learned_state(small_layout_array
     ({"n_partitions": 16}, {}, "centroids has 32 rows for n_partitions=16"),
     ({"centroids": None}, {}, "n_partitions is needed when no centroids are given"),
     ({"centroids": None, "n_partitions": 32, "init": "centroids"}, {}, "init='centroids' needs"),
-    ({"init": "zeros"}, {}, "init must be one of auto, centroids, random, got 'zeros'"),
+    ({"init": "zeros"}, {}, "init must be one of auto, moments, centroids, random, got 'zeros'"),
     ({"val_metric": "mrr"}, {}, "val_metric must be top1 or recall, got 'mrr'"),
     ({"val_nprobe": 33}, {}, "val_nprobe 33 is more than the 32 partitions"),
     ({"lr": -1.0}, {}, r"lr must be a finite number > 0, got -1.0"),
