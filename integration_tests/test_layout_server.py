@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from milvus_ltr_router.build import build_layout
-from milvus_ltr_router.layout import (LayoutError, adopt_layout, cluster_of, drop_layout,
-                                      layout_collection_name, read_layout)
+from milvus_ltr_router.layout import LayoutError, cluster_of, drop_layout, layout_collection_name, read_layout
+from milvus_ltr_router.repair import adopt_layout
 from milvus_ltr_router.readout import iter_layout_blocks
 from milvus_ltr_router.milvus_io import CollectionError
 from milvus_ltr_router.scan import iter_rows

@@ -183,7 +183,7 @@ def test_rows_written_around_a_partition_layout_stay_visible_and_are_repaired(
     """A plain MilvusClient writes into _default: routed search still finds the row, status counts
     it, repair-layout moves it into its cluster (an older copy of the same key is removed)."""
     from milvus_ltr_router.cli import main as cli_main
-    from milvus_ltr_router.layout import stray_rows
+    from milvus_ltr_router.repair import stray_rows
     lay = layouts["partition"]
     vec = fixture_data.queries[7]
     existing = 3       # primary key of source row 0, already stored in its cluster's partition

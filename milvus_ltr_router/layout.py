@@ -24,15 +24,12 @@ from typing import Sequence
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from .clustering import as_vector_batch, assign_clusters, check_algorithm, normalize_rows
-from .columns import rows_to_arrays
+from .clustering import as_vector_batch, assign_clusters
 from .deprecation import moved_names
 from .errors import OperationalError
-from .labels import check_metric
-from .milvus_io import (DEFAULT_PARTITION, CollectionError, count_rows, ensure_loaded, is_milvus_lite,
-                        key_list_literal)
-from .scan import iter_columns, iter_rows
-from .schema import describe, vector_index_params
+from .milvus_io import DEFAULT_PARTITION, CollectionError, count_rows, ensure_loaded, is_milvus_lite
+from .scan import iter_columns
+from .schema import vector_index_params
 from .storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -393,111 +390,11 @@ def cluster_range_filters(field: str, sizes: Sequence[int], rows_per_part: int,
     return parts
 
 
-def stray_rows(client: MilvusClient, layout: Layout) -> int:
-    """Rows in ``_default`` when it is not one of the layout's partitions (written by a client
-    that did not route them); 0 in ``single`` storage, where ``_default`` holds the layout."""
-    if not has_stray_partition(layout):
-        return 0
-    if is_milvus_lite(client):   # count(*) ignores partition_names there
-        return int(client.get_partition_stats(layout.collection, DEFAULT_PARTITION)["row_count"])
-    # not partition statistics: on servers they lag behind unflushed rows and ignore deletes
-    res = client.query(layout.collection, filter="", output_fields=["count(*)"],
-                       partition_names=[DEFAULT_PARTITION])
-    return int(res[0]["count(*)"])
-
-
-def move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int = 4096) -> int:
-    """Move every row of ``_default`` into its cluster when ``_default`` lies outside the layout.
-
-    Each batch is written to its clusters first and only then deleted from ``_default``, so
-    an interruption leaves a row twice (repaired by the next run), never nowhere. A key that
-    also has an older copy in a cluster partition keeps the ``_default`` row (the newer
-    write). On milvus-lite an upsert replaces the key in every partition, so no deletes are
-    needed (and its deletes ignore the partition). Returns the number of rows moved.
-    """
-    if not has_stray_partition(layout):
-        return 0
-    storage, lite = layout.storage, is_milvus_lite(client)
-    info = describe(client, layout.collection, layout.vector_field)
-    fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
-    pk, moved = layout.primary_field, 0
-    while True:
-        batch = client.query(layout.collection, filter="", output_fields=fields, limit=batch_size,
-                             partition_names=[DEFAULT_PARTITION], consistency_level="Strong")
-        if not batch:
-            return moved
-        _, vecs = rows_to_arrays(batch, pk, layout.vector_field)
-        clusters = cluster_of(layout, vecs)
-        keys = key_list_literal(r[pk] for r in batch)
-        if not lite:
-            older = client.query(layout.collection, filter=f"{pk} in {keys}", output_fields=[pk],
-                                 partition_names=storage.partitions, consistency_level="Strong")
-            if older:
-                expr = f"{pk} in {key_list_literal(r[pk] for r in older)}"
-                for name in storage.partitions:
-                    client.delete(layout.collection, filter=expr, partition_name=name)
-        if storage.cluster_field is not None:
-            for r, c in zip(batch, clusters):
-                r[storage.cluster_field] = int(c)
-        parts = np.asarray([storage.write_partition(c) for c in clusters])
-        for part in np.unique(parts):
-            client.upsert(layout.collection, [batch[i] for i in np.flatnonzero(parts == part)],
-                          partition_name=str(part))
-        if not lite:
-            client.delete(layout.collection, filter=f"{pk} in {keys}", partition_name=DEFAULT_PARTITION)
-        moved += len(batch)
-        log.info("moved %d rows out of _default (%d so far)", len(batch), moved)
-
-
-# --------------------------------------------------------------------------- adopt
-def adopt_layout(client: MilvusClient, collection: str, algorithm: str = "kmeans",
-                 metric: str | None = None, vector_field: str | None = None,
-                 batch_size: int = 4096, overwrite: bool = False) -> Layout:
-    """Store a layout for a collection already partitioned by cluster (no centroids yet).
-
-    Centroids are the per-partition means, streamed; for ``spherical`` they are
-    normalised to unit length. Empty partitions (and an empty ``_default``) are left out.
-    """
-    algorithm = check_algorithm(algorithm)
-    info = describe(client, collection, vector_field)
-    metric = check_metric(metric or info.metric or "IP")
-    if client.has_collection(layout_collection_name(info.name)) and not overwrite:
-        raise LayoutError(f"{info.name!r} already has a layout; pass overwrite=True to replace it")
-    client.load_collection(info.name)
-    names, sums, sizes = [], [], []
-    for name in sorted(client.list_partitions(info.name)):
-        total = np.zeros(info.dim, dtype=np.float64)
-        n = 0
-        for batch in iter_rows(client, info.name, [info.primary_field, info.vector_field],
-                               batch_size, partition_names=[name]):
-            _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
-            total += vecs.sum(axis=0, dtype=np.float64)
-            n += len(vecs)
-        if n == 0:
-            if name != DEFAULT_PARTITION:
-                log.warning("partition %r is empty; left out of the adopted layout", name)
-            continue
-        names.append(name)
-        sums.append(total / n)
-        sizes.append(n)
-    if not names:
-        raise LayoutError(f"collection {info.name!r} has no non-empty partitions to adopt")
-    centroids = np.asarray(sums, dtype=np.float32)
-    if algorithm == "spherical":
-        centroids = normalize_rows(centroids)
-    layout = Layout(collection=info.name, centroids=centroids, partition_names=names,
-                    sizes=np.asarray(sizes, dtype=np.int64), metric=metric, algorithm=algorithm,
-                    dim=info.dim, layout_id=new_layout_id(),
-                    vector_field=info.vector_field, primary_field=info.primary_field,
-                    created_at=utc_now(),
-                    extra={"adopted": True})
-    write_layout_meta(client, layout)
-
-
 # Names that lived here before the layout's life cycle got modules of its own: importable from
 # here with a DeprecationWarning (imported when asked for, so no import cycle at load time).
 __getattr__ = moved_names(__name__, {
     "iter_layout_blocks": "milvus_ltr_router.readout",
     "build_layout": "milvus_ltr_router.build",
     "BuildReport": "milvus_ltr_router.build",
+    **dict.fromkeys(["stray_rows", "move_stray_rows", "adopt_layout"], "milvus_ltr_router.repair"),
 })

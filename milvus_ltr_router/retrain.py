@@ -21,11 +21,13 @@ from pymilvus import MilvusClient
 from .errors import InputError, OperationalError
 from .evaluate import RoutingQuality, evaluate_adaptive, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
-from .layout import Layout, read_layout, stray_rows
+from .layout import Layout, read_layout
+from .moments import DEFAULT_RANK, ClusterMoments, MomentAccumulator
 from .progress import ProgressCounter
 from .querylog import sample_queries
 from .readout import iter_layout_blocks
 from .registry import ModelRegistry
+from .repair import stray_rows
 from .server_knn import LABEL_PATHS, choose_label_path, milvus_knn
 from .router import CentroidRouter, Router, RouterError
 
@@ -72,6 +74,7 @@ class RetrainConfig:
     keep: int = 5
     batch_size: int = 4096
     labels: str = "auto"                 # exact neighbours from: milvus (server search), local, auto
+    moments: str = "auto"                # moment routers: auto (stored or from the read-out), off
 
 
 @dataclass
@@ -211,15 +214,40 @@ def gather_queries(client: MilvusClient, layout: Layout, cfg: RetrainConfig) -> 
 
 
 def label_queries(client: MilvusClient, layout: Layout, queries: np.ndarray, k: int,
-                  batch_size: int = 4096, path: str = "local") -> Neighbours:
+                  batch_size: int = 4096, path: str = "local",
+                  moments: MomentAccumulator | None = None) -> Neighbours:
     """Exact top-k neighbours over the whole laid-out collection: computed by Milvus
-    (``path="milvus"``, see :mod:`.server_knn`) or here, from vectors streamed out of it."""
+    (``path="milvus"``, see :mod:`.server_knn`) or here, from vectors streamed out of it
+    (each block also fed to ``moments``, when given)."""
     if path == "milvus":
         with ProgressCounter(len(queries), "label (Milvus search)", "queries") as bar:
             return milvus_knn(client, layout, queries, k, progress=bar)
     with ProgressCounter(int(layout.sizes.sum()), "label", "rows") as bar:
-        return exact_knn(queries, iter_layout_blocks(client, layout, batch_size, bar), k=k,
-                         metric=layout.metric)
+        blocks = iter_layout_blocks(client, layout, batch_size, bar)
+        if moments is not None:
+            blocks = _feeding(blocks, moments)
+        return exact_knn(queries, blocks, k=k, metric=layout.metric)
+
+
+def _feeding(blocks, acc: MomentAccumulator):
+    for ids, vectors, clusters in blocks:
+        acc.update(vectors, clusters)
+        yield ids, vectors, clusters
+
+
+def moment_accumulator(layout: Layout) -> MomentAccumulator:
+    """An accumulator of ``layout``'s cluster moments, anchored at its centroids."""
+    return MomentAccumulator(layout.n_clusters, layout.dim, min(DEFAULT_RANK, layout.dim),
+                             anchors=layout.centroids)
+
+
+def read_moments(client: MilvusClient, layout: Layout, batch_size: int = 4096) -> ClusterMoments:
+    """The cluster moments of ``layout`` from one read-out of its rows."""
+    acc = moment_accumulator(layout)
+    with ProgressCounter(int(layout.sizes.sum()), "moments", "rows") as bar:
+        for _, vectors, clusters in iter_layout_blocks(client, layout, batch_size, bar):
+            acc.update(vectors, clusters)
+    return acc.result()
 
 
 def drop_tied(queries: np.ndarray, neighbours: Neighbours) -> tuple[np.ndarray, Neighbours]:

@@ -254,7 +254,8 @@ def test_writes_keep_one_row_per_key_on_lite(tmp_path, fixture_data, storage):
     partition: routed upserts (moving or not, a key twice in one batch, non-ASCII string keys)
     and repair-layout must neither lose nor duplicate rows there."""
     from pymilvus import DataType
-    from milvus_ltr_router.layout import cluster_of, move_stray_rows, stray_rows
+    from milvus_ltr_router.layout import cluster_of
+    from milvus_ltr_router.repair import move_stray_rows, stray_rows
     uri = str(tmp_path / "w.db")
     docs = fixture_data.docs[:400]
     client = MilvusClient(uri)

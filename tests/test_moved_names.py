@@ -15,6 +15,9 @@ MOVED = [
     ("milvus_ltr_router.layout", "iter_layout_blocks", "milvus_ltr_router.readout"),
     ("milvus_ltr_router.layout", "build_layout", "milvus_ltr_router.build"),
     ("milvus_ltr_router.layout", "BuildReport", "milvus_ltr_router.build"),
+    ("milvus_ltr_router.layout", "adopt_layout", "milvus_ltr_router.repair"),
+    ("milvus_ltr_router.layout", "stray_rows", "milvus_ltr_router.repair"),
+    ("milvus_ltr_router.layout", "move_stray_rows", "milvus_ltr_router.repair"),
 ]
 
 
@@ -29,6 +32,11 @@ def test_moved_name_warns_and_is_the_new_object(old, name, home):
 def test_from_import_of_a_moved_name_warns():
     with pytest.warns(DeprecationWarning, match="milvus_ltr_router.writer"):
         from milvus_ltr_router.milvus_io import ParallelWriter  # noqa: F401
+    with pytest.warns(DeprecationWarning, match="milvus_ltr_router.build"):
+        from milvus_ltr_router.layout import build_layout  # noqa: F401
+    with pytest.warns(DeprecationWarning, match="milvus_ltr_router.repair"):
+        from milvus_ltr_router import layout
+        layout.adopt_layout
 
 
 def test_names_that_stayed_do_not_warn(recwarn):
