@@ -221,11 +221,12 @@ def test_a_report_that_fails_after_a_publish_does_not_fail_the_command(tmp_path,
     """The CLI writes the report after retrain() returns; an OSError then is logged, exit 0."""
     import contextlib
     from milvus_ltr_router import cli, report, retrain as job
+    from milvus_ltr_router.cli import retrain_cmd
     published = job.RetrainResult(decision="published", reason="published router v1",
                                   collection="docs", layout_id="L", n_queries=300, nprobe=2,
                                   version="v1")
     monkeypatch.setattr(job, "retrain", lambda client, cfg: published)
-    monkeypatch.setattr(cli, "_connected", lambda args: contextlib.nullcontext(None))
+    monkeypatch.setattr(retrain_cmd, "connected", lambda args: contextlib.nullcontext(None))
 
     def disk_full(result, report_dir):
         raise OSError(28, "No space left on device", str(report_dir))

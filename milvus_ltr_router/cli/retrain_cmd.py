@@ -1,0 +1,135 @@
+"""The cron job: ``milvus-ltr-router retrain`` and ``retrain-router`` (the same command)."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..errors import EXIT_OK
+from .common import (Command, HelpFormatter, connected, connection_args, model_dir_arg,
+                     parse_duration, quality_legend)
+
+RETRAIN_EPILOG = """\
+example (cron, nightly):
+  15 3 * * *  retrain-router --uri http://milvus:19530 --collection docs_ivf --since 7d \\
+              --model-dir /srv/onnx_models --report /srv/onnx_models/reports
+
+top-1 accuracy: share of held-out queries whose exact nearest neighbour lies in a probed
+partition; recall@k: share of each query's exact top-k neighbours lying in probed partitions.
+exit codes: 0 published / kept the current router / dry run, 1 operational failure, 2 bad
+input, 3 another retrain of the collection is running; nothing is published unless 0."""
+
+
+def retrain_args(p: argparse.ArgumentParser) -> None:
+    connection_args(p)
+    p.add_argument("--collection", required=True, help="laid-out collection (or an alias of one)")
+    model_dir_arg(p)
+    p.add_argument("--queries", metavar="FILE.npy",
+                   help="bootstrap from a .npy query matrix [n, dim] instead of the query log "
+                        "(default: the query log)")
+    p.add_argument("--sample", type=int, default=50_000, help="queries to sample")
+    p.add_argument("--since", type=parse_duration, metavar="DURATION",
+                   help="only logged queries this recent: seconds, or 90s, 30m, 12h, 7d, 2w "
+                        "(default: the whole log)")
+    p.add_argument("--nprobe", type=int, default=8,
+                   help="partitions probed per query: the budget the publishing decision "
+                        "is made at")
+    p.add_argument("--min-gain", type=float, default=0.0,
+                   help="publish iff new - max(live router, centroid routing) >= this at "
+                        "--nprobe; negative accepts a slightly worse router")
+    p.add_argument("--metric", choices=["top1", "recall"], default="top1",
+                   help="what decides publishing at --nprobe: top-1 accuracy (share of queries "
+                        "whose exact nearest neighbour is in a probed partition) or recall@k "
+                        "(share of the exact top-k in probed partitions)")
+    p.add_argument("--k", type=int, default=10, help="k of recall@k: neighbours per query")
+    p.add_argument("--label-k", type=int, default=10,
+                   help="train on the partitions of the top-k neighbours (1 = the paper's "
+                        "top-1 labels)")
+    p.add_argument("--top1-weight", type=float, default=0.5,
+                   help="with --label-k > 1, weight of the paper's top-1 term in the loss "
+                        "(0 = top-k only; 0.5 keeps top-1 accuracy while raising recall@k)")
+    p.add_argument("--no-adaptive-head", dest="adaptive_head", action="store_false",
+                   help="do not train the second, top-k-only head that recall_target searches "
+                        "rank with (trained by default when --label-k > 1 and --top1-weight > 0)")
+    p.add_argument("--min-queries", type=int, default=200,
+                   help="refuse to train on fewer usable queries (at least 10): exit 1 for the "
+                        "query log, 2 for a --queries file")
+    p.add_argument("--epochs", type=int, default=100,
+                   help="most training epochs; training stops earlier once the validation "
+                        "score (--metric at --nprobe) stops improving")
+    p.add_argument("--init", choices=["auto", "centroids", "random"], default="auto",
+                   help="starting weights: 'centroids' = centroid routing, 'random' = small "
+                        "random weights, 'auto' trains from both and keeps the better on the "
+                        "validation split")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the query sample, the 64/16/20 train/validation/test split "
+                        "and training")
+    p.add_argument("--keep", type=int, default=5,
+                   help="published versions to keep per collection (older ones are pruned; "
+                        "rollback goes back one)")
+    p.add_argument("--labels", choices=["auto", "milvus", "local"], default="auto",
+                   help="where exact neighbours are computed: 'milvus' asks the server (exact "
+                        "search over a cluster-id layout with a FLAT index; moves ids, not "
+                        "vectors), 'local' streams every vector here (faster on one machine); "
+                        "default auto: local until the vectors to stream pass 8 GiB, then "
+                        "milvus where its search is exact")
+    p.add_argument("--dry-run", action="store_true", help="train and evaluate, publish nothing")
+    p.add_argument("--report", metavar="DIR",
+                   help="write a JSON and PNG report into this directory (default: none)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON instead of a table")
+
+
+def run_retrain(args) -> int:
+    from ..report import format_table, write_report
+    from ..retrain import RetrainConfig, check_output_dir, retrain, validate_config
+    cfg = RetrainConfig(collection=args.collection, model_dir=args.model_dir,
+                        queries_file=args.queries, sample=args.sample, since_seconds=args.since,
+                        nprobe=args.nprobe, min_gain=args.min_gain, metric=args.metric, k=args.k,
+                        label_k=args.label_k, top1_weight=args.top1_weight,
+                        adaptive_head=args.adaptive_head,
+                        min_queries=args.min_queries, max_epochs=args.epochs,
+                        init=args.init, seed=args.seed, dry_run=args.dry_run,
+                        keep=args.keep, labels=args.labels)
+    validate_config(cfg)            # bad options exit 2 before Milvus is even contacted
+    if args.report:
+        check_output_dir(args.report, "--report")
+    with connected(args) as client:
+        result = retrain(client, cfg)
+    if args.report:
+        try:
+            result.report_paths = write_report(result, args.report)
+        except Exception as exc:   # after a publish, a failed report must not read as a failed run
+            logging.getLogger("milvus-ltr-router").error("report not written to %s: %s: %s",
+                                                         args.report, type(exc).__name__, exc)
+    if args.json:
+        print(result.to_json())
+    else:
+        n_test = result.training.get("n_test")
+        print(f"routing quality on the held-out test split: {n_test} of the {result.n_queries} "
+              f"queries (64/16/20 train/validation/test split); 'learned' = the new router, "
+              f"'current' = the live one")
+        print(quality_legend(cfg.k))
+        print(format_table(result.table, cfg.k))
+        print(result.reason)
+        for path in result.report_paths:
+            print(f"report: {path}")
+    return EXIT_OK
+
+
+RETRAIN = Command(
+    "retrain", "the cron job (same as the retrain-router command)",
+    "Retrain the collection's router from its query log (or a query file); publish it\n"
+    "only if it beats the live router and centroid routing.",
+    retrain_args, run_retrain, epilog=RETRAIN_EPILOG)
+
+
+def retrain_parser() -> argparse.ArgumentParser:
+    """The parser of ``retrain-router``, the cron job's own command."""
+    parser = argparse.ArgumentParser(
+        prog="retrain-router", formatter_class=HelpFormatter,
+        description="Retrain a collection's router from its query log (or a query file); publish "
+                    "it only if it beats\nthe live router and centroid routing. Meant for cron.",
+        epilog=RETRAIN_EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    retrain_args(parser)
+    return parser
