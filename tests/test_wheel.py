@@ -45,6 +45,7 @@ def test_wheel_ships_the_fixture_and_only_the_runtime_package(wheel):
     top = {n.split("/", 1)[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"milvus_ltr_router"}, top
     assert fixture_size > 10_000_000                       # the real 20k x 384 fp16 vectors
+    assert "milvus_ltr_router/cli/__main__.py" in names    # subpackages too (the command line)
     assert not any(n.startswith(("benchmarks/", "tests/", "integration_tests/")) for n in names)
     assert "milvus_ltr_router/datasets.py" not in names
     assert "milvus_ltr_router/embedded_server.py" not in names
