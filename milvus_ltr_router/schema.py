@@ -26,6 +26,7 @@ class CollectionInfo:
 
     @property
     def field_names(self) -> list[str]:
+        """Names of every field, in schema order."""
         return [f["name"] for f in self.fields]
 
 
