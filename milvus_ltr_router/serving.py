@@ -18,9 +18,10 @@ from pymilvus import MilvusClient
 from pymilvus.exceptions import ParamError
 
 from .errors import InputError
-from .layout import Layout, current_layout_id, has_stray_partition, laid_out_name, read_layout, stray_rows
+from .layout import Layout, current_layout_id, has_stray_partition, laid_out_name, read_layout
 from .plan import QueryInputError, query_matrix
 from .registry import ModelRegistry, retry_delay
+from .repair import stray_rows
 from .router import BaseRouter, CentroidRouter, Router
 from .storage import DEFAULT_PARTITION, storage_status
 

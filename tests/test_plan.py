@@ -316,3 +316,10 @@ def test_search_request_adds_extra_partitions_only_where_partitions_are_named():
     layout, _, _ = make_layout("partition")
     assert search_request(layout.storage, [1, 1], [0], extra_partitions=["_default"]) == \
         SearchRequest((0,), (1,), ["c0001", "_default"], "")
+
+
+def test_locate_keys_moved_from_client_with_a_warning():
+    import milvus_ltr_router.placement as placement
+    with pytest.warns(DeprecationWarning, match="import it from milvus_ltr_router.placement"):
+        from milvus_ltr_router.client import locate_keys as old
+    assert old is placement.locate_keys

@@ -121,7 +121,7 @@ def preflight_build_layout(args) -> None:
 
 
 def run_build_layout(args) -> int:
-    from ..layout import build_layout
+    from ..build import build_layout
     index = {"index_type": args.index_type, "params": json.loads(args.index_params)}
     with connected(args) as client:
         report = build_layout(client, args.source, args.target, n_clusters=args.clusters,
@@ -169,7 +169,7 @@ def adopt_layout_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_adopt_layout(args) -> int:
-    from ..layout import adopt_layout
+    from ..repair import adopt_layout
     with connected(args) as client:
         lay = adopt_layout(client, args.collection, algorithm=args.algorithm, metric=args.metric,
                            vector_field=args.field, overwrite=args.overwrite)
@@ -195,7 +195,8 @@ def collection_args(help_text: str) -> Callable[[argparse.ArgumentParser], None]
 
 
 def run_repair_layout(args) -> int:
-    from ..layout import move_stray_rows, read_layout
+    from ..layout import read_layout
+    from ..repair import move_stray_rows
     with connected(args) as client:
         lay = read_layout(client, args.collection)
         moved = move_stray_rows(client, lay)

@@ -110,9 +110,10 @@ def router_info(registry, layout) -> tuple[dict, object]:
 
 def run_status(args) -> int:
     from ..clustering import size_summary
-    from ..layout import cluster_sizes, read_layout, stray_rows
+    from ..layout import cluster_sizes, read_layout
     from ..querylog import log_size
     from ..registry import ModelRegistry
+    from ..repair import stray_rows
     from ..storage import storage_status
     with connected(args) as client:
         lay = read_layout(client, args.collection)
