@@ -219,3 +219,14 @@ def moment_router_model(scorer, metadata: RouterMetadata | dict[str, str]):
     helper.set_model_props(model, metadata)
     onnx.checker.check_model(model)
     return model
+
+
+def export_moment_router(scorer, layout, collection: str, path, metrics: dict | None = None,
+                         nprobe: int | None = None, router_kind: str = "moments",
+                         **values) -> Path:
+    """Export and save a :class:`~.moments.MomentScorer` for ``layout`` (the moment router,
+    or a learned router over the moment features with ``router_kind="learned-moments"``);
+    returns the written path. Nothing is written when a value breaks the contract."""
+    meta = router_metadata(layout, collection, metrics=metrics, nprobe=nprobe,
+                           router_kind=router_kind, **values)
+    return save_model(moment_router_model(scorer, meta), path)

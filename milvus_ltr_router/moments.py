@@ -267,9 +267,26 @@ class MomentAccumulator:
             self.sketches: list[np.ndarray] = [np.zeros((0, dim), np.float32)] * n_clusters
             self.shrunk = np.zeros(n_clusters, np.float64)   # squared mass each shrink took
 
+    @classmethod
+    def for_centroids(cls, centroids: np.ndarray, rank: int = DEFAULT_RANK
+                      ) -> "MomentAccumulator":
+        """An accumulator for the clusters of ``centroids`` ``[L, d]``, anchored at them."""
+        centroids = np.asarray(centroids, np.float32)
+        return cls(len(centroids), centroids.shape[1], min(rank, centroids.shape[1]),
+                   anchors=centroids)
+
+    def feed(self, blocks):
+        """Pass ``(ids, vectors, clusters)`` blocks through, accumulating each on the way
+        (so one read-out serves labelling and moments)."""
+        for block in blocks:
+            self.update(block[1], block[2])
+            yield block
+
     def update(self, vectors, clusters) -> None:
         x = np.asarray(vectors, np.float32)
         c = np.asarray(clusters, np.int64)
+        if c.ndim == 0:                  # a block of one cluster
+            c = np.full(len(x), int(c), np.int64)
         if x.ndim != 2 or x.shape[1] != self.anchors.shape[1] or c.shape != (len(x),):
             raise ValueError(f"block of shape {x.shape} with {c.shape} cluster ids does not fit "
                              f"dim {self.anchors.shape[1]}")

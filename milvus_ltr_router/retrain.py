@@ -22,7 +22,7 @@ from .errors import InputError, OperationalError
 from .evaluate import RoutingQuality, evaluate_adaptive, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
 from .layout import Layout, read_layout
-from .moments import DEFAULT_RANK, ClusterMoments, MomentAccumulator
+from .moments import ClusterMoments, MomentAccumulator
 from .progress import ProgressCounter
 from .querylog import sample_queries
 from .readout import iter_layout_blocks
@@ -143,6 +143,8 @@ def validate_config(cfg: RetrainConfig) -> None:
     _check_int(cfg.batch_size, "batch_size", 1)
     if cfg.metric not in ("top1", "recall"):
         raise RetrainInputError(f"--metric must be top1 or recall, got {cfg.metric!r}")
+    if cfg.moments not in ("auto", "off"):
+        raise RetrainInputError(f"--moments must be auto or off, got {cfg.moments!r}")
     if cfg.labels not in LABEL_PATHS:
         raise RetrainInputError(f"--labels must be one of {', '.join(LABEL_PATHS)}, got {cfg.labels!r}")
     if cfg.init not in ("auto", "centroids", "random"):
@@ -224,29 +226,16 @@ def label_queries(client: MilvusClient, layout: Layout, queries: np.ndarray, k: 
             return milvus_knn(client, layout, queries, k, progress=bar)
     with ProgressCounter(int(layout.sizes.sum()), "label", "rows") as bar:
         blocks = iter_layout_blocks(client, layout, batch_size, bar)
-        if moments is not None:
-            blocks = _feeding(blocks, moments)
-        return exact_knn(queries, blocks, k=k, metric=layout.metric)
-
-
-def _feeding(blocks, acc: MomentAccumulator):
-    for ids, vectors, clusters in blocks:
-        acc.update(vectors, clusters)
-        yield ids, vectors, clusters
-
-
-def moment_accumulator(layout: Layout) -> MomentAccumulator:
-    """An accumulator of ``layout``'s cluster moments, anchored at its centroids."""
-    return MomentAccumulator(layout.n_clusters, layout.dim, min(DEFAULT_RANK, layout.dim),
-                             anchors=layout.centroids)
+        return exact_knn(queries, blocks if moments is None else moments.feed(blocks), k=k,
+                         metric=layout.metric)
 
 
 def read_moments(client: MilvusClient, layout: Layout, batch_size: int = 4096) -> ClusterMoments:
     """The cluster moments of ``layout`` from one read-out of its rows."""
-    acc = moment_accumulator(layout)
+    acc = MomentAccumulator.for_centroids(layout.centroids)
     with ProgressCounter(int(layout.sizes.sum()), "moments", "rows") as bar:
-        for _, vectors, clusters in iter_layout_blocks(client, layout, batch_size, bar):
-            acc.update(vectors, clusters)
+        for _ in acc.feed(iter_layout_blocks(client, layout, batch_size, bar)):
+            pass
     return acc.result()
 
 
@@ -359,8 +348,8 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         raise RetrainError(f"retraining needs the [train] extra ({exc.name} is missing): "
                            "pip install 'milvus-ltr-router[train]'") from exc
     validate_config(cfg)
-    from .export import export_router
-    from .train import LinearRouterTrainer, split_indices
+    from .candidates import learned_candidate, moment_candidate
+    from .train import split_indices
 
     registry = ModelRegistry(cfg.model_dir, keep=cfg.keep)
     seconds: dict[str, float] = {}
@@ -383,120 +372,131 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         label_path = choose_label_path(cfg.labels, client, layout, len(queries))
         log.info("labelling %d queries: exact neighbours computed %s", len(queries),
                  "by Milvus" if label_path == "milvus" else "here, from vectors streamed out of Milvus")
+        # moments are refreshed from the rows a local labelling reads anyway; Milvus labels
+        # read no rows, so they use the stored moments (one read-out if there are none)
+        acc = MomentAccumulator.for_centroids(layout.centroids) \
+            if cfg.moments != "off" and label_path == "local" else None
         neighbours = label_queries(client, layout, queries, max(cfg.k, cfg.label_k), cfg.batch_size,
-                                   label_path)
+                                   label_path, acc)
         seconds["label"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        moments = None if cfg.moments == "off" else acc.result() if acc is not None else \
+            getattr(layout, "moments", None) or read_moments(client, layout, cfg.batch_size)
+        seconds["moments"] = time.perf_counter() - t0
         if (neighbours.partitions[:, 0] < 0).any():
             raise RetrainError("some queries got no neighbour: is the collection empty?")
         queries, neighbours = drop_tied(queries, neighbours)
         require_queries(len(queries), cfg, layout.collection,
                         "queries with an untied exact top-1 neighbour")
         labels = neighbours.partitions[:, :cfg.label_k] if cfg.label_k > 1 else neighbours.labels
-
-        t0 = time.perf_counter()
         tr, va, te = split_indices(len(queries), cfg.seed)
+        val_q, val_parts = queries[va], neighbours.partitions[va, :cfg.k]
 
-        # validation (early stopping, the pick of initialisation) on what decides publishing:
-        # cfg.metric at cfg.nprobe, recall@cfg.k as the test split measures it
-        val_set = (queries[va], neighbours.partitions[va, :cfg.k])
-
-        def fit_head(top1_weight: float, val_metric: str) -> LinearRouterTrainer:
-            return LinearRouterTrainer(
-                n_partitions=layout.n_partitions, centroids=layout.centroids,
-                metric=layout.metric, max_epochs=cfg.max_epochs, patience=cfg.patience,
-                init=cfg.init, seed=cfg.seed, top1_weight=top1_weight, val_metric=val_metric,
-                val_nprobe=cfg.nprobe, val_k=cfg.k).fit(queries[tr], labels[tr], eval_set=val_set)
-
-        trainer = fit_head(cfg.top1_weight, cfg.metric)
-        seconds["train"] = time.perf_counter() - t0
-        head = None
-        if cfg.adaptive_head and cfg.label_k > 1 and cfg.top1_weight > 0:
-            # the top-1 term that helps small fixed nprobes costs adaptive nprobe partitions at
-            # high recall: recall_target gets its own head trained on top-k labels only
-            t0 = time.perf_counter()
-            log.info("training the adaptive-nprobe head (top-%d labels only)", cfg.label_k)
-            adaptive_trainer = fit_head(0.0, "recall")    # the head recall_target ranks with
-            head = (adaptive_trainer.coef_, adaptive_trainer.intercept_)
-            seconds["train_adaptive_head"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
         version = registry.new_version()
         final_path = registry.version_path(layout.collection, version)
-        tmp_path = final_path.with_name(f".candidate-{version}.onnx")
-        training = {"init": trainer.init_, "best_epoch": trainer.best_epoch_,
-                    "val_criterion": trainer.val_criterion_, "val_score": trainer.best_score_,
-                    "candidates": trainer.candidates_,
-                    "n_train": len(tr), "n_val": len(va), "n_test": len(te),
-                    "label_k": cfg.label_k,
-                    "top1_weight": cfg.top1_weight if cfg.label_k > 1 else None,
-                    "adaptive_head": head is not None}
+        tmp_paths = {name: final_path.with_name(f".candidate-{version}-{name}.onnx")
+                     for name in ("learned", "moments")}
         try:
-            export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
-                          metrics={}, nprobe=cfg.nprobe, adaptive_head=head, training=training)
-            uncalibrated = Router.load(tmp_path, layout=layout)
-            calibration = uncalibrated.fit_calibration(               # for adaptive nprobe
-                queries[va], neighbours.partitions[va, :cfg.k])
-            new_router = uncalibrated.with_calibration(calibration)
-            training["temperature"] = calibration.temperature
-            routers = {"centroid": CentroidRouter(layout), "learned": new_router}
-            try:
-                current = registry.current(layout.collection)
-            except Exception as exc:
-                current = None
-                log.warning("current router pointer unreadable (%s); comparing with centroid routing", exc)
-            if current is not None:
-                try:
-                    routers["current"] = Router.load(current.path, layout=layout)
-                except RouterError as exc:
-                    log.warning("current router %s is not usable for layout %s (%s); comparing "
-                                "with centroid routing", current.version, layout.layout_id, exc)
-            nprobes = sorted(set(nprobe_grid(layout.n_partitions)) | {cfg.nprobe})
-            test_q, test_nb = queries[te], neighbours.subset(te)
-            table = {name: evaluate_router(r, test_q, test_nb, nprobes, cfg.k)
-                     for name, r in routers.items()}
-            adaptive = [{"recall_target": t, **asdict(q)} for t, q in
-                        evaluate_adaptive(new_router, test_q, test_nb, ADAPTIVE_TARGETS, cfg.k)]
-            for row in adaptive:
-                log.info("adaptive nprobe, recall_target %.2f: held-out recall@%d %.4f with %.1f "
-                         "partitions on average", row["recall_target"], cfg.k, row["recall"],
-                         row["mean_probed"])
-            misses = calibration_misses(adaptive)
-            for target, recall in misses:
-                log.warning("adaptive nprobe missed recall_target %.2f on held-out queries: "
-                            "recall@%d %.4f (more than %.2f below)", target, cfg.k, recall,
-                            CALIBRATION_TOLERANCE)
-            seconds["evaluate"] = time.perf_counter() - t0
-
-            at = {name: next(q for q in rows if q.nprobe == cfg.nprobe) for name, rows in table.items()}
-            live = routers.get("current")
-            decision = decide(at["learned"], at.get("current"), at["centroid"], cfg.min_gain,
-                              metric=cfg.metric, calibration_ok=not misses,
-                              live_calibrated=bool(live is not None and live.recall_thresholds),
-                              dry_run=cfg.dry_run)
-            metrics = {name: [asdict(q) for q in rows] for name, rows in table.items()}
-            training["calibration_published"] = decision.action == "published" and \
-                decision.with_calibration
-            result = RetrainResult(
-                decision=decision.action, reason=decision.reason, collection=layout.collection,
-                layout_id=layout.layout_id, n_queries=len(queries), nprobe=cfg.nprobe,
-                rows_outside_layout=strays,
-                baseline=decision.baseline, gain=decision.gain, table=metrics, adaptive=adaptive,
-                calibration_misses=[list(m) for m in misses], training=training, seconds=seconds)
-            if decision.action == "published":
-                label = f"{cfg.metric}@nprobe={cfg.nprobe}"
-                export_router(trainer.coef_, trainer.intercept_, layout, layout.collection, tmp_path,
-                              metrics={"test": metrics["learned"], "gain": decision.gain,
-                                       "baseline": decision.baseline},
-                              nprobe=cfg.nprobe, adaptive_head=head, training=training,
-                              **(calibration.to_metadata() if decision.with_calibration else {}))
-                tmp_path.replace(final_path)
-                publish(registry, layout.collection, final_path, version,
-                        {"gain": decision.gain, "baseline": decision.baseline,
-                         label: _score(at["learned"], cfg.metric)})
-                result.version = version
-                result.reason = f"published router {version}: {decision.reason}"
+            t0 = time.perf_counter()
+            candidates = {"learned": learned_candidate(layout, moments, queries, labels, tr, va,
+                                                       val_parts, cfg, tmp_paths["learned"])}
+            seconds["train"] = time.perf_counter() - t0
+            if moments is not None:
+                t0 = time.perf_counter()
+                candidates["moments"] = moment_candidate(layout, moments, val_q, val_parts, cfg,
+                                                         tmp_paths["moments"])
+                seconds["tune_moments"] = time.perf_counter() - t0
+            result = _evaluate_and_decide(registry, layout, cfg, candidates, queries, neighbours,
+                                          (tr, va, te), strays, version, final_path, seconds)
         finally:
-            tmp_path.unlink(missing_ok=True)
+            for path in tmp_paths.values():
+                path.unlink(missing_ok=True)
     log.info(result.reason)
     return result
 
+
+
+def pick_candidate(at: dict[str, RoutingQuality], metric: str) -> str:
+    """The new router to weigh against the served ones: the best of ``at`` (candidate name ->
+    held-out quality at the deciding nprobe) on ``metric``; ties go to the first named
+    (the trained router, then the moment router). Pure."""
+    names = list(at)
+    return max(names, key=lambda n: (_score(at[n], metric), -names.index(n)))
+
+
+def _evaluate_and_decide(registry, layout, cfg, candidates, queries, neighbours, splits,
+                         strays, version, final_path, seconds) -> RetrainResult:
+    """Held-out tables of every router, the gate, and the publish of the winner."""
+    t0 = time.perf_counter()
+    tr, va, te = splits
+    routers = {"centroid": CentroidRouter(layout),
+               **{name: c.router for name, c in candidates.items()}}
+    try:
+        current = registry.current(layout.collection)
+    except Exception as exc:
+        current = None
+        log.warning("current router pointer unreadable (%s); comparing with centroid routing", exc)
+    if current is not None:
+        try:
+            routers["current"] = Router.load(current.path, layout=layout)
+        except RouterError as exc:
+            log.warning("current router %s is not usable for layout %s (%s); comparing "
+                        "with centroid routing", current.version, layout.layout_id, exc)
+    nprobes = sorted(set(nprobe_grid(layout.n_partitions)) | {cfg.nprobe})
+    test_q, test_nb = queries[te], neighbours.subset(te)
+    table = {name: evaluate_router(r, test_q, test_nb, nprobes, cfg.k)
+             for name, r in routers.items()}
+    at = {name: next(q for q in rows if q.nprobe == cfg.nprobe) for name, rows in table.items()}
+    chosen = candidates[pick_candidate({n: at[n] for n in candidates}, cfg.metric)]
+    for name, c in candidates.items():
+        log.info("candidate %s (%s): held-out %s@nprobe=%d %.4f%s", name, c.kind, cfg.metric,
+                 cfg.nprobe, _score(at[name], cfg.metric), " <- best" if c is chosen else "")
+    new_router = chosen.router
+    adaptive = [{"recall_target": t, **asdict(q)} for t, q in
+                evaluate_adaptive(new_router, test_q, test_nb, ADAPTIVE_TARGETS, cfg.k)]
+    for row in adaptive:
+        log.info("adaptive nprobe, recall_target %.2f: held-out recall@%d %.4f with %.1f "
+                 "partitions on average", row["recall_target"], cfg.k, row["recall"],
+                 row["mean_probed"])
+    misses = calibration_misses(adaptive)
+    for target, recall in misses:
+        log.warning("adaptive nprobe missed recall_target %.2f on held-out queries: "
+                    "recall@%d %.4f (more than %.2f below)", target, cfg.k, recall,
+                    CALIBRATION_TOLERANCE)
+    seconds["evaluate"] = time.perf_counter() - t0
+
+    live = routers.get("current")
+    decision = decide(at[chosen.name], at.get("current"), at["centroid"], cfg.min_gain,
+                      metric=cfg.metric, calibration_ok=not misses,
+                      live_calibrated=bool(live is not None and live.recall_thresholds),
+                      dry_run=cfg.dry_run)
+    metrics = {name: [asdict(q) for q in rows] for name, rows in table.items()}
+    training = {**chosen.training, "n_test": len(te), "router_kind": chosen.kind,
+                "candidates_held_out": {n: _score(at[n], cfg.metric) for n in candidates}}
+    training["calibration_published"] = decision.action == "published" and \
+        decision.with_calibration
+    chosen.training.clear()
+    chosen.training.update(training)
+    result = RetrainResult(
+        decision=decision.action, reason=f"{chosen.kind} router: {decision.reason}",
+        collection=layout.collection, layout_id=layout.layout_id, n_queries=len(queries),
+        nprobe=cfg.nprobe, rows_outside_layout=strays, baseline=decision.baseline,
+        gain=decision.gain, table=metrics, adaptive=adaptive,
+        calibration_misses=[list(m) for m in misses], training=training, seconds=seconds)
+    if decision.action == "published":
+        label = f"{cfg.metric}@nprobe={cfg.nprobe}"
+        tmp_path = final_path.with_name(f".candidate-{version}.onnx")
+        try:
+            chosen.write(tmp_path, metrics={"test": metrics[chosen.name], "gain": decision.gain,
+                                            "baseline": decision.baseline},
+                         **(chosen.calibration.to_metadata() if decision.with_calibration
+                            else {}))
+            tmp_path.replace(final_path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+        publish(registry, layout.collection, final_path, version,
+                {"gain": decision.gain, "baseline": decision.baseline, "kind": chosen.kind,
+                 label: _score(at[chosen.name], cfg.metric)})
+        result.version = version
+        result.reason = f"published {chosen.kind} router {version}: {decision.reason}"
+    return result
