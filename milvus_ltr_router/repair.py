@@ -119,3 +119,4 @@ def adopt_layout(client: MilvusClient, collection: str, algorithm: str = "kmeans
                     created_at=utc_now(),
                     extra={"adopted": True})
     write_layout_meta(client, layout)
+    return layout
