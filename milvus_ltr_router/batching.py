@@ -1,0 +1,498 @@
+"""Batch planning under a cost model: which queries of a batch share one Milvus request.
+
+A routed batch probes a different set of clusters per query. Queries can share a
+request only if it names the *union* of their clusters, so every query of a
+shared request scans the others' clusters too (more candidates: its recall can
+only rise), while the batch pays the fixed cost of a request fewer times. Which
+split is cheapest depends on the server, so it is decided by a measured
+:class:`CostModel` (``benchmarks/bench_costs.py`` fits one) over the storage
+facts of a layout (:class:`StorageFacts`).
+
+A request with ``nq`` queries naming the cluster set ``C`` costs, in ms::
+
+    request_ms + cluster_ms * |C| + segment_ms * S(C) + row_walked_ms * W(C)
+      + nq * (query_ms + row_scanned_ms * R(C) + query_row_walked_ms * W(C))
+
+``R(C)``: rows of the clusters named (each query computes a distance for each);
+``S(C)``: sealed segments of the storage parts (partitions) the request touches;
+``W(C)``: rows of those parts when the request carries a filter - on Milvus
+2.3.5 a filter becomes a bitset over every row of every segment searched, and
+brute force tests every bit (docs/benchmarks.md), so a ``single`` layout walks
+all N rows per request however few clusters it names.
+
+:func:`plan_batch` merges greedily: it starts from one request per distinct
+cluster set and, in rounds, computes the saving of merging every two requests
+and merges disjoint pairs, largest saving first, while a merge saves cost. Pure
+numpy, no pymilvus; deterministic (ties go to the lower index; shared rows,
+clusters and segments are integer sums computed exactly, whatever BLAS's order).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Milliseconds a search request costs on one server (see the module docstring).
+
+    The defaults are the fit of ``python -m benchmarks.bench_costs --dataset large`` (embedded
+    Milvus 2.3.5, FLAT IP, 256-d, 72k-289k rows in 1-4 segments, L 538, ``_ltr_cluster in
+    [...]`` with STL_SORT; 25 interleaved rounds, median per configuration, median |error| of
+    the fit 9%) on a shared 2-core machine at load average 11-13, so absolute times are
+    inflated. The same fit on each configuration's fastest request (a quieter machine) gave
+    request 1.20 ms and row scanned 1.41e-5 ms: about half, in the same ratio, so plans - which
+    depend on ratios - hardly change. Per-row costs grow with the vector dimension (``dim``).
+    Measure your own server with that command and load the result with :meth:`read`.
+    """
+
+    request_ms: float = 2.29                # fixed, per request
+    cluster_ms: float = 0.0104              # per cluster named (a filter term, a partition)
+    segment_ms: float = 0.0                 # per sealed segment searched (not resolved: 1-4 here)
+    row_walked_ms: float = 1.16e-6          # per row of the segments searched, per filtered request
+    query_ms: float = 0.0489                # per query of a request
+    row_scanned_ms: float = 2.78e-5         # per query and row of the clusters named
+    query_row_walked_ms: float = 2.6e-7     # per query and row walked (bitset tested per query)
+    dim: int | None = 256
+    source: str = ("benchmarks/bench_costs.py --dataset large: Milvus v2.3.5, FLAT IP 256-d, "
+                   "N 72346-289382, L 538, 2026-12-04, load average 11.3")
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.name.endswith("_ms"):
+                v = getattr(self, f.name)
+                if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise InputError(f"CostModel.{f.name} must be a finite number >= 0, got {v!r}")
+
+    def request_cost(self, nq: int, clusters: Sequence[int], facts: "StorageFacts") -> float:
+        """Predicted ms of one request of ``nq`` queries naming ``clusters``."""
+        c = np.unique(np.asarray(clusters, dtype=np.int64))
+        parts = np.unique(facts.part_of_cluster[c]) if len(c) else np.zeros(0, np.int64)
+        rows = float(facts.sizes[c].sum())
+        segs = float(facts.part_segments[parts].sum())
+        walked = float(facts.part_rows[parts].sum()) if facts.filtered else 0.0
+        return (self.request_ms + self.cluster_ms * len(c) + self.segment_ms * segs
+                + self.row_walked_ms * walked
+                + nq * (self.query_ms + self.row_scanned_ms * rows + self.query_row_walked_ms * walked))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        """From :meth:`to_dict`'s keys, or a ``bench_costs`` result (its ``cost_model`` key).
+        Unknown keys are refused (a typo would silently keep a default)."""
+        d = d.get("cost_model", d)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown CostModel keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CostModel":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "CostModel":
+        """From a JSON file: :meth:`to_json`'s output or a ``bench_costs`` result."""
+        return cls.from_json(Path(path).read_text())
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+
+@dataclass(frozen=True, eq=False)
+class StorageFacts:
+    """How a layout's clusters sit in segments: what a request naming some clusters touches.
+
+    Clusters live in storage *parts* (partitions): one part per cluster in
+    ``partition`` storage, G groups in ``grouped``, one part in ``single``.
+    Naming a cluster searches every sealed segment of its part and, when the
+    request carries a filter, walks every row of that part.
+    """
+
+    sizes: np.ndarray               # [L] rows per cluster
+    part_of_cluster: np.ndarray     # [L] the part each cluster lives in
+    part_segments: np.ndarray       # [P] sealed segments per part
+    part_rows: np.ndarray           # [P] rows per part
+    filtered: bool = True           # requests carry a filter (cluster-id field modes)
+
+    def __post_init__(self):
+        sizes = np.asarray(self.sizes, dtype=np.float64)
+        part = np.asarray(self.part_of_cluster, dtype=np.int64)
+        segs = np.asarray(self.part_segments, dtype=np.float64)
+        prows = np.asarray(self.part_rows, dtype=np.float64)
+        if sizes.ndim != 1 or part.shape != sizes.shape or len(sizes) == 0:
+            raise InputError("StorageFacts needs one size and one part per cluster")
+        if segs.ndim != 1 or prows.shape != segs.shape or part.min() < 0 or part.max() >= len(segs):
+            raise InputError("StorageFacts: part_of_cluster must index part_segments / part_rows")
+        if (sizes < 0).any() or (segs < 0).any() or (prows < 0).any():
+            raise InputError("StorageFacts: sizes, segments and rows must be >= 0")
+        for name, v in (("sizes", sizes), ("part_of_cluster", part), ("part_segments", segs),
+                        ("part_rows", prows)):
+            v.setflags(write=False)
+            object.__setattr__(self, name, v)
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_parts(self) -> int:
+        return len(self.part_segments)
+
+    @staticmethod
+    def _segments(rows: np.ndarray, segments, rows_per_segment) -> np.ndarray:
+        if segments is not None:
+            return np.broadcast_to(np.asarray(segments, dtype=np.float64), rows.shape).copy()
+        if rows_per_segment:
+            return np.maximum(1.0, np.ceil(rows / float(rows_per_segment)))
+        return np.ones_like(rows)
+
+    @classmethod
+    def single(cls, sizes, *, segments: int | None = None, rows_per_segment: int | None = None,
+               extra_rows: int = 0) -> "StorageFacts":
+        """One collection plus a cluster-id filter: every request searches every segment and
+        walks every row (``extra_rows``: rows outside the layout, walked too)."""
+        sizes = np.asarray(sizes, dtype=np.float64)
+        rows = np.array([sizes.sum() + extra_rows])
+        return cls(sizes, np.zeros(len(sizes), np.int64), cls._segments(rows, segments, rows_per_segment),
+                   rows, filtered=True)
+
+    @classmethod
+    def partition(cls, sizes, *, segments_per_cluster=None, rows_per_segment: int | None = None,
+                  filtered: bool = False) -> "StorageFacts":
+        """One partition per cluster (at least one segment each); no filter unless the caller
+        passes one (``filtered``)."""
+        sizes = np.asarray(sizes, dtype=np.float64)
+        return cls(sizes, np.arange(len(sizes)), cls._segments(sizes, segments_per_cluster, rows_per_segment),
+                   sizes, filtered=filtered)
+
+    @classmethod
+    def grouped(cls, sizes, group_of_cluster, *, segments_per_group=None,
+                rows_per_segment: int | None = None) -> "StorageFacts":
+        """G partitions of clusters plus the cluster-id filter: a request searches and walks the
+        groups of the clusters it names."""
+        sizes = np.asarray(sizes, dtype=np.float64)
+        group = np.asarray(group_of_cluster, dtype=np.int64)
+        rows = np.bincount(group, weights=sizes, minlength=int(group.max()) + 1 if len(group) else 0)
+        return cls(sizes, group, cls._segments(rows, segments_per_group, rows_per_segment), rows,
+                   filtered=True)
+
+    @classmethod
+    def from_storage(cls, storage, sizes, *, rows_per_segment: int | None = None,
+                     segments=None) -> "StorageFacts":
+        """From a :class:`milvus_ltr_router.storage.Storage` and the live cluster sizes.
+        ``segments``: the total (``single``) or per part; else from ``rows_per_segment``."""
+        if storage.mode == "single":
+            return cls.single(sizes, segments=segments, rows_per_segment=rows_per_segment)
+        if storage.mode == "partition":
+            return cls.partition(sizes, segments_per_cluster=segments, rows_per_segment=rows_per_segment)
+        index = {p: i for i, p in enumerate(storage.partitions)}
+        return cls.grouped(sizes, [index[p] for p in storage.cluster_partitions],
+                           segments_per_group=segments, rows_per_segment=rows_per_segment)
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One search request of a plan: these queries (batch rows) over the union of their clusters."""
+
+    queries: np.ndarray     # batch row indices, ascending
+    clusters: np.ndarray    # cluster ids, ascending
+    cost_ms: float          # predicted
+
+
+@dataclass(frozen=True, eq=False)
+class BatchPlan:
+    """How a batch is split into requests. Every query is in exactly one request, and each
+    request names a superset of each of its queries' clusters."""
+
+    requests: tuple[Request, ...]
+    request_of: np.ndarray          # [Q] the request each query is in
+    extra_clusters: np.ndarray      # [Q] clusters scanned beyond the query's own
+    extra_rows: np.ndarray          # [Q] rows scanned beyond the query's own clusters
+    predicted_ms: float             # sum of the requests' predicted costs (server time, serial)
+    per_set_ms: float               # one request per distinct cluster set (no merging)
+    per_query_ms: float             # one request per query
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+def probe_matrix(probed, n_clusters: int) -> np.ndarray:
+    """``[Q, L]`` boolean matrix of the clusters each query probes, from a boolean matrix, a
+    ``[Q, nprobe]`` integer array or a list of integer arrays (lengths may differ)."""
+    if isinstance(probed, np.ndarray) and probed.dtype == bool:
+        if probed.ndim != 2 or probed.shape[1] != n_clusters:
+            raise InputError(f"probe matrix must be [queries, {n_clusters}], got {probed.shape}")
+        return probed
+    if isinstance(probed, np.ndarray) and probed.ndim == 2:
+        n_rows = len(probed)
+        flat = probed.astype(np.int64, copy=False).ravel()
+        rows = np.repeat(np.arange(n_rows), probed.shape[1])
+    else:
+        arrays = [np.asarray(p, dtype=np.int64).ravel() for p in probed]
+        n_rows = len(arrays)
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+        rows = np.repeat(np.arange(n_rows), [len(r) for r in arrays])
+    if len(flat) and (flat.min() < 0 or flat.max() >= n_clusters):
+        raise InputError(f"cluster ids must lie in [0, {n_clusters}); got {flat.min()}..{flat.max()}")
+    out = np.zeros((n_rows, n_clusters), dtype=bool)
+    out[rows, flat] = True
+    return out
+
+
+def plan_batch(probed, facts: StorageFacts, model: CostModel | None = None, *,
+               max_queries: int | None = None) -> BatchPlan:
+    """Split a batch into the requests the cost model predicts cheapest.
+
+    ``probed``: the clusters each query probes (see :func:`probe_matrix`).
+    ``max_queries``: the most queries one request may carry (a server's nq limit).
+    Queries with the same cluster set share a request whenever a request costs
+    anything. Then, round by round, the saving of merging every two requests is
+    computed and pairs are merged greedily (largest saving first, each request in
+    at most one merge per round), while a merge saves cost. A query without
+    clusters gets a request of its own. Work grows with the square of the distinct
+    cluster sets (about 0.4 / 0.75 / 1.8 ms of CPU for 8 / 32 / 128 queries probing 40
+    clusters on this project's busy 2-core machines): plan a single query without it, and
+    very large batches in chunks.
+    """
+    model = model or DEFAULT_COST_MODEL
+    if max_queries is not None and max_queries < 1:
+        raise InputError("max_queries must be >= 1")
+    X0 = probe_matrix(probed, facts.n_clusters)
+    Q = len(X0)
+    used = np.flatnonzero(X0.any(axis=0))
+    Xc = np.take(X0, used, axis=1)                 # C order (X0[:, used] is not: slow below)
+    empty = ~Xc.any(axis=1)
+    nc = len(used)
+    # columns: the clusters used, then the storage parts they live in
+    if facts.n_parts == 1:
+        parts, Xp = np.zeros(1, np.int64), ~empty[:, None]
+    else:
+        parts, col_part = np.unique(facts.part_of_cluster[used], return_inverse=True)
+        order = np.argsort(col_part, kind="stable")
+        Xp = np.logical_or.reduceat(np.take(Xc, order, axis=1),
+                                    np.searchsorted(col_part[order], np.arange(len(parts))), axis=1) \
+            if nc else np.zeros((Q, 0), bool)
+    Xq = np.concatenate([Xc, Xp], axis=1)
+    # integer metrics per column (clusters named, rows scanned, segments searched, rows
+    # walked by the filter) and what each costs per request (a) and per query (b)
+    W = np.zeros((4, Xq.shape[1]))
+    W[0, :nc] = 1
+    W[1, :nc] = facts.sizes[used]
+    W[2, nc:] = facts.part_segments[parts]
+    if facts.filtered:
+        W[3, nc:] = facts.part_rows[parts]
+    a = np.array([model.cluster_ms, 0.0, model.segment_ms, model.row_walked_ms])
+    b = np.array([0.0, model.row_scanned_ms, 0.0, model.query_row_walked_ms])
+    F, q0 = model.request_ms, model.query_ms
+    Mq = Xq @ W.T                                  # [Q, 4] each query's own metrics
+    base_u, base_v = Mq @ a, Mq @ b
+    per_query_ms = float((F + base_u + q0 + base_v).sum())
+
+    group_of, reps = _initial_groups(Xc, (F + base_u > 0) & ~empty, max_queries)
+    G = len(reps)
+    X = Xq[reps]
+    n = np.bincount(group_of, minlength=G).astype(np.float64)
+    per_set_ms = float((F + base_u[reps] + n * (q0 + base_v[reps])).sum())
+    alive = np.ones(G, bool)
+    parent = np.arange(G)
+    rounds = merges = 0
+    lone = empty[reps]                             # no clusters: never merged
+    # without a per-request cost no merge saves anything (a union's per-query cost is at
+    # least its parts')
+    if G - lone.sum() > 1 and (F > 0 or (W.T @ a > 0).any()):
+        # columns every mergeable group holds (the one part of `single` storage, clusters all
+        # queries probe) add the same to every intersection: their per-request cost is a
+        # constant saving and their per-query cost cancels, so only the others are multiplied
+        held = X[~lone].sum(axis=0)
+        common = held == (~lone).sum()
+        Wc = W[:, common].sum(axis=1)              # the common columns' metrics
+        F_eff = F + float(a @ Wc)
+        # a column one group holds never enters an intersection: only shared ones are multiplied
+        shared = (held > 1) & ~common
+        priced = ((a != 0) | (b != 0)) & (W[:, shared] != 0).any(axis=1)
+        Wr, ar, br = W[priced][:, shared], a[priced], b[priced]
+        Xr = X[:, shared].astype(np.float32)
+        Ku, Kv = _intersections(Xr, Xr.T, Wr, ar, br, symmetric=True)
+        Mg = np.where(lone[:, None], 0.0, Mq[reps] - Wc)   # [G, 4] metrics outside them
+        U, V = Mg @ a, Mg @ b
+        idx = np.arange(G)
+        S = _savings(F_eff, Ku, Kv, n, U, V, idx, lone, max_queries)
+        S[:, lone] = -np.inf
+        tol = 1e-9 * (F_eff + U.max() + n.max() * V.max()) + 1e-12
+        while True:
+            i, j = _greedy_pairs(S, tol)
+            if not len(i):
+                break
+            rounds += 1
+            merges += len(i)
+            X[i] |= X[j]
+            Xr[i] = np.maximum(Xr[i], Xr[j])
+            n[i] += n[j]
+            alive[j] = False
+            parent[j] = i
+            S[j] = -np.inf
+            S[:, j] = -np.inf
+            Ku, Kv = _intersections(Xr[i], Xr.T, Wr, ar, br)
+            Mi = X[i] @ W.T - Wc
+            U[i], V[i] = Mi @ a, Mi @ b
+            rows = _savings(F_eff, Ku, Kv, n, U, V, i, lone, max_queries)
+            rows[:, ~alive | lone] = -np.inf
+            S[i] = rows
+            S[:, i] = rows.T
+    while (parent[parent] != parent).any():
+        parent = parent[parent]
+    keep = np.flatnonzero(alive)
+    slot = np.cumsum(alive) - 1
+    return _finish(Xc, used, X[keep], nc, Mq, n[keep], slot[parent[group_of]], W, a, b, F, q0,
+                   per_set_ms, per_query_ms, rounds, merges, G)
+
+
+def _greedy_pairs(S: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint pairs ``(i, j)``, ``i < j``, each a row's best partner with a saving above
+    ``tol``, taken largest saving first (ties: lower row first). Disjoint merges' savings add
+    up, so a round's pairs are priced exactly by ``S``."""
+    idx = np.arange(len(S))
+    best = S.argmax(axis=1)
+    gain = S[idx, best]
+    active = gain > tol
+    if not active.any():
+        return idx[:0], idx[:0]
+    mutual = active & (best[best] == idx)              # each other's best: always taken
+    pi, pj = idx[mutual & (idx < best)], best[mutual & (idx < best)]
+    free = ~mutual
+    rest = np.flatnonzero(active & free & free[best])  # best partner still free: greedy
+    if len(rest):
+        rest = rest[np.lexsort((rest, -gain[rest]))]
+        free_l, extra_i, extra_j = free.tolist(), [], []
+        for r, c in zip(rest.tolist(), best[rest].tolist()):
+            if free_l[r] and free_l[c]:
+                free_l[r] = free_l[c] = False
+                extra_i.append(min(r, c))
+                extra_j.append(max(r, c))
+        pi, pj = np.r_[pi, extra_i].astype(np.int64), np.r_[pj, extra_j].astype(np.int64)
+    return pi, pj
+
+
+def _initial_groups(Xc, shares, max_queries) -> tuple[np.ndarray, list[int]]:
+    """One group per distinct cluster set among ``shares`` queries (in first-occurrence
+    order, at most ``max_queries`` each), one per query otherwise."""
+    Q = len(Xc)
+    keys = np.packbits(Xc, axis=1)
+    keys = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel() \
+        if keys.shape[1] else np.zeros(Q, np.int8)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    key_of = np.where(shares, first[inverse.ravel()], np.arange(Q))   # first query with the set
+    reps, group_of = np.unique(key_of, return_inverse=True)
+    group_of = group_of.ravel().astype(np.int64)
+    reps = reps.tolist()
+    if max_queries is not None:
+        counts = np.bincount(group_of, minlength=len(reps))
+        if counts.max() > max_queries:
+            for g in np.flatnonzero(counts > max_queries):
+                members = np.flatnonzero(group_of == g)
+                for start in range(max_queries, len(members), max_queries):
+                    chunk = members[start:start + max_queries]
+                    group_of[chunk] = len(reps)
+                    reps.append(int(chunk[0]))
+            order = np.argsort(reps, kind="stable")       # keep first-occurrence order
+            renum = np.empty_like(order)
+            renum[order] = np.arange(len(order))
+            group_of, reps = renum[group_of], sorted(reps)
+    return group_of, reps
+
+
+# OpenBLAS computes a product of m*n*k < 2 * 65536 * 4 multiply-adds on the calling thread;
+# larger ones wake its worker threads, which on a busy host costs milliseconds, not microseconds
+_ONE_THREAD_MNK = 2 * 65536 * 4 - 1
+
+
+def _intersections(A, BT, W, a, b, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(Ku, Kv)``: per-request and per-query cost of the columns each group of ``A``
+    ([m, c] 0/1) shares with each group of ``BT`` ([c, G] 0/1), from the integer metrics
+    ``W`` ([M, c]) priced by ``a`` and ``b``. Each metric is an integer sum, exact in
+    float32 below 2**24 (float64 beyond), so the plan does not depend on BLAS's summation
+    order. Products run in row blocks small enough for one BLAS thread; ``symmetric``
+    (``A`` is ``BT.T``) computes the upper triangle and mirrors it."""
+    m, c = A.shape
+    G = BT.shape[1]
+    Ku, Kv = np.zeros((m, G)), np.zeros((m, G))
+    dtype = np.float32 if W.sum(axis=1).max(initial=0) < 2 ** 24 else np.float64
+    BT = BT.astype(dtype, copy=False)
+    for w, am, bm in zip(W, a, b):
+        Aw = A * w.astype(dtype)
+        K = np.empty((m, G), dtype)
+        s = 0
+        while s < m:
+            lo = s if symmetric else 0
+            e = min(m, s + max(1, _ONE_THREAD_MNK // max(1, c * (G - lo))))
+            block = Aw[s:e] @ BT[:, lo:]
+            K[s:e, lo:] = block
+            if symmetric:
+                K[s:, s:e] = block.T
+            s = e
+        if am:
+            Ku += am * K
+        if bm:
+            Kv += bm * K
+    return Ku, Kv
+
+
+def _savings(F, Ku, Kv, n, U, V, rows, lone, max_queries) -> np.ndarray:
+    """Cost saved by merging each group of ``rows`` with every group (``-inf``: not
+    allowed): F + shared per-request cost + (n_a + n_b) * shared per-query cost
+    - n_a * V_b - n_b * V_a."""
+    na, nb = n[rows][:, None], n[None, :]
+    S = F + Ku + (na + nb) * Kv - na * V[None, :] - nb * V[rows][:, None]
+    S[np.arange(len(rows)), rows] = -np.inf
+    S[lone[rows], :] = -np.inf
+    if max_queries is not None:
+        S[(na + nb) > max_queries] = -np.inf
+    return S
+
+
+def _finish(Xc, used, Xg, nc, Mq, n, request_of, W, a, b, F, q0, per_set_ms, per_query, rounds,
+            merges, n_sets) -> BatchPlan:
+    Q = len(Xc)
+    _, first = np.unique(request_of, return_index=True)
+    rank = np.argsort(first, kind="stable")        # requests in the order of their first query
+    renum = np.empty_like(rank)
+    renum[rank] = np.arange(len(rank))
+    request_of = renum[request_of]
+    Xs = Xg[rank]
+    Mr = Xs @ W.T                                  # [R, 4] each request's metrics
+    costs = F + Mr @ a + n[rank] * (q0 + Mr @ b)
+    members = np.argsort(request_of, kind="stable")
+    cuts = np.cumsum(np.bincount(request_of, minlength=len(rank)))[:-1]
+    cols = np.flatnonzero(Xs[:, :nc]) % max(nc, 1)
+    requests = tuple(map(Request, np.split(members, cuts),
+                         np.split(used[cols], np.cumsum(Mr[:, 0]).astype(np.int64)[:-1]),
+                         costs.tolist()))
+    extra_clusters = (Mr[request_of, 0] - Mq[:, 0]).astype(np.int64)
+    extra_rows = Mr[request_of, 1] - Mq[:, 1]
+    predicted = float(costs.sum())
+    stats = {"queries": Q, "requests": len(requests), "distinct_sets": n_sets, "rounds": rounds,
+             "merges": merges,
+             "mean_extra_clusters": float(extra_clusters.mean()) if Q else 0.0,
+             "max_extra_clusters": int(extra_clusters.max()) if Q else 0,
+             "extra_rows_share": float(extra_rows.sum() / max(Mq[:, 1].sum(), 1.0)),
+             "predicted_ms": predicted, "per_set_ms": per_set_ms, "per_query_ms": per_query}
+    return BatchPlan(requests, request_of, extra_clusters, extra_rows, predicted, per_set_ms,
+                     per_query, stats)
+
+
+DEFAULT_COST_MODEL = CostModel()
