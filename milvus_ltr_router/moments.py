@@ -148,8 +148,13 @@ def _spread(queries: np.ndarray, scaled: np.ndarray, residual: np.ndarray,
             out[s:s + block] = var + residual[None, :] * sq[s:s + block, None]
     else:
         clusters = np.asarray(clusters)
-        proj = np.einsum("qmrd,qd->qmr", scaled[clusters], queries)
-        out = np.einsum("qmr,qmr->qm", proj, proj) + residual[clusters] * sq[:, None]
+        out = np.empty(clusters.shape, np.float32)
+        step = max(1, (16 << 20) // max(1, clusters.shape[1] * r * d * 4))   # 16 MB gathers
+        for s in range(0, len(queries), step):
+            c = clusters[s:s + step]
+            proj = np.einsum("qmrd,qd->qmr", scaled[c], queries[s:s + step])
+            out[s:s + step] = np.einsum("qmr,qmr->qm", proj, proj) + \
+                residual[c] * sq[s:s + step, None]
     with np.errstate(invalid="ignore"):
         return np.sqrt(np.maximum(out, 0.0)).astype(np.float32)
 
