@@ -51,3 +51,14 @@ def iter_layout_blocks(client: MilvusClient, layout: Layout, batch_size: int = S
             if progress is not None:
                 progress.update(len(cols[pk]))
             yield np.asarray(cols[pk]), cols[vf], index
+
+
+def read_moments(client: MilvusClient, layout: Layout, batch_size: int = SCAN_ROWS):
+    """The cluster moments (:class:`~.moments.ClusterMoments`) of ``layout``, from one
+    read-out of its rows, anchored at its centroids."""
+    from .moments import MomentAccumulator
+    acc = MomentAccumulator.for_centroids(layout.centroids)
+    with ProgressCounter(int(layout.sizes.sum()), "moments", "rows") as bar:
+        for _ in acc.feed(iter_layout_blocks(client, layout, batch_size, bar)):
+            pass
+    return acc.result()

@@ -22,10 +22,10 @@ from .errors import InputError, OperationalError
 from .evaluate import RoutingQuality, evaluate_adaptive, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
 from .layout import Layout, read_layout
-from .moments import ClusterMoments, MomentAccumulator
+from .moments import MomentAccumulator
 from .progress import ProgressCounter
 from .querylog import sample_queries
-from .readout import iter_layout_blocks
+from .readout import iter_layout_blocks, read_moments
 from .registry import ModelRegistry
 from .repair import stray_rows
 from .server_knn import LABEL_PATHS, choose_label_path, milvus_knn
@@ -229,14 +229,6 @@ def label_queries(client: MilvusClient, layout: Layout, queries: np.ndarray, k: 
         return exact_knn(queries, blocks if moments is None else moments.feed(blocks), k=k,
                          metric=layout.metric)
 
-
-def read_moments(client: MilvusClient, layout: Layout, batch_size: int = 4096) -> ClusterMoments:
-    """The cluster moments of ``layout`` from one read-out of its rows."""
-    acc = MomentAccumulator.for_centroids(layout.centroids)
-    with ProgressCounter(int(layout.sizes.sum()), "moments", "rows") as bar:
-        for _ in acc.feed(iter_layout_blocks(client, layout, batch_size, bar)):
-            pass
-    return acc.result()
 
 
 def drop_tied(queries: np.ndarray, neighbours: Neighbours) -> tuple[np.ndarray, Neighbours]:
@@ -495,7 +487,7 @@ def _evaluate_and_decide(registry, layout, cfg, candidates, queries, neighbours,
         finally:
             tmp_path.unlink(missing_ok=True)
         publish(registry, layout.collection, final_path, version,
-                {"gain": decision.gain, "baseline": decision.baseline, "kind": chosen.kind,
+                {"gain": decision.gain, "baseline": decision.baseline,
                  label: _score(at[chosen.name], cfg.metric)})
         result.version = version
         result.reason = f"published {chosen.kind} router {version}: {decision.reason}"
