@@ -136,7 +136,7 @@ def moment_router_model(scorer, metadata: RouterMetadata | dict[str, str]):
 
     ``scores = W q + b + a * spread(q)``: with ``rescore_top >= L`` every cluster's
     spread comes from its rank-``r`` sketch (one ``[d, L r]`` MatMul); otherwise in two
-    stages - every cluster scored with the isotropic spread, the top ``rescore_top``
+    stages - every cluster scored with its diagonal covariance's spread, the top ``rescore_top``
     re-scored with their sketch (TopK, Gather, batched MatMul) and scattered back above
     the rest, as the numpy scorer does.
     """
@@ -181,15 +181,17 @@ def moment_router_model(scorer, metadata: RouterMetadata | dict[str, str]):
                   node("Mul", ["a", "sd"], ["asd"]),
                   node("Add", ["lin", "asd"], [SCORES_OUTPUT])]
     else:
-        iso_a = np.asarray(scorer.spread_weight, np.float32) * np.asarray(scorer.iso_scale,
-                                                                            np.float32)
-        inits += [arr(scaled, "V"), arr(iso_a, "iso_a"), arr(np.array([m], np.int64), "m"),
+        inits += [arr(scaled, "V"), arr(np.ascontiguousarray(
+                      np.asarray(scorer.diagonal, np.float32).T), "diag_T"),
+                  arr(np.array([m], np.int64), "m"),
                   arr(np.array([0, m * rank, dim], np.int64), "shape_bkd"),
                   arr(np.array([0, m, rank], np.int64), "shape_bmr"),
                   arr(np.array(1.0, np.float32), "one")]
-        nodes += [node("Sqrt", ["qsq"], ["qn"]),
-                  node("Mul", ["iso_a", "qn"], ["iso"]),
-                  node("Add", ["lin", "iso"], ["first"]),
+        nodes += [node("MatMul", ["q2", "diag_T"], ["dvar"]),                 # [B, L]
+                  node("Relu", ["dvar"], ["dvar_pos"]),
+                  node("Sqrt", ["dvar_pos"], ["dsd"]),
+                  node("Mul", ["a", "dsd"], ["dterm"]),
+                  node("Add", ["lin", "dterm"], ["first"]),
                   node("TopK", ["first", "m"], ["first_top", "top"], axis=1),
                   node("Gather", ["V", "top"], ["Vg"], axis=0),                 # [B, m, r, d]
                   node("Reshape", ["Vg", "shape_bkd"], ["Vg_flat"]),            # [B, m r, d]

@@ -19,8 +19,8 @@ per query, so what is kept and served is a sketch:
       q^T Sigma_i q ~ residual_i ||q||^2 + sum_j (variances_ij - residual_i) <u_ij, q>^2
 
 * served in two stages (:class:`MomentScorer`): a cheap first stage ranks every
-  cluster by ``<q, mu_i>`` plus the spread of an isotropic cluster of the same
-  total variance; the ``rescore_top`` best are re-scored with the rank-``r``
+  cluster by ``<q, mu_i>`` plus the spread of its diagonal covariance (one more
+  ``L x d`` product); the ``rescore_top`` best are re-scored with the rank-``r``
   spread. Measured on real text (README, docs/benchmarks.md): rank 32 keeps top-1
   and recall@10 within .005 of the full covariance.
 
@@ -102,6 +102,13 @@ class ClusterMoments:
         """``trace(Sigma_i)`` of each cluster's sketch ``[L]``."""
         return self.variances.sum(axis=1) + self.residual * (self.dim - self.rank)
 
+    def diagonal(self) -> np.ndarray:
+        """``[L, d]`` the diagonal of each cluster's sketched covariance (the variance of
+        each coordinate)."""
+        extra = np.maximum(self.variances - self.residual[:, None], 0.0)
+        return (self.residual[:, None] + np.einsum("lr,lrd->ld", extra, self.bases ** 2)
+                ).astype(np.float32)
+
     def scaled_bases(self) -> np.ndarray:
         """``[L, r, d]`` rows ``sqrt(variances_ij - residual_i) * u_ij``: the spread is
         ``sqrt(residual_i ||q||^2 + ||scaled_bases_i q||^2)``."""
@@ -165,8 +172,9 @@ class MomentScorer:
 
     ``weight`` ``[L, d]``, ``bias`` ``[L]`` and ``spread_weight`` ``[L]`` (``a``) come
     from the moment router (``means``, zero, ``c * sqrt(2 ln n_i)``) or from a trained
-    one. Stage one scores every cluster with the isotropic spread
-    ``sqrt(trace_i / d) * ||q||``; the top ``rescore_top`` are re-scored with the
+    one. Stage one scores every cluster with the spread of its diagonal covariance
+    ``sqrt(sum_k diag_ik q_k^2)`` (one more ``L x d`` product); the top ``rescore_top``
+    are re-scored with the
     rank-``r`` spread, and every other cluster is placed below all of them in its
     stage-one order (finite scores, so softmax calibration still works). With
     ``rescore_top >= L`` every cluster gets the rank-``r`` score. The exported ONNX
@@ -178,7 +186,7 @@ class MomentScorer:
     spread_weight: np.ndarray
     scaled_bases: np.ndarray     # [L, r, d]
     residual: np.ndarray         # [L]
-    iso_scale: np.ndarray        # [L]: sqrt(trace_i / d)
+    diagonal: np.ndarray         # [L, d]: each cluster's coordinate variances (stage one)
     rescore_top: int = DEFAULT_RESCORE_TOP
 
     @classmethod
@@ -194,8 +202,7 @@ class MomentScorer:
             spread_weight = optimism * size_factor(moments.sizes)
         return cls(np.asarray(weight, np.float32), np.asarray(bias, np.float32),
                    np.asarray(spread_weight, np.float32), moments.scaled_bases(),
-                   moments.residual, np.sqrt(moments.total_variance / moments.dim)
-                   .astype(np.float32), int(rescore_top))
+                   moments.residual, moments.diagonal(), int(rescore_top))
 
     @property
     def n_clusters(self) -> int:
@@ -217,8 +224,7 @@ class MomentScorer:
         with np.errstate(invalid="ignore", over="ignore"):
             if m >= self.n_clusters:
                 return lin + self.spread_weight * _spread(q, self.scaled_bases, self.residual)
-            norm = np.sqrt(np.einsum("qd,qd->q", q, q))
-            first = lin + (self.spread_weight * self.iso_scale)[None, :] * norm[:, None]
+            first = lin + self.spread_weight * np.sqrt(np.maximum((q * q) @ self.diagonal.T, 0))
             top = np.argpartition(-first, m - 1, axis=1)[:, :m]
             spread = _spread(q, self.scaled_bases, self.residual, top)
             second = np.take_along_axis(lin, top, 1) + self.spread_weight[top] * spread
