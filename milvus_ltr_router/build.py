@@ -10,7 +10,8 @@
    passes over the spill (or the clusters of another layout, reused);
 4. :func:`_new_layout` - the :class:`.layout.Layout` (names, storage, ids);
 5. :func:`_write_target` - the target collection and its indexes, every row assigned
-   to its cluster and written in cluster order, the layout's metadata stored;
+   to its cluster (each cluster's moments accumulated on the way) and written in cluster
+   order, the layout's metadata and moments stored;
 6. :func:`_verify` - row counts; then the alias, if asked for, is pointed at the target.
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ from .clustering import (assign_balanced, balanced_capacity, check_algorithm, de
 from .columns import Columns, concat_columns, n_rows_of
 from .labels import check_metric
 from .layout import (Layout, LayoutError, drop_layout, layout_collection_name, new_layout_id,
-                     partition_names_for, point_alias, utc_now, write_layout_meta)
+                     partition_names_for, point_alias, utc_now, write_layout_meta, write_moments)
 from .milvus_io import DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, count_rows, is_milvus_lite
+from .moments import MomentAccumulator
 from .progress import ProgressCounter
 from .sampling import reservoir_sample
 from .scan import SCAN_ROWS, iter_columns
@@ -45,12 +47,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BuildReport:
-    """What :func:`build_layout` built: the layout, its rows, empty clusters and the seconds
-    of each stage."""
+    """What :func:`build_layout` built: the layout (with its clusters' moments), its rows,
+    empty clusters and the seconds of each stage."""
     layout: Layout
     rows: int
     empty_partitions: list[str]
-    seconds: dict[str, float]        # read / cluster / write / index_load / verify
+    seconds: dict[str, float]        # read / cluster / refine / assign / write / index_load /
+                                     # moments / verify
+
+    @property
+    def moment_seconds(self) -> float:
+        """Seconds spent on the clusters' moments: accumulated while rows are assigned, then
+        computed and stored while the target flushes and loads (so mostly not on the
+        build's wall clock)."""
+        return self.seconds.get("moments", 0.0)
 
     def rows_per_second(self) -> dict[str, float]:
         """Rows per second of each timed stage."""
@@ -312,7 +322,8 @@ def _write_target(client: MilvusClient, plan: _Plan, layout: Layout, source: Row
                   overwrite: bool, index: dict | None, spill_dir: str | None,
                   max_cluster_ratio: float | None, writers: int,
                   request_bytes: int) -> dict[str, float]:
-    """The target with its rows in cluster order and the layout's metadata; seconds taken."""
+    """The target with its rows in cluster order, the layout's metadata and its clusters'
+    moments (from the rows as they are assigned); seconds taken."""
     capacity = None if max_cluster_ratio is None else \
         balanced_capacity(plan.n_rows, plan.n_clusters, max_cluster_ratio)
     if capacity is not None:
@@ -320,17 +331,19 @@ def _write_target(client: MilvusClient, plan: _Plan, layout: Layout, source: Row
     _create_target(client, plan.info, layout, overwrite, index, plan.lite)
     t0 = time.perf_counter()
     spill = ClusterSpill(layout.n_clusters, source.rows, spill_dir)
+    moments = MomentAccumulator.for_centroids(layout.centroids)
     try:
-        _assign_rows(layout, source, spill, plan.info.vector_field, capacity)
-        assign_s = time.perf_counter() - t0
+        moment_s = _assign_rows(layout, source, spill, plan.info.vector_field, capacity, moments)
+        assign_s = time.perf_counter() - t0 - moment_s
         t0 = time.perf_counter()
         _write_rows(client, layout, spill, source.rows, writers, request_bytes)
     finally:
         spill.close()
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _store_and_load(client, layout)
-    return {"assign": assign_s, "write": write_s, "index_load": time.perf_counter() - t0}
+    moment_s += _store_and_load(client, layout, moments)
+    return {"assign": assign_s, "write": write_s, "index_load": time.perf_counter() - t0,
+            "moments": moment_s}
 
 
 def _create_target(client: MilvusClient, info: CollectionInfo, layout: Layout, overwrite: bool,
@@ -387,16 +400,21 @@ def _cluster_index_params(client, field: str, lite: bool):
 
 
 def _assign_rows(layout: Layout, source: RowSpill, spill: ClusterSpill, vector_field: str,
-                 capacity: int | None) -> None:
-    """Every spilled row to its cluster (with room, under ``capacity``), bucketed in ``spill``;
-    ``layout.sizes`` counts them."""
+                 capacity: int | None, moments: MomentAccumulator) -> float:
+    """Every spilled row to its cluster (with room, under ``capacity``), bucketed in ``spill``
+    and fed to ``moments``; ``layout.sizes`` counts them. Returns the seconds ``moments`` took."""
+    moment_s = 0.0
     with ProgressCounter(source.rows, "assign", "rows") as bar:
         for cols in source.batches():
             # sizes are updated by the assignment (balanced: best cluster with room)
             cluster = assign_balanced(cols[vector_field], layout.centroids,
                                       layout.algorithm, capacity, layout.sizes)
             spill.add(cols, cluster)
+            t0 = time.perf_counter()
+            moments.update(cols[vector_field], cluster)
+            moment_s += time.perf_counter() - t0
             bar.update(n_rows_of(cols))
+    return moment_s
 
 
 def _write_rows(client: MilvusClient, layout: Layout, spill: ClusterSpill, n_rows: int,
@@ -428,21 +446,31 @@ def _write_rows(client: MilvusClient, layout: Layout, spill: ClusterSpill, n_row
         raise LayoutError(f"wrote {writer.rows_written} rows, expected {n_rows}")
 
 
-def _store_and_load(client: MilvusClient, layout: Layout) -> None:
-    """The layout's metadata stored while the target flushes and loads."""
+def _store_and_load(client: MilvusClient, layout: Layout, moments: MomentAccumulator) -> float:
+    """The layout's metadata and moments computed and stored while the target flushes and
+    loads; returns the seconds the moments took."""
     target, t0 = layout.collection, time.perf_counter()
-    # every row is written and the sizes are final: the small layout collection is written
-    # (create, insert, flush, load: seconds of server waits) while the target flushes and loads
+
+    def store() -> float:
+        write_layout_meta(client, layout)
+        m0 = time.perf_counter()
+        write_moments(client, layout, moments.result())
+        return time.perf_counter() - m0
+
+    # every row is written and the sizes are final: the small layout collections are written
+    # (create, insert, flush, load: seconds of server waits; the moments' eigenvectors) while
+    # the target flushes and loads
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltr-meta") as pool:
-        meta = pool.submit(write_layout_meta, client, layout)
+        meta = pool.submit(store)
         client.flush(target)
         flush_s = time.perf_counter() - t0
         client.load_collection(target)
         if layout.storage.clustering_key:
             client.compact(target, is_clustering=True)
-        meta.result()
-    log.info("target %r: flush %.1f s, index and load %.1f s", target, flush_s,
-             time.perf_counter() - t0 - flush_s)
+        moment_s = meta.result()
+    log.info("target %r: flush %.1f s, index and load %.1f s (moments %.1f s beside them)", target,
+             flush_s, time.perf_counter() - t0 - flush_s, moment_s)
+    return moment_s
 
 
 # --------------------------------------------------------------------------- 6. verify

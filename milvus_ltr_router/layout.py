@@ -6,7 +6,9 @@ one partition per cluster, or a cluster-id field (see :mod:`.storage`) - plus
 a companion collection ``<collection>__ltr_layout`` holding one row per
 cluster (centroid, cluster name, size) and the layout's metadata, so every
 process that can reach Milvus (clients, the cron job) reads the same layout.
-That collection is read and written here only.
+The clusters' moments (:mod:`.moments`) sit in a second companion,
+``<collection>__ltr_moments`` (:mod:`.moment_store`: one vector field per
+collection). Both are read and written here only.
 
 The layout's life cycle lives above this module, each stage importing it:
 :mod:`.build` (the build pipeline), :mod:`.readout` (every row with its cluster)
@@ -28,6 +30,8 @@ from .clustering import as_vector_batch, assign_clusters
 from .deprecation import moved_names
 from .errors import OperationalError
 from .milvus_io import DEFAULT_PARTITION, CollectionError, count_rows, ensure_loaded, is_milvus_lite
+from .moment_store import load_moments, store_moments
+from .moments import ClusterMoments
 from .scan import iter_columns
 from .schema import vector_index_params
 from .storage import Storage, StorageError
@@ -35,6 +39,7 @@ from .storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 LAYOUT_SUFFIX = "__ltr_layout"
+MOMENTS_SUFFIX = "__ltr_moments"
 META_VERSION = 1
 
 
@@ -50,8 +55,9 @@ class Layout:
     ``centroids``, ``partition_names``, ``sizes``. They are stored as columns of the
     metadata collection, one row per cluster (:func:`write_layout_meta`,
     :func:`read_layout`); facts of the whole layout go into :meth:`meta`. A new
-    per-cluster fact (e.g. each cluster's moments) is a field here with a default, a
-    column in ``_meta_schema`` and ``_cluster_rows``, and a read in ``_layout_from_rows``.
+    per-cluster fact is a field here with a default, a column in ``_meta_schema`` and
+    ``_cluster_rows``, and a read in ``_layout_from_rows``. ``moments`` (several vectors
+    per cluster) are stored in a collection of their own (:func:`write_moments`).
     """
 
     collection: str
@@ -73,6 +79,9 @@ class Layout:
     clustering_id: str = ""          # the build whose clusters these are ("": this one); routers
                                      # are bound to it, so a layout rebuilt in another storage
                                      # mode from the same clusters keeps its routers
+    moments: ClusterMoments | None = field(default=None, repr=False, compare=False)
+                                     # the clusters' moments (None: layouts stored before them,
+                                     # or none stored for this clustering)
 
     def __post_init__(self):
         if self.storage is None:
@@ -113,6 +122,11 @@ def utc_now() -> str:
 def layout_collection_name(collection: str) -> str:
     """Name of the metadata collection of the laid-out ``collection``."""
     return f"{collection}{LAYOUT_SUFFIX}"
+
+
+def moments_collection_name(collection: str) -> str:
+    """Name of the cluster-moments collection of the laid-out ``collection``."""
+    return f"{collection}{MOMENTS_SUFFIX}"
 
 
 def partition_names_for(n_clusters: int) -> list[str]:
@@ -202,12 +216,15 @@ def write_layout_meta(client: MilvusClient, layout: Layout) -> None:
     client.load_collection(name)
 
 
-def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False) -> Layout:
+def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False,
+                moments: bool = True) -> Layout:
     """The layout of ``collection`` (or of the collection an alias points at).
 
     Checks that every partition exists and loads the collection if it is not
     loaded; with ``check_sizes`` also that live row counts equal the stored
-    sizes (they drift once routed inserts arrive).
+    sizes (they drift once routed inserts arrive). With ``moments`` the clusters'
+    stored moments are read into ``layout.moments`` when they are this layout's
+    (same ``clustering_id``, clusters and dimension), else it stays None.
     """
     name = resolve_collection(client, collection)
     layout = _layout_from_rows(name, *_read_meta_rows(client, name))
@@ -215,7 +232,43 @@ def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False
     ensure_loaded(client, name)
     if check_sizes:
         _check_sizes(client, layout)
+    if moments:
+        layout.moments = read_layout_moments(client, layout)
     return layout
+
+
+def write_moments(client: MilvusClient, layout: Layout, moments: ClusterMoments,
+                  strict: bool = True) -> Layout:
+    """Store ``moments`` as the clusters' moments of ``layout`` (``<collection>__ltr_moments``,
+    replacing any old ones) and set ``layout.moments``; returns ``layout``. Not ``strict``:
+    a failure to store them is logged as a warning (and ``layout`` left as it was)."""
+    if (moments.n_clusters, moments.dim) != (layout.n_clusters, layout.dim):
+        raise LayoutError(f"moments of {moments.n_clusters} clusters of dim {moments.dim} do not "
+                          f"fit layout {layout.layout_id} ({layout.n_clusters}, {layout.dim})")
+    try:
+        store_moments(client, moments_collection_name(layout.collection), moments,
+                      {"clustering_id": layout.clustering_id, "layout_id": layout.layout_id,
+                       "computed_at": utc_now()})
+    except Exception as exc:
+        if strict:
+            raise
+        log.warning("could not store the cluster moments of %r: %s: %s", layout.collection,
+                    type(exc).__name__, exc)
+        return layout
+    layout.moments = moments
+    return layout
+
+
+def read_layout_moments(client: MilvusClient, layout: Layout) -> ClusterMoments | None:
+    """The stored moments of ``layout``'s clusters, or None when there are none of its
+    clustering (old layouts, another build's, half written) or they cannot be read."""
+    try:
+        return load_moments(client, moments_collection_name(layout.collection),
+                            layout.clustering_id, layout.n_clusters, layout.dim)
+    except Exception as exc:      # never fail a layout read on them: routing falls back
+        log.warning("could not read the cluster moments of %r: %s: %s", layout.collection,
+                    type(exc).__name__, exc)
+        return None
 
 
 def _read_meta_rows(client: MilvusClient, name: str) -> tuple[list[dict], dict]:
@@ -314,8 +367,10 @@ def point_alias(client: MilvusClient, alias: str, collection: str) -> None:
 
 
 def drop_layout(client: MilvusClient, collection: str) -> None:
-    """Drop a laid-out collection and its layout metadata (never called on a source)."""
-    for name in (collection, layout_collection_name(collection)):
+    """Drop a laid-out collection, its layout metadata and its moments (never called on a
+    source)."""
+    for name in (collection, layout_collection_name(collection),
+                 moments_collection_name(collection)):
         if client.has_collection(name):
             client.drop_collection(name)
 

@@ -1,5 +1,7 @@
 """Repairing and adopting layouts: rows written around a layout, and collections already
-partitioned by cluster that get a layout without being rebuilt."""
+partitioned by cluster that get a layout without being rebuilt. Both keep the layout's
+cluster moments true: adoption computes them in its pass over the partitions, a repair
+that moved rows recomputes them from one read-out of the layout."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +13,10 @@ from .clustering import check_algorithm, normalize_rows
 from .columns import rows_to_arrays
 from .labels import check_metric
 from .layout import (Layout, LayoutError, cluster_of, has_stray_partition, layout_collection_name,
-                     new_layout_id, utc_now, write_layout_meta)
+                     new_layout_id, utc_now, write_layout_meta, write_moments)
 from .milvus_io import DEFAULT_PARTITION, is_milvus_lite, key_list_literal
+from .moments import DEFAULT_RANK, ClusterMoments, MomentAccumulator
+from .readout import read_moments
 from .scan import iter_rows
 from .schema import describe
 
@@ -33,17 +37,33 @@ def stray_rows(client: MilvusClient, layout: Layout) -> int:
     return int(res[0]["count(*)"])
 
 
-def move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int = 4096) -> int:
+def move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int = 4096,
+                    moments: bool = True) -> int:
     """Move every row of ``_default`` into its cluster when ``_default`` lies outside the layout.
 
     Each batch is written to its clusters first and only then deleted from ``_default``, so
     an interruption leaves a row twice (repaired by the next run), never nowhere. A key that
     also has an older copy in a cluster partition keeps the ``_default`` row (the newer
     write). On milvus-lite an upsert replaces the key in every partition, so no deletes are
-    needed (and its deletes ignore the partition). Returns the number of rows moved.
+    needed (and its deletes ignore the partition). Once rows were moved, and ``moments``,
+    the clusters' moments are recomputed from one read-out of the layout and stored
+    (:func:`refresh_moments`). Returns the number of rows moved.
     """
     if not has_stray_partition(layout):
         return 0
+    moved = _move_stray_rows(client, layout, batch_size)
+    if moved and moments:
+        refresh_moments(client, layout)
+    return moved
+
+
+def refresh_moments(client: MilvusClient, layout: Layout) -> Layout:
+    """The clusters' moments of ``layout`` recomputed from one read-out of its rows, stored
+    and set on ``layout`` (returned)."""
+    return write_moments(client, layout, read_moments(client, layout))
+
+
+def _move_stray_rows(client: MilvusClient, layout: Layout, batch_size: int) -> int:
     storage, lite = layout.storage, is_milvus_lite(client)
     info = describe(client, layout.collection, layout.vector_field)
     fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
@@ -83,7 +103,8 @@ def adopt_layout(client: MilvusClient, collection: str, algorithm: str = "kmeans
     """Store a layout for a collection already partitioned by cluster (no centroids yet).
 
     Centroids are the per-partition means, streamed; for ``spherical`` they are
-    normalised to unit length. Empty partitions (and an empty ``_default``) are left out.
+    normalised to unit length. Each partition's moments are computed in the same pass and
+    stored with the layout. Empty partitions (and an empty ``_default``) are left out.
     """
     algorithm = check_algorithm(algorithm)
     info = describe(client, collection, vector_field)
@@ -91,15 +112,19 @@ def adopt_layout(client: MilvusClient, collection: str, algorithm: str = "kmeans
     if client.has_collection(layout_collection_name(info.name)) and not overwrite:
         raise LayoutError(f"{info.name!r} already has a layout; pass overwrite=True to replace it")
     client.load_collection(info.name)
-    names, sums, sizes = [], [], []
+    names, sums, sizes, moments = [], [], [], []
     for name in sorted(client.list_partitions(info.name)):
         total = np.zeros(info.dim, dtype=np.float64)
-        n = 0
+        n, acc = 0, None
         for batch in iter_rows(client, info.name, [info.primary_field, info.vector_field],
                                batch_size, partition_names=[name]):
             _, vecs = rows_to_arrays(batch, info.primary_field, info.vector_field)
             total += vecs.sum(axis=0, dtype=np.float64)
             n += len(vecs)
+            if acc is None:     # one cluster, anchored near its mean (the first batch's)
+                acc = MomentAccumulator(1, info.dim, min(DEFAULT_RANK, info.dim),
+                                        anchors=vecs.mean(axis=0, keepdims=True))
+            acc.update(vecs, 0)
         if n == 0:
             if name != DEFAULT_PARTITION:
                 log.warning("partition %r is empty; left out of the adopted layout", name)
@@ -107,6 +132,7 @@ def adopt_layout(client: MilvusClient, collection: str, algorithm: str = "kmeans
         names.append(name)
         sums.append(total / n)
         sizes.append(n)
+        moments.append(acc.result())
     if not names:
         raise LayoutError(f"collection {info.name!r} has no non-empty partitions to adopt")
     centroids = np.asarray(sums, dtype=np.float32)
@@ -119,4 +145,10 @@ def adopt_layout(client: MilvusClient, collection: str, algorithm: str = "kmeans
                     created_at=utc_now(),
                     extra={"adopted": True})
     write_layout_meta(client, layout)
-    return layout
+    return write_moments(client, layout, _stack(moments))
+
+
+def _stack(moments: list[ClusterMoments]) -> ClusterMoments:
+    """The moments of one-cluster ``moments`` as those of as many clusters."""
+    return ClusterMoments.from_arrays({k: np.concatenate([m.to_arrays()[k] for m in moments])
+                                       for k in moments[0].to_arrays()})

@@ -21,7 +21,7 @@ from pymilvus import MilvusClient
 from .errors import InputError, OperationalError
 from .evaluate import RoutingQuality, evaluate_adaptive, evaluate_router, nprobe_grid
 from .labels import Neighbours, clean_queries, exact_knn
-from .layout import Layout, read_layout
+from .layout import Layout, read_layout, write_moments
 from .moments import MomentAccumulator
 from .progress import ProgressCounter
 from .querylog import sample_queries
@@ -374,6 +374,8 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
         t0 = time.perf_counter()
         moments = None if cfg.moments == "off" else acc.result() if acc is not None else \
             getattr(layout, "moments", None) or read_moments(client, layout, cfg.batch_size)
+        if moments is not None and moments is not layout.moments:     # refreshed: stored with
+            write_moments(client, layout, moments, strict=False)      # the layout (else a warning)
         seconds["moments"] = time.perf_counter() - t0
         if (neighbours.partitions[:, 0] < 0).any():
             raise RetrainError("some queries got no neighbour: is the collection empty?")
