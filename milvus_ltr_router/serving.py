@@ -4,8 +4,11 @@ A routed client (:mod:`.client`, or another shell over the same core) asks a
 :class:`RoutingTable` for a collection's :class:`Routing` before each call. The table
 re-checks it every ``reload_interval`` seconds: aliases are resolved again, a rebuilt
 layout is noticed by its id, and a newly published router by its pointer's stamp. A
-router that cannot be read never fails a search: the collection is routed by centroids
-and the model dir is read again after a backoff (:func:`.registry.retry_delay`).
+collection without a usable published router (none published yet, a file that cannot be
+read, one made for another layout) is routed by its layout's training-free router
+(:func:`fallback_router`: the cluster moments when the layout has them, else the
+centroids); a router that cannot be read never fails a search, and the model dir is
+read again after a backoff (:func:`.registry.retry_delay`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from .layout import Layout, current_layout_id, has_stray_partition, laid_out_nam
 from .plan import QueryInputError, query_matrix
 from .registry import ModelRegistry, retry_delay
 from .repair import stray_rows
-from .router import BaseRouter, CentroidRouter, Router
+from .router import BaseRouter, CentroidRouter, MomentRouter, Router
 from .storage import DEFAULT_PARTITION, storage_status
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,46 @@ class Routing:
     stamp: tuple | None = None
     failures: int = 0        # consecutive failed loads of the model dir/router (0: no error)
     retry_at: float = 0.0    # time.monotonic() after which an error state is re-read
+
+
+def _moments_misfit(layout: Layout) -> str:
+    """Why ``layout``'s moments cannot route it ("": they can, or it has none)."""
+    moments = getattr(layout, "moments", None)
+    if moments is None or (moments.n_clusters, moments.dim) == (layout.n_clusters, layout.dim):
+        return ""
+    return (f"they hold {moments.n_clusters} clusters of dim {moments.dim}, the layout "
+            f"{layout.n_clusters} of dim {layout.dim}")
+
+
+def fallback_kind(layout: Layout) -> str:
+    """The kind of router that serves ``layout`` while no usable router is published:
+    ``"moments"`` when the layout has cluster moments (of its clusters and dimension),
+    else ``"centroid"``."""
+    if getattr(layout, "moments", None) is None or _moments_misfit(layout):
+        return "centroid"
+    return "moments"
+
+
+def fallback_router(layout: Layout) -> BaseRouter:
+    """The training-free router of ``layout`` (:func:`fallback_kind`): its cluster moments
+    (:class:`.MomentRouter`, the cold-start router) when it has them, else its centroids
+    (:class:`.CentroidRouter`). Moments that cannot be served (not of this layout's
+    clusters, ...) are logged and the centroids serve instead: a fallback never fails a
+    search."""
+    if getattr(layout, "moments", None) is not None:
+        try:
+            misfit = _moments_misfit(layout)
+            if misfit:
+                raise ValueError(misfit)
+            return MomentRouter(layout)
+        except Exception as exc:
+            log.warning("the cluster moments of %r cannot route it (%s: %s); routing by "
+                        "centroids", layout.collection, type(exc).__name__, exc)
+    return CentroidRouter(layout)
+
+
+def _training_free(router: BaseRouter) -> bool:
+    return isinstance(router, (MomentRouter, CentroidRouter))
 
 
 class RoutedParamError(InputError, ParamError):
@@ -129,18 +172,22 @@ class RoutingTable:
         return self.load_router(layout, stamp, old)
 
     def load_router(self, layout: Layout, stamp, old: Routing | None = None) -> Routing:
-        """The published router for ``layout``, or centroid routing with the reason why not.
+        """The published router for ``layout``, or the layout's training-free router
+        (:func:`fallback_router`: moments, else centroids) with the reason why not.
 
         Never raises for a model-dir, pointer or router-file problem: it is logged and
-        served by centroids, and read again after a backoff that doubles per consecutive
+        served by the fallback, and read again after a backoff that doubles per consecutive
         failure (``registry.retry_delay``) even if the pointer did not change, so a fixed
         file (or a transient read error) recovers without a new publish.
         """
         current = None
+        same_layout = old is not None and old.layout is layout
         try:
             current = self.registry.current(layout.collection)
             if current is None:
-                return Routing(layout, CentroidRouter(layout), None, "no router published", stamp)
+                fallback = old.router if same_layout and _training_free(old.router) \
+                    else fallback_router(layout)
+                return Routing(layout, fallback, None, "no router published", stamp)
             router = Router.load(current.path, layout=layout, num_threads=self.router_threads)
         except Exception as exc:        # whatever is wrong on disk must not fail searches
             what = f"router {current.version}" if current is not None else "router pointer"
@@ -148,13 +195,13 @@ class RoutingTable:
         else:
             log.info("serving router %s for %r", current.version, layout.collection)
             return Routing(layout, router, current.version, "", stamp)
-        same_layout = old is not None and old.layout is layout
         failures = old.failures + 1 if same_layout else 1
         delay = retry_delay(failures, self.reload_interval)
-        log.warning("%s; routing %r by centroids (failure %d, next check in %.0f s)",
-                    error, layout.collection, failures, delay)
-        fallback = old.router if same_layout and isinstance(old.router, CentroidRouter) \
-            else CentroidRouter(layout)
+        fallback = old.router if same_layout and _training_free(old.router) \
+            else fallback_router(layout)
+        how = "its cluster moments" if fallback.kind == "moments" else "centroids"
+        log.warning("%s; routing %r by %s (failure %d, next check in %.0f s)",
+                    error, layout.collection, how, failures, delay)
         return Routing(layout, fallback, None, error, stamp, failures, time.monotonic() + delay)
 
     def stray_partition(self, state: Routing) -> str | None:

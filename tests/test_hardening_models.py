@@ -430,3 +430,76 @@ def test_retrain_refuses_keep_zero_before_touching_milvus():
     from milvus_ltr_router.retrain import RetrainConfig, retrain
     with pytest.raises(ValueError, match="keep must be an integer >= 1"):
         retrain(client=None, cfg=RetrainConfig(collection="c", keep=0))
+
+
+# ------------------------------------------------------------------ cold start by moments (issue 20)
+def with_moments(layout, seed=3):
+    """``layout`` with the cluster moments of random rows assigned to its centroids."""
+    from milvus_ltr_router.clustering import assign_clusters
+    from milvus_ltr_router.moments import cluster_moments
+    rows = np.random.default_rng(seed).standard_normal((40 * layout.n_clusters, layout.dim))
+    rows = rows.astype(np.float32)
+    clusters = assign_clusters(rows, layout.centroids, layout.algorithm)
+    layout.moments = cluster_moments(rows, clusters, layout.n_clusters, rank=4)
+    return layout
+
+
+@pytest.fixture
+def moments_layout(routed):
+    make, layout = routed
+    with_moments(layout)           # the fixture's read_layout returns this very object
+    return make, layout
+
+
+def test_cold_start_routes_by_the_layouts_moments(moments_layout):
+    from milvus_ltr_router.router import CentroidRouter, MomentRouter
+    make, layout = moments_layout
+    assert serving_mod.fallback_kind(layout) == "moments"
+    assert serving_mod.fallback_kind(make_layout()) == "centroid"
+    client = make()
+    state = client.router_status("docs")
+    assert state["mode"] == "moments" and state["error"] == "no router published"
+    assert state["version"] is None and state["failures"] == 0
+    router = client.router("docs")
+    assert isinstance(router, MomentRouter)
+    queries = np.random.default_rng(5).standard_normal((20, DIM)).astype(np.float32)
+    np.testing.assert_array_equal(client.route("docs", queries, nprobe=4),
+                                  MomentRouter(layout).rank(queries, 4))
+    assert not np.array_equal(client.route("docs", queries, nprobe=4),
+                              CentroidRouter(layout).rank(queries, 4))   # not centroids after all
+    assert client.router("docs") is router          # re-checks keep the same fallback
+
+
+def test_unusable_router_falls_back_to_moments_and_recovers(moments_layout, tmp_path, caplog):
+    make, layout = moments_layout
+    reg = ModelRegistry(tmp_path / "models")
+    good = publish_router(reg, layout)
+    text = reg.pointer_path("docs").read_text()
+    reg.pointer_path("docs").write_text("{not json")
+    client = make()
+    with caplog.at_level(logging.WARNING, logger="milvus_ltr_router.serving"):
+        state = client.router_status("docs")
+    assert state["mode"] == "moments" and "corrupt" in state["error"] and state["failures"] == 1
+    assert any("routing 'docs' by its cluster moments" in r.getMessage() for r in caplog.records)
+    reg.pointer_path("docs").write_text(text)
+    state = client.router_status("docs")
+    assert state["mode"] == "learned" and state["version"] == good and state["error"] == ""
+
+
+def test_router_for_another_layout_falls_back_to_moments(moments_layout, tmp_path):
+    make, layout = moments_layout
+    reg = ModelRegistry(tmp_path / "models")
+    publish_router(reg, make_layout(layout_id="L0"))      # trained for an older build
+    state = make().router_status("docs")
+    assert state["mode"] == "moments" and "retrain the router" in state["error"]
+
+
+def test_moments_of_other_clusters_fall_back_to_centroids(routed, caplog):
+    make, layout = routed
+    layout.moments = with_moments(make_layout(n=N_PARTS - 1)).moments
+    assert serving_mod.fallback_kind(layout) == "centroid"
+    with caplog.at_level(logging.WARNING, logger="milvus_ltr_router.serving"):
+        state = make().router_status("docs")
+    assert state["mode"] == "centroid" and state["error"] == "no router published"
+    assert any("cluster moments of 'docs' cannot route it" in r.getMessage()
+               for r in caplog.records)

@@ -12,6 +12,7 @@ from milvus_ltr_router.build import build_layout
 from milvus_ltr_router.layout import LayoutError, assign, read_layout
 from milvus_ltr_router.readout import iter_layout_blocks
 from milvus_ltr_router.milvus_io import CollectionError, release_lite
+from milvus_ltr_router.serving import fallback_kind
 from milvus_ltr_router.writer import create_vector_collection
 
 
@@ -73,7 +74,9 @@ def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
     routed = RoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "models"), nprobe=3, log_rate=1.0)
     try:
         status = routed.router_status("docs")
-        assert status["mode"] == "centroid" and status["error"] == "no router published"
+        # no router published: the layout's training-free router (moments, else centroids)
+        assert status["mode"] == fallback_kind(routed.layout("docs"))
+        assert status["error"] == "no router published"
         res = routed.search("docs", data=queries.tolist(), limit=5, output_fields=["title"])
         assert len(res) == 40 and all(len(r) == 5 for r in res)
         names = routed.layout("docs").partition_names
@@ -109,6 +112,53 @@ def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
             routed.insert("docs", [{"id": 1, "title": "no vector"}])
         with pytest.raises(ValueError, match=r"shape \(1, 7\) does not match"):
             routed.search("docs", data=[[0.0] * 7], limit=1)
+    finally:
+        routed.close()
+
+
+def test_cold_start_routes_by_cluster_moments_on_lite(lite_uri, lite_layout, fixture_data,
+                                                      tmp_path, monkeypatch):
+    """Issue 20: before any router is published a laid-out collection with cluster moments is
+    routed by them (the moment router), and its searches are those partitions' answers."""
+    from milvus_ltr_router import serving
+    from milvus_ltr_router.clustering import assign_clusters
+    from milvus_ltr_router.moments import cluster_moments
+    from milvus_ltr_router.router import MomentRouter
+    client, report, docs = lite_layout
+    stored = read_layout(client, "docs")
+    if getattr(stored, "moments", None) is None:      # layouts stored without their moments
+        clusters = assign_clusters(docs, stored.centroids, stored.algorithm)
+        moments = cluster_moments(docs, clusters, stored.n_clusters)
+        real = serving.read_layout
+
+        def read_with_moments(c, name, *a, **k):
+            layout = real(c, name, *a, **k)
+            layout.moments = moments
+            return layout
+        monkeypatch.setattr(serving, "read_layout", read_with_moments)
+    client.close()
+    release_lite(lite_uri)
+    queries = fixture_data.queries[:30]
+    # batch planning off: each query searches exactly the clusters its router picks
+    routed = RoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "models"), nprobe=3, log_rate=0,
+                                batch_planning=False)
+    try:
+        status = routed.router_status("docs")
+        assert status["mode"] == "moments" and status["error"] == "no router published"
+        assert status["version"] is None and status["failures"] == 0
+        layout = routed.layout("docs")
+        assert layout.moments is not None and fallback_kind(layout) == "moments"
+        want = MomentRouter(layout).rank(queries, 3)
+        np.testing.assert_array_equal(routed.route("docs", queries, nprobe=3), want)
+        res = routed.search("docs", data=queries.tolist(), limit=5, output_fields=["title"])
+        names = layout.partition_names
+        for q, hits, row in zip(queries, res, want):
+            direct = MilvusClient.search(routed, "docs", data=[q.tolist()], limit=5,
+                                         output_fields=["title"],
+                                         partition_names=[names[c] for c in row])[0]
+            assert [h["id"] for h in hits] == [h["id"] for h in direct]
+        adaptive = routed.search("docs", data=queries[:4], limit=5, recall_target=0.6, max_nprobe=4)
+        assert len(adaptive) == 4 and all(len(r) == 5 for r in adaptive)
     finally:
         routed.close()
 
