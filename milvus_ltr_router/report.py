@@ -52,10 +52,12 @@ def quality_json(table: Mapping[str, Sequence[RoutingQuality | Mapping]]) -> str
 
 def retrain_quality(result) -> dict[str, list[RoutingQuality]]:
     """A retrain's held-out quality per router, plus the new router's adaptive-nprobe rows
-    (as ``"learned, adaptive"``, one row per recall_target)."""
+    (as ``"learned, adaptive"`` or ``"moments, adaptive"``, after the table row of the
+    router the retrain chose: ``result.training["router_kind"]``; one row per recall_target)."""
     table = {name: [RoutingQuality(**q) for q in rows] for name, rows in result.table.items()}
     if result.adaptive:
-        table["learned, adaptive"] = [
+        chosen = "moments" if result.training.get("router_kind") == "moments" else "learned"
+        table[f"{chosen}, adaptive"] = [
             RoutingQuality(**{k: v for k, v in row.items() if k != "recall_target"})
             for row in result.adaptive]
     return table

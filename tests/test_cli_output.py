@@ -35,7 +35,8 @@ def test_every_option_of_every_command_has_help_and_says_its_default():
 
 @pytest.mark.parametrize("argv,shown", [
     (["retrain"], ["--min-queries MIN_QUERIES", "(default: 200)", "(default: 100)",
-                   "(default: auto)", "--model-dir DIR", "(default: onnx_models)"]),
+                   "(default: auto)", "--model-dir DIR", "(default: onnx_models)",
+                   "--moments {auto,off}", "'off' trains only the linear router"]),
     (["status"], ["(default: onnx_models)", "(default: ./milvus_ltr.db)", "--json"]),
     (["demo"], ["(default: ./demo_output/demo.db)", "(default: 2)", "round(sqrt(20000)) = 141"]),
     (["adopt-layout"], ["(default: kmeans)", "(default: the collection index's, else IP)"]),
@@ -58,6 +59,45 @@ def test_top_level_help_ends_with_the_next_commands_and_exit_codes(capsys):
     assert "milvus-ltr-router build-layout --uri URI --source" in text
     assert "retrain-router --uri URI --collection" in text
     assert "top-1 accuracy: share of held-out queries" in cli.retrain_parser().format_help()
+
+
+@pytest.mark.parametrize("argv,moments", [([], "auto"), (["--moments", "off"], "off"),
+                                           (["--moments", "auto"], "auto")])
+def test_retrain_passes_moments_and_names_the_kind_it_published(monkeypatch, capsys, tmp_path,
+                                                                argv, moments):
+    import contextlib
+    from milvus_ltr_router import retrain as job
+    from milvus_ltr_router.cli import retrain_cmd
+    seen = []
+    kind = "learned" if moments == "off" else "learned-moments"
+    rows = [{"nprobe": 2, "k": 10, "top1_accuracy": 0.5, "recall": 0.4, "mean_probed": 2.0}]
+    result = job.RetrainResult(
+        decision="published", reason="gain +0.0100 over centroid", collection="docs",
+        layout_id="L", n_queries=300, nprobe=2, version="v1",
+        table={"centroid": rows, "learned": rows, **({"moments": rows} if moments == "auto"
+                                                     else {})},
+        training={"router_kind": kind, "n_test": 60})
+
+    def fake_retrain(client, cfg):
+        seen.append(cfg.moments)
+        return result
+    monkeypatch.setattr(job, "retrain", fake_retrain)
+    monkeypatch.setattr(retrain_cmd, "connected", lambda args: contextlib.nullcontext(None))
+    code = cli.main(["retrain", "--uri", "http://unused:1", "--collection", "docs",
+                     "--model-dir", str(tmp_path / "m"), *argv])
+    out = capsys.readouterr().out
+    assert code == 0 and seen == [moments]
+    header = next(line for line in out.splitlines() if line.startswith("nprobe "))
+    assert ("moments top1" in header) == (moments == "auto")
+    assert "'centroid' = centroid routing, 'learned' = the router trained now" in out
+    assert out.splitlines()[-1] == f"published a {kind} router: gain +0.0100 over centroid"
+
+
+def test_bad_moments_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["retrain", "--collection", "docs", "--moments", "on"])
+    assert exit_.value.code == 2
+    assert "--moments: invalid choice: 'on'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- status
@@ -91,7 +131,8 @@ def test_status_without_a_router_names_the_uri_and_the_model_dir_it_looked_in(li
     assert got["rows outside layout"] == "0"
     assert got["query log"] == "0 queries logged"
     assert got["model dir"] == f"{models} (looked in {models / 'docs'}, which does not exist)"
-    assert got["router"] == "none published: searches route by centroids"
+    # a built layout has its clusters' moments: clients route by them until a router is published
+    assert got["router"] == "none published: searches route by the layout's cluster moments"
     assert f"retrain-router --uri {lite} --collection docs --model-dir {models}" in out
     assert "{" not in out                                   # no raw Python dicts
     # the keys are aligned: every value starts in the same column
@@ -106,7 +147,7 @@ def test_status_json_keeps_its_keys_and_adds_where_it_looked(lite, tmp_path, cap
     assert data["partitions"] == 8 and data["rows"] == 1500 and data["rows_live"] == 1500
     assert data["uri"] == lite and data["model_dir"] == str(models)
     assert data["router_dir"] == str(models / "docs") and data["router_dir_exists"] is False
-    assert data["router"] == {"version": None} and data["logged_queries"] == 0
+    assert data["router"] == {"version": None, "kind": "moments"} and data["logged_queries"] == 0
     assert data["storage"]["mode"] == "partition" and data["cluster_sizes"]["empty"] == 0
     assert data["versions"] == [] and data["rows_outside_layout"] == 0
 
@@ -123,10 +164,20 @@ def test_status_with_a_published_router(lite, tmp_path, capsys, fixture_data):
     assert "routing quality on the held-out test split: " in out and " of the 600 queries" in out
     assert "top1 = top-1 accuracy: share of queries whose exact nearest neighbour" in out
     assert "R@10 = recall@10: share of each query's exact 10 nearest neighbours" in out
+    # a row (top1 and R@10 columns) for every router the retrain compared, each named
+    header = next(line for line in out.splitlines() if line.startswith("nprobe "))
+    for name in ("centroid", "learned", "moments"):
+        assert f"{name} top1" in header and f"{name} R@10" in header, name
+        assert f"'{name}' = " in out
     version = ModelRegistry(models).current("docs").version
+    data = json.loads(status(capsys, lite, models, "--json"))
+    kind = data["router"]["kind"]
+    assert kind in ("learned-moments", "moments") and data["router"]["usable"] is True
+    assert f"published {kind} router {version}" in out          # the summary names the kind
     got = lines_of(status(capsys, lite, models))
     assert got["model dir"] == f"{models} (looked in {models / 'docs'})"
-    assert got["router"].startswith(f"{version}, published ") and got["router"].endswith("usable")
+    assert got["router"].startswith(f"{kind} router {version}, published ")
+    assert got["router"].endswith("usable")
     assert got["router metrics"].startswith("top1@nprobe=2 0.")
     assert "over centroid (retrain's held-out queries)" in got["router metrics"]
     assert got["recall_target"].startswith("calibrated ")
@@ -141,20 +192,44 @@ def test_status_with_an_unusable_router_still_answers(lite, tmp_path, capsys):
     registry.publish("docs", path, "v1", {})
     got = lines_of(status(capsys, lite, tmp_path / "m"))
     assert got["router"].startswith("v1, published ")
-    assert "NOT USABLE (" in got["router"] and got["router"].endswith("searches route by centroids")
+    assert "NOT USABLE (" in got["router"]
+    assert got["router"].endswith("searches route by the layout's cluster moments")
     assert "recall_target" not in got
 
 
 def test_status_with_a_corrupt_pointer_still_answers(lite, tmp_path, capsys):
-    """What clients do with a corrupt CURRENT.json (route by centroids), status says, exit 0."""
+    """What clients do with a corrupt CURRENT.json (route by the layout's training-free router),
+    status says, exit 0."""
     registry = ModelRegistry(tmp_path / "m")
     registry.pointer_path("docs").parent.mkdir(parents=True)
     registry.pointer_path("docs").write_text("{not json")
     got = lines_of(status(capsys, lite, tmp_path / "m"))
     assert got["router"].startswith("NOT USABLE (router pointer ") and "corrupt" in got["router"]
-    assert "searches route by centroids" in got["router"]
+    assert "searches route by the layout's cluster moments" in got["router"]
     data = json.loads(status(capsys, lite, tmp_path / "m", "--json"))
     assert data["router"]["usable"] is False and "corrupt" in data["router"]["error"]
+    assert data["router"]["kind"] == "moments"
+
+
+def test_status_of_a_layout_without_moments_says_centroids(lite, tmp_path, capsys):
+    """A layout stored before cluster moments (or without them) is routed by centroids."""
+    from pymilvus import MilvusClient
+    from milvus_ltr_router.build import build_layout
+    from milvus_ltr_router.layout import moments_collection_name
+    from milvus_ltr_router.milvus_io import release_lite
+    client = MilvusClient(lite)
+    try:
+        build_layout(client, "src", "plain", n_clusters=4, seed=0)
+        client.drop_collection(moments_collection_name("plain"))
+    finally:
+        client.close()
+        release_lite(lite)
+    args = ["status", "--uri", lite, "--collection", "plain", "--model-dir", str(tmp_path / "m")]
+    assert cli.main(args) == 0
+    got = lines_of(capsys.readouterr().out)
+    assert got["router"] == "none published: searches route by centroids"
+    assert cli.main(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["router"] == {"version": None, "kind": "centroid"}
 
 
 def test_format_status_of_an_adopted_grouped_layout_with_strays():
@@ -170,7 +245,7 @@ def test_format_status_of_an_adopted_grouped_layout_with_strays():
             "rows_outside_layout": 2, "logged_queries": 7, "versions": ["a", "b"],
             "router": {"version": "b", "published_at": "t", "metrics": {}, "usable": True,
                        "recall_target_calibrated": False, "stopping_model": False,
-                       "adaptive_head": True}}
+                       "adaptive_head": True, "kind": "learned"}}
     got = lines_of(cli.format_status(data))
     assert got["collection"] == "c (adopted layout)"
     assert got["clusters"] == "4 (standard k-means, metric L2, dim 3)"
@@ -179,6 +254,7 @@ def test_format_status_of_an_adopted_grouped_layout_with_strays():
                               "clustering key)")
     assert got["cluster sizes"] == "min 0, median 2.5, max 6 (max/mean 2.00), 1 empty"
     assert got["rows outside layout"] == "2 (see the warning below)"
+    assert got["router"] == "learned router b, published t, usable"
     assert got["router metrics"] == "none recorded (rolled back)"
     assert got["recall_target"] == "calibrated no, stopping model no, adaptive head yes"
     assert got["versions kept"] == "a, b"

@@ -74,6 +74,10 @@ def test_write_report_writes_the_result_json_and_a_plot(tmp_path):
     table = retrain_quality(result)
     assert list(table) == ["centroid", "learned", "learned, adaptive"]
     assert table["learned, adaptive"][0].mean_probed == 3.5
+    # a retrain that chose the moment router: its adaptive rows follow its own table row
+    result.table["moments"] = [row]
+    result.training["router_kind"] = "moments"
+    assert list(retrain_quality(result)) == ["centroid", "learned", "moments", "moments, adaptive"]
     try:
         import matplotlib  # noqa: F401
     except ImportError:

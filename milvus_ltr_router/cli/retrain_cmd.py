@@ -66,6 +66,13 @@ def retrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=int, default=5,
                    help="published versions to keep per collection (older ones are pruned; "
                         "rollback goes back one)")
+    p.add_argument("--moments", choices=["auto", "off"], default="auto",
+                   help="routers over the clusters' moments: 'auto' refreshes the moments (from "
+                        "the labelling read-out, else the ones stored with the layout) and weighs "
+                        "the moment router (its optimism tuned on the validation split) against a "
+                        "router learned over the moments, the better of the two going through "
+                        "the publish gate; 'off' trains only the linear router (W q + b, with its "
+                        "adaptive head) and leaves the stored moments as they are")
     p.add_argument("--labels", choices=["auto", "milvus", "local"], default="auto",
                    help="where exact neighbours are computed: 'milvus' asks the server (exact "
                         "search over a cluster-id layout with a FLAT index; moves ids, not "
@@ -79,6 +86,29 @@ def retrain_args(p: argparse.ArgumentParser) -> None:
                    help="print the result as JSON instead of a table")
 
 
+#: What each row of the retrain table is (its routers, in the table's order).
+TABLE_ROWS = {"centroid": "centroid routing",
+              "learned": "the router trained now",
+              "moments": "the moment router (no training, its optimism tuned)",
+              "current": "the live one"}
+
+
+def table_legend(table) -> str:
+    """``'centroid' = centroid routing, 'learned' = ...`` for the routers ``table`` holds."""
+    return ", ".join(f"'{name}' = {TABLE_ROWS.get(name, name)}" for name in table)
+
+
+def summary_line(result) -> str:
+    """The retrain's one-line outcome, naming the kind of router it published or weighed
+    (``result.reason`` already does when the retrain names it)."""
+    kind = result.training.get("router_kind")
+    if not kind or kind in result.reason:
+        return result.reason
+    if result.decision == "published":
+        return f"published a {kind} router: {result.reason}"
+    return f"{kind} router: {result.reason}"
+
+
 def run_retrain(args) -> int:
     from ..report import format_table, write_report
     from ..retrain import RetrainConfig, check_output_dir, retrain, validate_config
@@ -89,7 +119,7 @@ def run_retrain(args) -> int:
                         adaptive_head=args.adaptive_head,
                         min_queries=args.min_queries, max_epochs=args.epochs,
                         init=args.init, seed=args.seed, dry_run=args.dry_run,
-                        keep=args.keep, labels=args.labels)
+                        keep=args.keep, labels=args.labels, moments=args.moments)
     validate_config(cfg)            # bad options exit 2 before Milvus is even contacted
     if args.report:
         check_output_dir(args.report, "--report")
@@ -106,11 +136,10 @@ def run_retrain(args) -> int:
     else:
         n_test = result.training.get("n_test")
         print(f"routing quality on the held-out test split: {n_test} of the {result.n_queries} "
-              f"queries (64/16/20 train/validation/test split); 'learned' = the new router, "
-              f"'current' = the live one")
+              f"queries (64/16/20 train/validation/test split); {table_legend(result.table)}")
         print(quality_legend(cfg.k))
         print(format_table(result.table, cfg.k))
-        print(result.reason)
+        print(summary_line(result))
         for path in result.report_paths:
             print(f"report: {path}")
     return EXIT_OK

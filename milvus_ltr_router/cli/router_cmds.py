@@ -24,6 +24,10 @@ def status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
 
 
+#: What searches route by while no usable router is published, per fallback kind.
+FALLBACKS = {"moments": "the layout's cluster moments", "centroid": "centroids"}
+
+
 def router_metrics_text(metrics: dict) -> str:
     """``top1@nprobe=2 0.5850, gain +0.0350 over centroid`` from a published router's metrics."""
     parts = [f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
@@ -63,15 +67,18 @@ def format_status(status: dict) -> str:
                       + ("" if status.get("router_dir_exists", True) else ", which does not exist")
                       + ")"),
     ]
+    fallback = FALLBACKS.get(router.get("kind"), FALLBACKS["centroid"])
     if router.get("version") is None and router.get("error"):
-        lines.append(("router", f"NOT USABLE ({router['error']}): searches route by centroids; "
+        lines.append(("router", f"NOT USABLE ({router['error']}): searches route by {fallback}; "
                                 "the next published router replaces the pointer"))
     elif router.get("version") is None:
-        lines.append(("router", "none published: searches route by centroids"))
+        lines.append(("router", f"none published: searches route by {fallback}"))
     else:
         state = "usable" if router.get("usable") else \
-            f"NOT USABLE ({router.get('error')}): searches route by centroids"
-        lines.append(("router", f"{router['version']}, published {router['published_at']}, {state}"))
+            f"NOT USABLE ({router.get('error')}): searches route by {fallback}"
+        kind = f"{router['kind']} router " if router.get("usable") and router.get("kind") else ""
+        lines.append(("router", f"{kind}{router['version']}, published {router['published_at']}, "
+                                f"{state}"))
         metrics = router_metrics_text(router.get("metrics") or {})
         lines.append(("router metrics", f"{metrics} (retrain's held-out queries)" if metrics
                       else "none recorded (rolled back)"))
@@ -85,10 +92,16 @@ def format_status(status: dict) -> str:
 
 
 def router_info(registry, layout) -> tuple[dict, object]:
-    """What ``status`` says about the live router of ``layout``, and its registry entry."""
+    """What ``status`` says about the live router of ``layout``, and its registry entry.
+
+    ``kind`` is what searches route by: the published router's kind (learned, moments,
+    learned-moments) when it is usable, else the layout's training-free fallback
+    (moments when the layout has cluster moments, else centroid), as clients do."""
     from ..registry import RegistryError
     from ..router import Router, RouterError
-    info: dict = {"version": None}
+    from ..serving import fallback_kind
+    fallback = fallback_kind(layout)
+    info: dict = {"version": None, "kind": fallback}
     try:
         current = registry.current(layout.collection)
     except RegistryError as exc:    # what clients then do: route by centroids (and say why)
@@ -96,10 +109,11 @@ def router_info(registry, layout) -> tuple[dict, object]:
         info.update(usable=False, error=str(exc))
     if current is not None:
         info = {"version": current.version, "published_at": current.published_at,
-                "metrics": current.metrics}
+                "metrics": current.metrics, "kind": fallback}
         try:
             router = Router.load(current.path, layout=layout)
             info["usable"] = True
+            info["kind"] = router.kind
             info["recall_target_calibrated"] = bool(router.recall_thresholds)
             info["stopping_model"] = router.stopping_model is not None
             info["adaptive_head"] = router.has_adaptive_head
