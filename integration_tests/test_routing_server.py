@@ -35,6 +35,16 @@ def restricted_search(plain, layout, q, clusters, limit: int = 10, **kwargs):
                         filter=expr, **kwargs)[0]
 
 
+def assert_own_or_better(got, want, exact: bool):
+    """A routed query's hits against a search of its own clusters (``want``, IP): the same
+    where its request named no other cluster (``exact``), else rank by rank at least as close
+    (the batch planner let it share a request naming a superset of its clusters)."""
+    if exact:
+        assert [h["id"] for h in got] == [h["id"] for h in want]
+    assert len(got) >= len(want)
+    assert all(g["distance"] >= w["distance"] - 1e-5 for g, w in zip(got, want))
+
+
 def retrain_cmd(uri, collection, model_dir, *extra):
     return [sys.executable, "-m", "milvus_ltr_router.cli", "retrain", "--uri", uri,
             "--collection", collection, "--model-dir", str(model_dir), "--nprobe", str(NPROBE),
@@ -111,20 +121,23 @@ def test_client_hot_reloads_and_hits_equal_partition_restricted_search(scenario)
     assert scenario["centroid_status"]["adaptive"] is None     # centroid fallback: uncalibrated
     queries = scenario["held_out"][:60]
     hits = client.search(collection, data=queries.tolist(), limit=10, output_fields=["title"])
+    extra = client.last_plan["extra_clusters"]      # the batch planner's: 0 = its own clusters
     probed = client.route(collection, queries, nprobe=NPROBE)
     plain = MilvusClient(uri=scenario["uri"])
     layout = client.layout(collection)
-    for q, got, clusters in zip(queries, hits, probed):
+    for q, got, clusters, more in zip(queries, hits, probed, extra):
         want = restricted_search(plain, layout, q, clusters, output_fields=["title"])
-        assert [h["id"] for h in got] == [h["id"] for h in want]
-        assert [h["entity"]["title"] for h in got] == [h["entity"]["title"] for h in want]
+        assert_own_or_better(got, want, exact=more == 0)
+        if more == 0:
+            assert [h["entity"]["title"] for h in got] == [h["entity"]["title"] for h in want]
     # adaptive nprobe: the published router carries its recall calibration
     assert client.router(collection).recall_thresholds
     routes = client.route(collection, queries[:10], recall_target=0.8)
     adaptive = client.search(collection, data=queries[:10].tolist(), limit=10, recall_target=0.8)
-    for q, got, clusters in zip(queries[:10], adaptive, routes):
+    extra = client.last_plan["extra_clusters"]
+    for q, got, clusters, more in zip(queries[:10], adaptive, routes, extra):
         want = restricted_search(plain, layout, q, clusters)
-        assert [h["id"] for h in got] == [h["id"] for h in want]
+        assert_own_or_better(got, want, exact=more == 0)
     # filters keep working through routing
     filtered = client.search(collection, data=queries[:5].tolist(), limit=5, filter="grp == 3",
                              output_fields=["grp"])

@@ -63,7 +63,8 @@ def test_same_hits_in_every_mode_for_the_same_clusters(milvus_uri, layouts, fixt
     """The routed search answers from the probed clusters only, whatever the storage: same ids
     and scores in every mode, also with a caller filter on a scalar field."""
     queries = fixture_data.queries[:40]
-    clients = {m: RoutedMilvusClient(milvus_uri, model_dir=str(tmp_path / "none"), log_rate=0)
+    clients = {m: RoutedMilvusClient(milvus_uri, model_dir=str(tmp_path / "none"), log_rate=0,
+                                     batch_planning=False)   # each query: exactly its clusters
                for m in MODES}
     try:
         probed = [clients["single"].route(layouts["single"].collection, queries, nprobe=3)]

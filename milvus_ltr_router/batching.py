@@ -230,6 +230,11 @@ class BatchPlan:
     def __len__(self) -> int:
         return len(self.requests)
 
+    def groups(self) -> list[tuple[tuple[int, ...], list[int]]]:
+        """``(clusters, query rows)`` per request: what :func:`.plan.plan_search`'s ``group``
+        hook returns (``group=lambda probed: plan.groups()``)."""
+        return [(tuple(r.clusters.tolist()), r.queries.tolist()) for r in self.requests]
+
 
 def probe_matrix(probed, n_clusters: int) -> np.ndarray:
     """``[Q, L]`` boolean matrix of the clusters each query probes, from a boolean matrix, a
@@ -496,3 +501,69 @@ def _finish(Xc, used, Xg, nc, Mq, n, request_of, W, a, b, F, q0, per_set_ms, per
 
 
 DEFAULT_COST_MODEL = CostModel()
+
+# What one request may carry on a Milvus server: ``nq`` at most 16384 (the proxy's limit on
+# 2.3-2.5), and a request message well below gRPC's receive limits (the server's default is
+# 256 MiB on 2.3+, some deployments set 64 MiB): float32 vectors of ``dim`` within 32 MiB.
+MAX_NQ = 16384
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# Planning grows with the square of the distinct cluster sets: batches larger than this are
+# planned in consecutive chunks (each chunk's queries share requests only among themselves).
+PLAN_CHUNK = 256
+
+
+def max_queries_for(dim: int, *, max_nq: int = MAX_NQ, max_bytes: int = MAX_REQUEST_BYTES) -> int:
+    """The most queries of ``dim`` float32 values one request may carry (see :data:`MAX_NQ`)."""
+    return max(1, min(max_nq, max_bytes // max(1, 4 * int(dim))))
+
+
+def resolve_cost_model(model) -> CostModel:
+    """A :class:`CostModel` from one (returned as is), a JSON file path (:meth:`CostModel.read`:
+    its own JSON or a ``bench_costs`` result), a dict of its fields, or None (the default)."""
+    if model is None:
+        return DEFAULT_COST_MODEL
+    if isinstance(model, CostModel):
+        return model
+    if isinstance(model, dict):
+        return CostModel.from_dict(model)
+    if isinstance(model, (str, Path)):
+        try:
+            return CostModel.read(model)
+        except OSError as exc:
+            raise InputError(f"cannot read the cost model {str(model)!r}: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{str(model)!r} is not a cost model: {exc}") from exc
+    raise InputError(f"cost_model must be a CostModel, a path to its JSON or None, got "
+                     f"{type(model).__name__}")
+
+
+def plan_batches(probed, facts: StorageFacts, model: CostModel | None = None, *,
+                 max_queries: int | None = None, chunk: int = PLAN_CHUNK) -> BatchPlan:
+    """:func:`plan_batch` over consecutive chunks of at most ``chunk`` queries (planning
+    grows with the square of the distinct cluster sets), joined into one plan of the whole
+    batch: query rows renumbered, requests in chunk order, costs and counts summed."""
+    if chunk < 1:
+        raise InputError("chunk must be >= 1")
+    X = probe_matrix(probed, facts.n_clusters)
+    Q = len(X)
+    if Q <= chunk:
+        return plan_batch(X, facts, model, max_queries=max_queries)
+    plans = [(s, plan_batch(X[s:s + chunk], facts, model, max_queries=max_queries))
+             for s in range(0, Q, chunk)]
+    requests, request_of, offset = [], [], 0
+    for s, p in plans:
+        requests += [Request(r.queries + s, r.clusters, r.cost_ms) for r in p.requests]
+        request_of.append(p.request_of + offset)
+        offset += len(p.requests)
+    extra_clusters = np.concatenate([p.extra_clusters for _, p in plans])
+    extra_rows = np.concatenate([p.extra_rows for _, p in plans])
+    stats = {k: sum(p.stats[k] for _, p in plans)
+             for k in ("queries", "requests", "distinct_sets", "merges", "predicted_ms",
+                       "per_set_ms", "per_query_ms")}
+    own_rows = float(X.sum(axis=0) @ facts.sizes)     # rows of each query's own clusters, summed
+    stats.update(rounds=max(p.stats["rounds"] for _, p in plans), chunks=len(plans),
+                 mean_extra_clusters=float(extra_clusters.mean()),
+                 max_extra_clusters=int(extra_clusters.max()),
+                 extra_rows_share=float(extra_rows.sum() / own_rows) if own_rows else 0.0)
+    return BatchPlan(tuple(requests), np.concatenate(request_of), extra_clusters, extra_rows,
+                     stats["predicted_ms"], stats["per_set_ms"], stats["per_query_ms"], stats)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from milvus_ltr_router.batching import (DEFAULT_COST_MODEL, BatchPlan, CostModel, StorageFacts,
-                                        plan_batch, probe_matrix)
+                                        max_queries_for, plan_batch, plan_batches, probe_matrix,
+                                        resolve_cost_model)
 from milvus_ltr_router.errors import InputError
 from milvus_ltr_router.storage import make_storage
 
@@ -229,3 +230,46 @@ def test_storage_facts_from_storage_and_segments():
     assert grouped.part_rows.tolist() == [400, 600, 1100] and grouped.part_segments.tolist() == [2, 2, 2]
     with pytest.raises(InputError):
         StorageFacts(np.ones(3), np.array([0, 0, 3]), np.ones(2), np.ones(2))
+
+
+def test_large_batches_are_planned_in_chunks_joined_into_one_plan():
+    rng = np.random.default_rng(7)
+    L = 40
+    facts = StorageFacts.single(rng.integers(100, 2000, L), segments=2)
+    probed = random_batch(rng, 70, L, 6)
+    whole = plan_batches(probed, facts, chunk=1000)               # one chunk: plan_batch itself
+    assert np.array_equal(whole.request_of, plan_batch(probed, facts).request_of)
+    plan = plan_batches(probed, facts, chunk=32)                  # 32 + 32 + 6 queries
+    check_plan(plan, probed, facts, DEFAULT_COST_MODEL)
+    assert plan.stats["chunks"] == 3 and plan.stats["queries"] == 70
+    for r in plan.requests:                                       # no request spans two chunks
+        assert len(set((r.queries // 32).tolist())) == 1
+    first = plan_batch(probed[:32], facts)
+    assert [r.queries.tolist() for r in plan.requests[:len(first)]] == \
+        [r.queries.tolist() for r in first.requests]
+    share = plan.extra_rows.sum() / probe_matrix(probed, L).astype(float).dot(facts.sizes).sum()
+    assert plan.stats["extra_rows_share"] == pytest.approx(share)
+    assert plan.stats["mean_extra_clusters"] == pytest.approx(plan.extra_clusters.mean())
+    # groups() is what plan_search's group hook takes: (clusters, rows) per request
+    assert plan.groups() == [(tuple(r.clusters.tolist()), r.queries.tolist()) for r in plan.requests]
+    with pytest.raises(InputError):
+        plan_batches(probed, facts, chunk=0)
+
+
+def test_request_limits_and_cost_model_sources(tmp_path):
+    assert max_queries_for(256) == 16384 and max_queries_for(2048) == 4096
+    assert max_queries_for(10 ** 9) == 1
+    assert resolve_cost_model(None) is DEFAULT_COST_MODEL
+    model = CostModel(request_ms=3.0, source="mine")
+    assert resolve_cost_model(model) is model
+    model.write(tmp_path / "m.json")
+    assert resolve_cost_model(str(tmp_path / "m.json")) == model
+    assert resolve_cost_model(tmp_path / "m.json") == model
+    assert resolve_cost_model({"request_ms": 3.0, "source": "mine"}) == model
+    with pytest.raises(InputError, match="cannot read"):
+        resolve_cost_model(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a cost model"):
+        resolve_cost_model(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="cost_model must be"):
+        resolve_cost_model(3.0)

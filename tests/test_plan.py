@@ -82,6 +82,41 @@ def test_grouped_storage_names_the_groups_and_filters_by_cluster_id():
     assert request.filter == f"{CLUSTER_FIELD} in [0, 1, 7]"
 
 
+@pytest.mark.parametrize("mode", ["single", "partition", "grouped"])
+@pytest.mark.parametrize("request_ms", [0.0, 2.3, 1e6])
+def test_a_batch_plan_puts_every_query_in_one_request_naming_a_superset_of_its_clusters(
+        mode, request_ms):
+    """plan_search with the batch planner as its group hook (what the routed client does for
+    a batch): each query in exactly one request, whose clusters (and the partitions and filter
+    Milvus is told) cover the query's own; queries of a request without extra clusters are
+    searched over exactly their own clusters."""
+    from milvus_ltr_router.batching import CostModel, StorageFacts, plan_batches
+    layout, docs, _ = make_layout(mode)
+    rng = np.random.default_rng(1)
+    queries = normalize_rows(docs[rng.integers(0, len(docs), 32)]
+                             + 0.3 * rng.standard_normal((32, DIM)).astype(np.float32))
+    probed = CentroidRouter(layout).rank(queries, 3)
+    facts = StorageFacts.from_storage(layout.storage, layout.sizes)
+    model = CostModel(request_ms=request_ms) if request_ms else \
+        CostModel(request_ms=0.0, cluster_ms=0.0, segment_ms=0.0, row_walked_ms=0.0)
+    batch = plan_batches(probed, facts, model, chunk=12)
+    plan = plan_search(layout, probed, "year > 2000", limit=10, group=lambda p: batch.groups())
+    assert len(plan.requests) == len(batch)
+    carried = sorted(r for request in plan.requests for r in request.rows)
+    assert carried == list(range(32))                               # every query exactly once
+    for request in plan.requests:
+        target = layout.storage.search_target(request.clusters, "year > 2000")
+        assert (request.partition_names, request.filter) == target
+        for r in request.rows:
+            own = set(probed[r].tolist())
+            assert own <= set(request.clusters)
+            assert len(request.clusters) - len(own) == batch.extra_clusters[r]
+    if request_ms == 0.0:                       # a request costs nothing: one per query
+        assert all(batch.extra_clusters == 0) and len(plan.requests) == 32
+    if request_ms == 1e6:                       # requests dominate: the whole chunk shares one
+        assert len(plan.requests) == 3
+
+
 def test_a_request_takes_its_rows_of_the_batch():
     queries = np.arange(12, dtype=np.float32).reshape(4, 3)
     request = SearchRequest((3, 1), (0,), None, "")
