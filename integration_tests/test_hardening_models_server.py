@@ -1,6 +1,7 @@
 """Issue 13 (findings 4, 5, 8) through a real Milvus server: whatever is wrong in the model
-directory, ``RoutedMilvusClient.search`` answers (centroid routing), says why in
-``router_status``, and recovers once the file is fixed, without a new publish."""
+directory, ``RoutedMilvusClient.search`` answers (by the layout's training-free router: its
+cluster moments, else centroids; ``serving.fallback_kind``), says why in ``router_status``,
+and recovers once the file is fixed, without a new publish."""
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from milvus_ltr_router.layout import drop_layout
 from milvus_ltr_router.writer import create_vector_collection
 from milvus_ltr_router.registry import ModelRegistry, retry_delay
 from milvus_ltr_router.router import linear_centroid_scorer
+from milvus_ltr_router.serving import fallback_kind
 
 RELOAD = 0.2
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +71,7 @@ def test_model_dir_that_is_a_file_never_fails_a_search(milvus_server, small_layo
     client = routed(milvus_server, tmp_path / "models")
     try:
         status = searched(client, layout, queries)
-        assert status["mode"] == "centroid" and "Not a directory" in status["error"]
+        assert status["mode"] == fallback_kind(layout) and "Not a directory" in status["error"]
         (tmp_path / "models").unlink()           # fixed, and a router published
         reg = ModelRegistry(tmp_path / "models")
         version = reg.new_version()
@@ -94,8 +96,9 @@ def test_bad_pointer_and_bad_router_fall_back_then_recover(milvus_server, small_
     reg.publish(layout.collection, path, version, {})
     client = routed(milvus_server, tmp_path / "models")
     try:
+        fallback = fallback_kind(layout)             # the layout's training-free router
         status = searched(client, layout, queries)     # NaN weights: refused at load
-        assert status["mode"] == "centroid" and "not finite" in status["error"]
+        assert status["mode"] == fallback and "not finite" in status["error"]
         export_router(w, b, layout, layout.collection, path)   # fixed in place, same pointer
         status = wait_for_mode(client, layout, queries, "learned", retry_delay(1, RELOAD) + 2)
         assert status["mode"] == "learned" and status["version"] == version
@@ -103,13 +106,13 @@ def test_bad_pointer_and_bad_router_fall_back_then_recover(milvus_server, small_
         pointer = reg.pointer_path(layout.collection)
         good = pointer.read_text()
         pointer.write_text(json.dumps({**json.loads(good), "version": "../../elsewhere"}))
-        status = wait_for_mode(client, layout, queries, "centroid", 5 * RELOAD + 1)
-        assert status["mode"] == "centroid" and "invalid router version" in status["error"]
+        status = wait_for_mode(client, layout, queries, fallback, 5 * RELOAD + 1)
+        assert status["mode"] == fallback and "invalid router version" in status["error"]
 
         pointer.write_text("{corrupt")
         time.sleep(RELOAD)
         status = searched(client, layout, queries)
-        assert status["mode"] == "centroid" and "corrupt" in status["error"]
+        assert status["mode"] == fallback and "corrupt" in status["error"]
         newer = reg.new_version()                # the next good publish repairs the pointer
         export_router(w, b, layout, layout.collection, reg.version_path(layout.collection, newer))
         reg.publish(layout.collection, reg.version_path(layout.collection, newer), newer, {})
@@ -243,9 +246,9 @@ def test_a_client_running_as_another_user_reads_routers_and_never_fails_a_search
     assert result["failed"] == 0, result["errors"]
     assert result["readable"] == {"mode": "learned", "version": published["readable"][0],
                                   "error": ""}
-    assert result["private_dir"]["mode"] == "centroid"
+    assert result["private_dir"]["mode"] == fallback_kind(layout)
     assert "Permission denied" in result["private_dir"]["error"]
-    assert result["private_file"]["mode"] == "centroid"
+    assert result["private_file"]["mode"] == fallback_kind(layout)
     assert "Permission denied" in result["private_file"]["error"], result["private_file"]
     assert result["fixed"]["mode"] == "learned"
     assert result["fixed"]["version"] == published["private_file"][0]

@@ -24,6 +24,7 @@ from milvus_ltr_router.querylog import log_collection_name, log_size
 from milvus_ltr_router.registry import ModelRegistry
 from milvus_ltr_router.retrain import CALIBRATION_TOLERANCE
 from milvus_ltr_router.router import CentroidRouter, Router
+from milvus_ltr_router.serving import fallback_kind
 
 NPROBE = 2
 
@@ -43,6 +44,11 @@ def assert_own_or_better(got, want, exact: bool):
         assert [h["id"] for h in got] == [h["id"] for h in want]
     assert len(got) >= len(want)
     assert all(g["distance"] >= w["distance"] - 1e-5 for g, w in zip(got, want))
+
+
+def published_row(kind: str) -> str:
+    """The retrain table's row of a published router of ``kind``."""
+    return "moments" if kind == "moments" else "learned"
 
 
 def retrain_cmd(uri, collection, model_dir, *extra):
@@ -80,15 +86,23 @@ def scenario(milvus_server, wordnet_layout, fixture_data, tmp_path_factory):
 
 
 def test_log_fills_and_retrain_publishes(scenario):
-    assert scenario["centroid_status"]["mode"] == "centroid"
+    # before any publish: the layout's training-free router (its cluster moments, else centroids)
+    layout = read_layout(scenario["client"], scenario["collection"])
+    assert scenario["centroid_status"]["mode"] == fallback_kind(layout)
     assert all(len(b) == 100 and len(b[0]) == 10 for b in scenario["centroid_hits"])
     assert scenario["logged_rows"] == 3000
     result = scenario["result"]
     assert result["n_queries"] == 3000
     assert result["decision"] == "published", result["reason"]
-    learned = {r["nprobe"]: r for r in result["table"]["learned"]}
+    # with the layout's moments the retrain weighs the moment router and a router learned over
+    # them and publishes the better; without them the linear learned router
+    kind = result["training"]["router_kind"]
+    assert kind in (("moments", "learned-moments") if layout.moments is not None else ("learned",))
+    assert set(result["table"]) >= {"centroid", "learned"} | \
+        ({"moments"} if layout.moments is not None else set())
+    published = {r["nprobe"]: r for r in result["table"][published_row(kind)]}
     centroid = {r["nprobe"]: r for r in result["table"]["centroid"]}
-    assert learned[NPROBE]["top1_accuracy"] > centroid[NPROBE]["top1_accuracy"]
+    assert published[NPROBE]["top1_accuracy"] > centroid[NPROBE]["top1_accuracy"]
     assert any(p.endswith(".png") for p in result["report_paths"])
     # the report says how adaptive nprobe did on held-out queries, more partitions for more recall
     adaptive = result["adaptive"]
@@ -104,21 +118,44 @@ def test_log_fills_and_retrain_publishes(scenario):
     path = scenario["model_dir"] / scenario["collection"] / f"{result['version']}.onnx"
     router = Router.load(path)
     assert router.layout_id == result["layout_id"] and router.default_nprobe == NPROBE
-    # default training (top-10 labels with a top-1 term) adds the top-10-only adaptive head
+    assert router.kind == kind
+    # the linear router's second, top-10-only head (checked with --moments off below): the
+    # file has one exactly when the retrain says it trained one
+    assert router.has_adaptive_head is result["training"].get("adaptive_head", False)
+    if kind == "learned":
+        assert router.has_adaptive_head
+    assert result["seconds"]["train"] > 0
+
+
+def test_moments_off_publishes_the_linear_router_with_its_adaptive_head(scenario, tmp_path):
+    """--moments off: the linear learned router, and default training (top-10 labels with a
+    top-1 term) adds its top-10-only adaptive head."""
+    models = tmp_path / "models"
+    out = run(retrain_cmd(scenario["uri"], scenario["collection"], models, "--min-queries", "1000",
+                          "--moments", "off"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["decision"] == "published", result["reason"]
+    assert result["training"]["router_kind"] == "learned" and "moments" not in result["table"]
+    learned = {r["nprobe"]: r for r in result["table"]["learned"]}
+    centroid = {r["nprobe"]: r for r in result["table"]["centroid"]}
+    assert learned[NPROBE]["top1_accuracy"] > centroid[NPROBE]["top1_accuracy"]
+    router = Router.load(models / scenario["collection"] / f"{result['version']}.onnx")
+    assert router.kind == "learned"
     assert result["training"]["adaptive_head"] and router.has_adaptive_head
-    assert result["seconds"]["train_adaptive_head"] > 0
 
 
 def test_client_hot_reloads_and_hits_equal_partition_restricted_search(scenario):
     client, collection = scenario["client"], scenario["collection"]
+    kind, version = scenario["result"]["training"]["router_kind"], scenario["result"]["version"]
     deadline = time.monotonic() + 10
-    while client.router_status(collection)["mode"] != "learned" and time.monotonic() < deadline:
+    while client.router_status(collection)["version"] != version and time.monotonic() < deadline:
         time.sleep(0.1)
     status = client.router_status(collection)
-    assert status["mode"] == "learned" and status["version"] == scenario["result"]["version"]
+    assert status["mode"] == kind and status["version"] == version
     assert status["adaptive"]["stopping_model"] and 0.9 < status["adaptive"]["max_recall"] <= 1
     assert status["adaptive"]["adaptive_head"] is scenario["result"]["training"]["adaptive_head"]
-    assert scenario["centroid_status"]["adaptive"] is None     # centroid fallback: uncalibrated
+    assert scenario["centroid_status"]["adaptive"] is None     # training-free fallback: uncalibrated
     queries = scenario["held_out"][:60]
     hits = client.search(collection, data=queries.tolist(), limit=10, output_fields=["title"])
     extra = client.last_plan["extra_clusters"]      # the batch planner's: 0 = its own clusters
@@ -211,12 +248,13 @@ def test_corrupt_router_falls_back_to_centroid_then_rollback(scenario):
     registry.version_path(collection, version).write_bytes(b"not an onnx model")
     registry.publish(collection, registry.version_path(collection, version), version, {})
     status = client.reload_router(collection)
-    assert status["mode"] == "centroid" and "not a loadable ONNX model" in status["error"]
+    assert status["mode"] == fallback_kind(client.layout(collection))
+    assert "not a loadable ONNX model" in status["error"]
     assert len(client.search(collection, data=scenario["held_out"][:3].tolist(), limit=3)) == 3
     out = subprocess.run([sys.executable, "-m", "milvus_ltr_router.cli", "rollback", "--collection",
                           collection, "--model-dir", str(model_dir)], capture_output=True, text=True)
     assert out.returncode == 0 and good in out.stdout
-    assert client.reload_router(collection)["mode"] == "learned"
+    assert client.reload_router(collection)["mode"] == scenario["result"]["training"]["router_kind"]
 
 
 def test_retrain_faults_publish_nothing(scenario, tmp_path):
@@ -258,7 +296,7 @@ def test_router_for_another_layout_is_refused(scenario, tmp_path):
                                       log_rate=0)
     try:
         status = other_client.router_status(collection)
-        assert status["mode"] == "centroid"
+        assert status["mode"] == fallback_kind(layout)
         assert "trained for layout 'some-older-layout'" in status["error"]
     finally:
         other_client.close()
@@ -273,6 +311,7 @@ def test_status_and_evaluate_cli(scenario, tmp_path):
     status = json.loads(out.stdout)
     assert status["partitions"] == 64 and status["rows"] == 20_000
     assert status["router"]["usable"] is True and status["logged_queries"] >= 3000
+    assert status["router"]["kind"] == scenario["result"]["training"]["router_kind"]
     assert isinstance(status["router"]["recall_target_calibrated"], bool)
     qfile = tmp_path / "held.npy"
     np.save(qfile, scenario["held_out"][:300])
