@@ -1,0 +1,161 @@
+"""Routed writes with awaited I/O: :mod:`.writes` for :class:`.async_client.AsyncRoutedMilvusClient`.
+
+The decisions are the routing core's (:mod:`.placement`: where each row goes, which old
+copies to delete, which questions locate the stored copies); the size bound is kept by the
+same :class:`.writes.RoutedWrites` as in the sync client (its reads of the live sizes run on
+a worker thread). What differs is only how Milvus is asked: every query, write and delete
+here is awaited on the async client.
+"""
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import numpy as np
+from pymilvus.client.types import OmitZeroDict
+
+from .layout import Layout
+from .milvus_io import key_list_literal
+from .placement import (KeysQuery, RowInputError, every_partition, guess_partitions,
+                        locate_keys_steps, needs_stored_lookup, place_rows, plan_write, prepare_rows,
+                        rows_of, stale_copies, stored_partitions_by_cluster)
+from .serving import Routing
+from .storage import DEFAULT_PARTITION
+from .writes import RoutedDataError, RoutedWrites, WriteError
+
+
+class AsyncRoutedWrites:
+    """One async client's routed writes.
+
+    ``client`` answers the queries (stored keys; an ``AsyncMilvusClient``); ``writes`` is
+    the sync :class:`.writes.RoutedWrites` that keeps the cluster sizes of size-bounded
+    layouts; ``in_thread(fn, *args)`` awaits ``fn`` on a worker thread; ``is_lite()`` and
+    ``stray_partition(state)`` are coroutines (see :meth:`.writes.RoutedWrites.write`).
+    """
+
+    def __init__(self, client, writes: RoutedWrites, *, in_thread: Callable[..., Awaitable],
+                 is_lite: Callable[[], Awaitable[bool]],
+                 stray_partition: Callable[[Routing], Awaitable[str | None]]):
+        self.client = client
+        self.writes = writes
+        self.in_thread = in_thread
+        self.is_lite = is_lite
+        self.stray_partition = stray_partition
+
+    async def write(self, kind: str, write, delete, collection_name: str, state: Routing, data,
+                    timeout=None, **kwargs):
+        """:meth:`.writes.RoutedWrites.write` with awaited I/O: the same decisions
+        (:mod:`.placement`), the same order (stored copies located before anything is
+        written, one request per partition in turn, moved keys' old copies deleted after)
+        and the same errors. ``write`` and ``delete`` are the async client's own calls."""
+        layout = state.layout
+        rows = rows_of(data)
+        if not rows:
+            return await write(collection_name, rows, timeout=timeout, **kwargs)
+        try:
+            rows, vectors = prepare_rows(kind, layout, rows, collection_name)
+        except RowInputError as exc:
+            raise RoutedDataError(str(exc)) from exc
+        old_parts = await self.stored_partitions(state, rows, timeout) \
+            if needs_stored_lookup(kind, layout.storage) and not await self.is_lite() else {}
+        if self.writes.sizes(layout) is None:
+            clusters, sizes = place_rows(layout, vectors), None
+        else:       # size bound: the first write reads the live sizes, later ones may schedule a re-read
+            clusters, sizes = await self.in_thread(self.writes._place, layout, vectors)
+        plan = plan_write(layout, rows, clusters)
+        total, cost, ids, done = 0, 0, [None] * len(plan.rows), []
+        written: list[int] = []                 # rows of the batches that were written
+        try:
+            for batch in plan.batches:
+                part = batch.partition_name
+                try:
+                    res = await write(collection_name, plan.batch_rows(batch), timeout=timeout,
+                                      partition_name=part, **kwargs)
+                except Exception as exc:
+                    if not done:            # nothing written: the caller sees what pymilvus raised
+                        raise
+                    cleaned = ""
+                    try:                    # keys that did move keep one row: drop their old copy
+                        await self.delete_stale(delete, collection_name, layout,
+                                                [plan.rows[i] for i in written], clusters[written],
+                                                old_parts, timeout)
+                    except Exception as clean_exc:
+                        cleaned = (f"; deleting the old copies of the written keys failed too "
+                                   f"({clean_exc}): repeat the upsert to remove them")
+                    raise WriteError(f"{kind} into {collection_name!r} failed at partition "
+                                     f"{part or DEFAULT_PARTITION!r} after {len(written)} of "
+                                     f"{len(plan.rows)} rows were written (into {done or 'none'}): "
+                                     f"{exc}{cleaned}",
+                                     written=len(written), partitions_done=done) from exc
+                total += res.get("insert_count", res.get("upsert_count", len(batch.rows)))
+                cost += res.get("cost", 0) or 0
+                for i, pk in zip(batch.rows, res.get("ids", []) or []):
+                    ids[i] = pk
+                done.append(part)
+                written.extend(batch.rows)
+        finally:
+            if sizes is not None:
+                sizes.landed(clusters, written)
+        try:
+            await self.delete_stale(delete, collection_name, layout, plan.rows, clusters, old_parts,
+                                    timeout)
+        except Exception as exc:
+            raise WriteError(f"{kind} into {collection_name!r} wrote all {len(plan.rows)} rows, but "
+                             f"deleting the old copies of keys that moved to another partition "
+                             f"failed; repeat the upsert to remove them: {exc}",
+                             written=len(plan.rows), partitions_done=done) from exc
+        key = "upsert_count" if kind == "upsert" else "insert_count"
+        return OmitZeroDict({key: total, "ids": ids, "cost": cost})
+
+    async def stored_partitions(self, state: Routing, rows: list[dict], timeout=None) -> dict:
+        """Primary key -> partitions holding a stored row with that key (before an upsert):
+        :meth:`.writes.RoutedWrites.stored_partitions` with awaited queries; in partition
+        storage located by driving :func:`.placement.locate_keys_steps`."""
+        layout = state.layout
+        storage, pk = layout.storage, layout.primary_field
+        keys = [r[pk] for r in rows if pk in r]
+        if not keys:
+            return {}
+        expr = f"{pk} in {key_list_literal(keys)}"
+        if storage.cluster_field is not None:
+            found = await self.client.query(layout.collection, filter=expr,
+                                            output_fields=[pk, storage.cluster_field],
+                                            timeout=timeout, consistency_level="Strong")
+            out = stored_partitions_by_cluster(storage, found, pk)
+            if found and await self.stray_partition(state):   # _default holds rows written around it
+                question = KeysQuery(sorted(out), [DEFAULT_PARTITION])
+                for key in await self.keys_in(layout, question, timeout):
+                    out[key].add(DEFAULT_PARTITION)
+            return out
+        found = await self.client.query(layout.collection, filter=expr,
+                                        output_fields=[pk, layout.vector_field], timeout=timeout,
+                                        consistency_level="Strong")
+        if not found:
+            return {}
+        guesses = guess_partitions(layout, np.asarray([r[layout.vector_field] for r in found],
+                                                      dtype=np.float32))
+        steps = locate_keys_steps([r[pk] for r in found], guesses, every_partition(storage))
+        try:
+            question = next(steps)
+            while True:
+                question = steps.send(await self.keys_in(layout, question, timeout))
+        except StopIteration as located:
+            return located.value
+
+    async def keys_in(self, layout: Layout, question: KeysQuery, timeout=None) -> set:
+        """Which of ``question.keys`` have a row in any of ``question.partitions`` (a Strong query)."""
+        pk = layout.primary_field
+        rows = await self.client.query(layout.collection,
+                                       filter=f"{pk} in {key_list_literal(question.keys)}",
+                                       output_fields=[pk], partition_names=list(question.partitions),
+                                       timeout=timeout, consistency_level="Strong")
+        return {r[pk] for r in rows}
+
+    @staticmethod
+    async def delete_stale(delete, collection_name: str, layout: Layout, rows: list,
+                           clusters: np.ndarray, old_parts: dict, timeout=None) -> None:
+        """Delete the stale copy of every upserted key from partitions other than its new one
+        (:func:`.placement.stale_copies`)."""
+        pk = layout.primary_field
+        for part, keys in stale_copies(layout, rows, clusters, old_parts).items():
+            await delete(collection_name, filter=f"{pk} in {key_list_literal(keys)}",
+                         partition_name=part, timeout=timeout)
