@@ -9,8 +9,19 @@ every configuration timed on every query in a random order per query (server dri
 evenly). ``--paper-baseline`` adds a router trained on top-1 labels only (the paper's);
 ``--max-cluster-ratio R`` adds the same clusters built with that size bound (own router),
 timed beside the unbounded layout, with median and p99 latency at recall@10 0.9 and 0.95.
+``--hnsw`` adds Milvus's HNSW (M 16, efConstruction 200) on a third copy, ef swept, reported
+wherever IVF_FLAT is.
+
+Batches and concurrency (issue 21): ``--batches 1 8 32 128`` times batch searches of that many
+held-out queries and ``--clients 1 8 32`` that many threads sending one query per request,
+for each method's cheapest configuration reaching recall@10 0.9 and 0.95 in the single-query
+sweep - routed (the batch planner on; and off: one request per distinct cluster set),
+IVF_FLAT and HNSW - every configuration in a fresh random order per batch (per round of the
+concurrency runs), with the routed plans' statistics (requests per batch, extra clusters
+scanned per query).
 
     python -m benchmarks.bench_end_to_end [--dataset fixture|small|medium|large] [--quick]
+        [--hnsw] [--batches 1 8 32 128] [--clients 1 8 32]
 
 ``large`` (~289k model2vec vectors) is the set for latency at scale; its
 recall figures compare methods with each other, not with the paper.
@@ -174,6 +185,136 @@ def latency_with_bound(rows: list[dict], methods: list[str], targets=(0.9, 0.95)
             for m in methods]
 
 
+BATCH_TARGETS = (0.9, 0.95)
+
+
+def batches_of(n_queries: int, nq: int, min_queries: int, seed: int = 0) -> list[np.ndarray]:
+    """Batches of ``nq`` query indices covering at least ``min_queries`` queries (and at least
+    two batches): consecutive slices of random permutations of ``range(n_queries)``, so every
+    query is used about equally often and a batch holds unrelated queries (the hard case
+    for sharing requests)."""
+    rng = np.random.default_rng(seed)
+    nq = min(nq, n_queries)
+    n_batches = max(2, -(-min_queries // nq))
+    order = np.concatenate([rng.permutation(n_queries)
+                            for _ in range(-(-n_batches * nq // n_queries))])
+    return [order[b * nq:(b + 1) * nq] for b in range(n_batches)]
+
+
+def timed_batches(configs: list[tuple[str, str, object, object]], queries: np.ndarray,
+                  exact_ids: np.ndarray, nq: int, min_queries: int, seed: int = 0,
+                  warmup: int = 2) -> list[dict]:
+    """Time every ``(method, param, batch_fn, plan_fn)`` on the same batches of ``nq`` queries,
+    each batch's configurations in a fresh random order. ``batch_fn(Q)`` returns one hit list
+    per query; ``plan_fn()`` (None: not routed) the routed client's ``last_plan`` after it.
+    Per configuration: per-query ms (median batch ms / nq), QPS over all batches, recall@10,
+    and for routed ones the mean requests per batch and extra clusters per query."""
+    rng = np.random.default_rng(seed)
+    batches = batches_of(len(queries), nq, min_queries, seed)
+    for b in batches[:warmup]:
+        for _, _, fn, _ in configs:
+            fn(queries[b])
+    lat = [[] for _ in configs]
+    rec = [[] for _ in configs]
+    reqs = [[] for _ in configs]
+    extra = [[] for _ in configs]
+    for b in progress(batches, total=len(batches), desc=f"batches of {nq}", unit="batches"):
+        Q = queries[b]
+        for j in rng.permutation(len(configs)):
+            _, _, fn, plan_fn = configs[j]
+            t0 = time.perf_counter()
+            hits = fn(Q)
+            lat[j].append((time.perf_counter() - t0) * 1000)
+            for row, truth in zip(hits, exact_ids[b]):
+                rec[j].append(len({h["id"] for h in row} & set(truth.tolist())) / len(truth))
+            if plan_fn is not None:
+                plan = plan_fn()
+                reqs[j].append(plan["requests"])
+                extra[j].append(float(np.mean(plan.get("extra_clusters") or [0.0])))
+    out = []
+    for j, (method, param, _, plan_fn) in enumerate(configs):
+        ms = np.asarray(lat[j])
+        out.append({"nq": len(batches[0]), "method": method, "param": param,
+                    "batches": len(batches), "recall@10": float(np.mean(rec[j])),
+                    "per_query_ms": float(np.median(ms)) / len(batches[0]),
+                    "batch_median_ms": float(np.median(ms)),
+                    "qps": len(batches) * len(batches[0]) * 1000 / float(ms.sum()),
+                    "requests_per_batch": float(np.mean(reqs[j])) if plan_fn else None,
+                    "extra_clusters_per_query": float(np.mean(extra[j])) if plan_fn else None})
+    return out
+
+
+def concurrent_qps(configs: list[tuple[str, str, object]], queries: np.ndarray, clients: int,
+                   seconds: float, rounds: int = 3, seed: int = 0) -> list[dict]:
+    """QPS of each ``(method, param, fn)`` with ``clients`` threads sharing its client, each
+    sending one query per request back to back: ``rounds`` rounds of ``seconds / rounds``
+    per configuration, configurations in a fresh random order per round (drift spreads over
+    all). Also the client process's CPU per query (all its threads: routing, pymilvus, gRPC)
+    and the whole machine's busy share while it ran (server and neighbours included)."""
+    import threading
+    rng = np.random.default_rng(seed)
+    done_total = np.zeros(len(configs))
+    wall = np.zeros(len(configs))
+    cpu = np.zeros(len(configs))
+    busy = [[] for _ in configs]
+    for _ in range(rounds):
+        for j in rng.permutation(len(configs)):
+            fn = configs[j][2]
+            done = [0] * clients
+            stop = time.perf_counter() + seconds / rounds
+
+            def worker(w: int):
+                i = w * 7919
+                while time.perf_counter() < stop:
+                    fn(queries[i % len(queries)])
+                    done[w] += 1
+                    i += 1
+
+            threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
+            stat0, c0, t0 = machine_busy(), time.process_time(), time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall[j] += time.perf_counter() - t0
+            cpu[j] += time.process_time() - c0
+            busy[j].append(machine_busy(stat0))
+            done_total[j] += sum(done)
+    return [{"clients": clients, "method": m, "param": p, "qps": float(done_total[j] / wall[j]),
+             "queries": int(done_total[j]),
+             "client_cpu_ms_per_query": float(cpu[j] * 1000 / max(done_total[j], 1)),
+             "machine_busy": float(np.mean([b for b in busy[j] if b is not None]))
+             if any(b is not None for b in busy[j]) else None}
+            for j, (m, p, _) in enumerate(configs)]
+
+
+def machine_busy(since=None):
+    """``/proc/stat``'s CPU counters now, or (given an earlier reading) the share of all
+    CPUs' time busy since then (None where /proc/stat is missing)."""
+    try:
+        fields = [float(x) for x in open("/proc/stat").readline().split()[1:]]
+    except OSError:
+        return None
+    if since is None:
+        return fields
+    delta = np.subtract(fields, since)
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0.0)     # idle + iowait
+    return float(1.0 - idle / delta.sum()) if delta.sum() > 0 else None
+
+
+def pick_configs(rows: list[dict], methods: list[str], targets=BATCH_TARGETS) -> list[tuple[float, dict]]:
+    """Each ``methods`` entry's cheapest single-query configuration reaching each target
+    (``methods`` entries may be lists of method names: the cheapest among them)."""
+    out = []
+    for t in targets:
+        for group in methods:
+            names = [group] if isinstance(group, str) else group
+            picks = [r for r in (cheapest_reaching(rows, m, t) for m in names) if r]
+            if picks:
+                out.append((t, min(picks, key=lambda r: r["median_ms"])))
+    return out
+
+
 def load_seconds(client, collection: str) -> tuple[float, int]:
     """Release and load ``collection`` again: seconds, and segments loaded."""
     client.release_collection(collection)
@@ -227,6 +368,26 @@ def main(argv=None) -> int:
                         help="also build the first storage mode's clusters with this size bound "
                              "(same centroids), train its own router and time its learned and "
                              "centroid routing beside the unbounded layout's")
+    parser.add_argument("--hnsw", action="store_true",
+                        help="also time Milvus's HNSW on a third copy (ef swept by --hnsw-efs)")
+    parser.add_argument("--hnsw-m", type=int, default=16)
+    parser.add_argument("--hnsw-ef-construction", type=int, default=200)
+    parser.add_argument("--hnsw-efs", type=int, nargs="*", default=[16, 24, 32, 48, 64, 96, 128, 192, 256],
+                        help="HNSW ef values to sweep (at least the limit, 10)")
+    parser.add_argument("--batches", type=int, nargs="*", default=[],
+                        help="batch sizes (queries per request) to time at recall@10 0.9 / 0.95, "
+                             "e.g. 1 8 32 128 (none: skip)")
+    parser.add_argument("--batch-queries", type=int, default=None,
+                        help="queries each batch size covers (default: the held-out queries)")
+    parser.add_argument("--clients", type=int, nargs="*", default=[],
+                        help="concurrent clients (threads, one query per request) to time at "
+                             "recall@10 0.9 / 0.95, e.g. 1 8 32 (none: skip)")
+    parser.add_argument("--client-seconds", type=float, default=6.0,
+                        help="seconds each configuration runs per client count (in --client-rounds)")
+    parser.add_argument("--client-rounds", type=int, default=3)
+    parser.add_argument("--cost-model", default=None,
+                        help="the routed client's batch-planning cost model (JSON from "
+                             "benchmarks.bench_costs; default: the library's)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -237,6 +398,8 @@ def main(argv=None) -> int:
         data = EmbeddingDataset("quick", data.docs[:3000], data.queries[:900])
         args.queries, nprobes = 50, (1, 4)
         args.throughput_seconds = min(args.throughput_seconds, 0.5)
+        args.hnsw_efs = [16, 64]
+        args.client_seconds, args.client_rounds = min(args.client_seconds, 0.6), 2
     docs, queries = data.docs, data.queries
     # held-out queries drawn at random: the query files come in topic order, and the last
     # topic alone (MS MARCO) is not the mix the router is trained and calibrated on
@@ -256,7 +419,7 @@ def main(argv=None) -> int:
     with milvus_uri() as (uri, label), tempfile.TemporaryDirectory() as tmp:
         client = MilvusClient(uri)
         server_version = client.get_server_version()
-        src, ivf = f"e2e_src_{tag}", f"e2e_ivf_{tag}"
+        src, ivf, hnsw = f"e2e_src_{tag}", f"e2e_ivf_{tag}", f"e2e_hnsw_{tag}"
         create_vector_collection(client, src, docs)
         client.load_collection(src)
         layouts, first = {}, None
@@ -300,6 +463,21 @@ def main(argv=None) -> int:
         load_s, segments = load_seconds(client, ivf)
         storage_rows.append({"storage": "native IVF_FLAT", "collection": ivf, "partitions": 1,
                              "build_s": timings["ivf_build_s"], "load_s": load_s, "segments": segments})
+        if args.hnsw:
+            t0 = time.perf_counter()
+            create_vector_collection(client, hnsw, docs)
+            client.release_collection(hnsw)
+            client.drop_index(hnsw, "vector")
+            client.create_index(hnsw, vector_index_params(client, "vector", "IP", {
+                "index_type": "HNSW", "params": {"M": args.hnsw_m,
+                                                 "efConstruction": args.hnsw_ef_construction}}))
+            client.load_collection(hnsw)
+            timings["hnsw_build_s"] = time.perf_counter() - t0
+            load_s, segments = load_seconds(client, hnsw)
+            storage_rows.append({"storage": f"HNSW (M {args.hnsw_m}, efConstruction "
+                                            f"{args.hnsw_ef_construction})", "collection": hnsw,
+                                 "partitions": 1, "build_s": timings["hnsw_build_s"],
+                                 "load_s": load_s, "segments": segments})
         np.save(Path(tmp) / "train.npy", train_q)
         modes = list(layouts)
         base = layouts[modes[0]]
@@ -322,8 +500,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         result = train_router(f"{tmp}/models", args.label_k)
         timings["retrain_s"] = time.perf_counter() - t0
-        learned = RoutedMilvusClient(uri, model_dir=f"{tmp}/models", log_rate=0)
-        centroid = RoutedMilvusClient(uri, model_dir=f"{tmp}/none", log_rate=0)
+        learned = RoutedMilvusClient(uri, model_dir=f"{tmp}/models", log_rate=0,
+                                     cost_model=args.cost_model)
+        centroid = RoutedMilvusClient(uri, model_dir=f"{tmp}/none", log_rate=0,
+                                      cost_model=args.cost_model)
         assert result.decision != "published" or \
             learned.router_status(base)["mode"] == result.training["router_kind"]
         # (method, client, collection): every storage mode with the learned router, the first
@@ -343,13 +523,25 @@ def main(argv=None) -> int:
             routed.append(("paper routing (top-1 labels)",
                            RoutedMilvusClient(uri, model_dir=f"{tmp}/paper", log_rate=0), base))
         configs = []   # (method, param, mean partitions, one-query search); defaults bind loop values
+        # (method, param) -> batch search: a list of query lists in, one hit list per query out;
+        # routed ones as (client, collection, search kwargs) to run on any routed client
+        batch_fns, routed_kw = {}, {}
         for n in [n for n in nprobes if n <= n_parts]:
             for name, c, coll in routed:
                 configs.append((name, f"nprobe={n}", n, lambda q, c=c, n=n, coll=coll: c.search(
                     coll, data=[q.tolist()], limit=10, nprobe=n)[0]))
-            configs.append(("native IVF_FLAT", f"nprobe={n}", n, lambda q, n=n: client.search(
-                ivf, data=[q.tolist()], limit=10,
-                search_params={"metric_type": "IP", "params": {"nprobe": n}})[0]))
+                routed_kw[(name, f"nprobe={n}")] = (c, coll, {"nprobe": n})
+            ivf_params = {"metric_type": "IP", "params": {"nprobe": n}}
+            configs.append(("native IVF_FLAT", f"nprobe={n}", n, lambda q, p=ivf_params: client.search(
+                ivf, data=[q.tolist()], limit=10, search_params=p)[0]))
+            batch_fns[("native IVF_FLAT", f"nprobe={n}")] = lambda Q, p=ivf_params: client.search(
+                ivf, data=Q, limit=10, search_params=p)
+        for ef in (args.hnsw_efs if args.hnsw else []):
+            hnsw_params = {"metric_type": "IP", "params": {"ef": max(ef, 10)}}
+            configs.append(("HNSW", f"ef={max(ef, 10)}", None, lambda q, p=hnsw_params: client.search(
+                hnsw, data=[q.tolist()], limit=10, search_params=p)[0]))
+            batch_fns[("HNSW", f"ef={max(ef, 10)}")] = lambda Q, p=hnsw_params: client.search(
+                hnsw, data=Q, limit=10, search_params=p)
         for t in (args.recall_targets if result.decision == "published" else []):
             probed = np.mean([len(p) for p in learned.route(base, test_q, recall_target=t)])
             for m in modes:
@@ -357,6 +549,8 @@ def main(argv=None) -> int:
                 configs.append((name, f"target={t} (mean {probed:.1f})", probed,
                                 lambda q, t=t, coll=layouts[m]: learned.search(
                                     coll, data=[q.tolist()], limit=10, recall_target=t)[0]))
+                routed_kw[(name, f"target={t} (mean {probed:.1f})")] = (learned, layouts[m],
+                                                                        {"recall_target": t})
         # exact partition counts: with FLAT partitions recall@10 equals routing coverage, so each
         # fixed router's recall at every integer nprobe comes from its ranking, no server needed
         doc_parts = assign_clusters(docs, first.centroids, first.algorithm)
@@ -369,12 +563,23 @@ def main(argv=None) -> int:
         rows = timed_interleaved(configs, test_q, exact)
         goal_rows, tput = goals(rows, configs, test_q, args, learned_methods=[n for n, *_ in routed
                                                                               if n.startswith("learned")])
+        batch_rows, client_rows = [], []
+        if args.batches or args.clients:
+            adaptive_name = f"learned adaptive ({storage_label(modes[0])})" if multi else "learned adaptive"
+            unplanned = RoutedMilvusClient(uri, model_dir=f"{tmp}/models", log_rate=0,
+                                           batch_planning=False)
+            batch_rows, client_rows = batches_and_clients(
+                rows, configs, batch_fns, routed_kw, [routed[0][0], adaptive_name], learned, unplanned,
+                test_q, exact, args)
+            unplanned.close()
+            timings["load_average_after_batches"] = os.getloadavg()
         timings["load_average_before_timing"] = load_avg
         timings["load_average_after"] = os.getloadavg()
         for _, c, _ in routed:
             c.close()
         extra = [bounded.collection] if bounded is not None else []
-        for name in [src, ivf] + [x for coll in list(layouts.values()) + extra
+        for name in [src, ivf] + ([hnsw] if args.hnsw else []) + \
+                [x for coll in list(layouts.values()) + extra
                                   for x in (coll, f"{coll}__ltr_layout")]:
             client.drop_collection(name)
         client.close()
@@ -395,14 +600,17 @@ def main(argv=None) -> int:
                 "median ms at each recall@10, interpolated along each method's sweep")
     print_table(goal_rows, ["recall@10", "method", "param", "median_ms", "ivf_median_ms", "speedup_vs_ivf",
                             "native_cost_bound_ms", "within_bound_x", "qps_conc", "ivf_qps_conc",
-                            "qps_vs_ivf"],
+                            "qps_vs_ivf"] + (["hnsw_param", "hnsw_median_ms", "speedup_vs_hnsw",
+                                              "hnsw_qps_conc", "qps_vs_hnsw"] if args.hnsw else []),
                 "goals: routed vs native IVF_FLAT at equal recall@10 (cheapest configuration reaching "
                 "it; bound = IVF_FLAT at nprobe = the clusters the routed search probes)")
+    print_batches_and_clients(batch_rows, client_rows)
     # every fixed sweep at the recall each adaptive target reached: the like-for-like comparison
     adaptive = [r for r in rows if r["method"].startswith("learned adaptive")]
     first_adaptive = sorted({r["method"] for r in adaptive})[:1]
     reached = sorted(r["recall@10"] for r in adaptive if r["method"] in first_adaptive)
-    fixed_rows = [r for r in rows if not r["method"].startswith("learned adaptive") and r["method"] != "FLAT"]
+    fixed_rows = [r for r in rows if not r["method"].startswith("learned adaptive")
+                  and r["method"] not in ("FLAT", "HNSW")]
     equal = [{**a, **b} for a, b in zip(latency_at_recall(fixed_rows, reached, "partitions", "parts"),
                                          latency_at_recall(fixed_rows, reached, "mean_ms", "mean_ms"))]
     if reached:
@@ -429,7 +637,7 @@ def main(argv=None) -> int:
     save(name, {"server": label, "server_version": server_version, "N": len(docs), "L": n_parts,
                 "unit_norm": args.unit_norm, "storage": storage_rows, "rows": rows, "winners": win,
                 "median_ms_at_recall": interp, "goals": goal_rows, "throughput": tput,
-                "fixed_at_adaptive_recall": equal,
+                "fixed_at_adaptive_recall": equal, "batches": batch_rows, "clients": client_rows,
                 "exact_fixed_nprobe_at_adaptive_recall": exact_equal,
                 "timings": timings, "router": result.reason, "balance": balance}, args.out)
     out = Path(args.out) if args.out else RESULTS
@@ -441,7 +649,7 @@ def main(argv=None) -> int:
                f"{args.dataset}: N={len(docs)}, L={n_parts}")
     probed = {m: ([r["partitions"] for r in rows if r["method"] == m],
                   [r["recall@10"] for r in rows if r["method"] == m])
-              for m in sorted({r["method"] for r in rows} - {"FLAT"})}
+              for m in sorted({r["method"] for r in rows} - {"FLAT", "HNSW"})}
     plot_lines(out / f"{name}_partitions.png", probed, "mean partitions (IVF: lists) probed",
                "recall@10", f"{args.dataset}: N={len(docs)}, L={n_parts}", logx=True)
     return 0
@@ -450,25 +658,32 @@ def main(argv=None) -> int:
 def goals(rows: list[dict], configs, queries, args, learned_methods: list[str],
           targets=(0.9, 0.95)) -> tuple[list[dict], list[dict]]:
     """At each recall@10 target: every learned method's cheapest configuration reaching it
-    against native IVF_FLAT's - median latency, the native-cost bound, and (with
-    ``--concurrency``) QPS with that many concurrent clients."""
+    against native IVF_FLAT's (and HNSW's, when timed) - median latency, the native-cost
+    bound, and (with ``--concurrency``) QPS with that many concurrent clients."""
     fns = {(m, p): fn for m, p, _, fn in configs}
     out, tput = [], []
     for t in targets:
         ivf = cheapest_reaching(rows, "native IVF_FLAT", t)
+        hnsw = cheapest_reaching(rows, "HNSW", t)
         picks = [r for r in (cheapest_reaching(rows, m, t) for m in sorted(set(learned_methods) |
                  {r["method"] for r in rows if r["method"].startswith("learned adaptive")})) if r]
         if ivf is None or not picks:
             continue
         qps = {}
         if args.concurrency > 0:
-            chosen = [(r["method"], r["param"], fns[(r["method"], r["param"])]) for r in picks + [ivf]]
+            chosen = [(r["method"], r["param"], fns[(r["method"], r["param"])])
+                      for r in picks + [ivf] + ([hnsw] if hnsw else [])]
             for res in throughput(chosen, queries, args.concurrency, args.throughput_seconds):
                 qps[res["method"]] = res["qps"]
                 tput.append({"recall@10": t, **res})
         for r in picks:
             bound = native_cost_bound(rows, "native IVF_FLAT", r["partitions"])
-            out.append({"recall@10": t, "method": r["method"], "param": r["param"],
+            vs_hnsw = {} if hnsw is None else {
+                "hnsw_param": hnsw["param"], "hnsw_median_ms": hnsw["median_ms"],
+                "speedup_vs_hnsw": hnsw["median_ms"] / r["median_ms"],
+                "hnsw_qps_conc": qps.get("HNSW"),
+                "qps_vs_hnsw": qps[r["method"]] / qps["HNSW"] if qps else None}
+            out.append({"recall@10": t, "method": r["method"], "param": r["param"], **vs_hnsw,
                         "reached": r["recall@10"], "median_ms": r["median_ms"],
                         "ivf_param": ivf["param"], "ivf_median_ms": ivf["median_ms"],
                         "speedup_vs_ivf": ivf["median_ms"] / r["median_ms"],
@@ -477,6 +692,92 @@ def goals(rows: list[dict], configs, queries, args, learned_methods: list[str],
                         "qps_conc": qps.get(r["method"]), "ivf_qps_conc": qps.get("native IVF_FLAT"),
                         "qps_vs_ivf": qps[r["method"]] / qps["native IVF_FLAT"] if qps else None})
     return out, tput
+
+
+def batches_and_clients(rows: list[dict], configs, batch_fns: dict, routed_kw: dict,
+                        routed_methods: list[str], planned, unplanned, queries: np.ndarray,
+                        exact: np.ndarray, args) -> tuple[list[dict], list[dict]]:
+    """Issue 21's tables: at recall@10 0.9 and 0.95, the cheapest single-query configuration
+    of routed search (``routed_methods``: fixed nprobe or adaptive, the first storage mode),
+    IVF_FLAT and HNSW, timed on batches (``args.batches``; routed with the batch planner -
+    the ``planned`` client - and without it, ``unplanned``) and with concurrent clients
+    (``args.clients``, one query per request). A configuration reaching both targets is timed
+    once and reported under each."""
+    one = {(m, p): fn for m, p, _, fn in configs}
+    picks = pick_configs(rows, [routed_methods, "native IVF_FLAT", "HNSW"])
+    timed_b: dict = {}      # (label, param) -> batch config
+    timed_c: dict = {}      # (label, param) -> one-query config
+    chosen = []             # (target, label, param)
+    for t, r in picks:
+        key = (r["method"], r["param"])
+        if key in routed_kw:
+            _, coll, kw = routed_kw[key]
+            for label, c in (("routed, batch planner", planned), ("routed, one request per set",
+                                                                  unplanned)):
+                timed_b[(label, r["param"])] = (
+                    label, r["param"], lambda Q, c=c, coll=coll, kw=kw: c.search(coll, data=Q, limit=10, **kw),
+                    lambda c=c: c.last_plan)
+                chosen.append((t, label, r["param"]))
+            timed_c[("routed", r["param"])] = ("routed", r["param"], one[key])
+            chosen.append((t, "routed", r["param"]))
+        else:
+            timed_b[key] = (r["method"], r["param"], batch_fns[key], None)
+            timed_c[key] = (r["method"], r["param"], one[key])
+            chosen.append((t, r["method"], r["param"]))
+    batch_rows, client_rows = [], []
+    n_cover = args.batch_queries or len(queries)
+    lists = [q.tolist() for q in queries]          # every method gets the same Python lists
+
+    class Rows:                                    # queries[b] -> lists, for timed_batches
+        def __len__(self):
+            return len(lists)
+
+        def __getitem__(self, idx):
+            return [lists[i] for i in idx]
+    configs_b = list(timed_b.values())
+    for nq in args.batches:
+        log.info("timing batches of %d: %d configurations (load average %.2f)", nq, len(configs_b),
+                 __import__("os").getloadavg()[0])
+        res = timed_batches(configs_b, Rows(), exact, nq, n_cover)
+        by_key = {(r["method"], r["param"]): r for r in res}
+        for t, label, param in chosen:
+            if (label, param) in by_key:
+                batch_rows.append({"recall_target": t, **by_key[(label, param)]})
+    configs_c = list(timed_c.values())
+    for clients in args.clients:
+        log.info("timing %d concurrent clients: %d configurations", clients, len(configs_c))
+        res = concurrent_qps(configs_c, queries, clients, args.client_seconds, args.client_rounds)
+        by_key = {(r["method"], r["param"]): r for r in res}
+        for t, label, param in chosen:
+            if (label, param) in by_key:
+                client_rows.append({"recall_target": t, **by_key[(label, param)]})
+    for table, key in ((batch_rows, "nq"), (client_rows, "clients")):
+        for r in table:
+            for native, col in (("native IVF_FLAT", "ivf"), ("HNSW", "hnsw")):
+                ref = next((x for x in table if x["method"] == native and x[key] == r[key]
+                            and x["recall_target"] == r["recall_target"]), None)
+                if ref is None:
+                    r[f"vs_{col}"] = None
+                elif key == "nq":       # > 1: cheaper per query than the native index
+                    r[f"vs_{col}"] = ref["per_query_ms"] / r["per_query_ms"]
+                else:                   # > 1: more QPS than the native index
+                    r[f"vs_{col}"] = r["qps"] / ref["qps"]
+    return batch_rows, client_rows
+
+
+def print_batches_and_clients(batch_rows: list[dict], client_rows: list[dict]) -> None:
+    if batch_rows:
+        print_table(batch_rows, ["recall_target", "nq", "method", "param", "recall@10", "per_query_ms",
+                                 "batch_median_ms", "qps", "requests_per_batch",
+                                 "extra_clusters_per_query", "vs_ivf", "vs_hnsw"],
+                    "batches: each method's cheapest single-query configuration reaching the target; "
+                    "per-query ms = median batch ms / nq (vs_*: the native index's per-query ms / "
+                    "this one's)")
+    if client_rows:
+        print_table(client_rows, ["recall_target", "clients", "method", "param", "qps", "vs_ivf",
+                                  "vs_hnsw", "client_cpu_ms_per_query", "machine_busy"],
+                    "concurrent clients (threads sharing one client, one query per request): QPS "
+                    "(vs_*: this QPS / the native index's)")
 
 
 if __name__ == "__main__":

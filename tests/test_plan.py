@@ -223,6 +223,12 @@ def test_merge_keeps_one_hit_per_key_and_checks_the_answers():
     assert not hasattr(merged, "extra")
     with pytest.raises(ValueError, match="1 answers for 2 requests"):
         merge(plan, [a])
+    # one request carrying the whole batch in order (every single-query search): its answer
+    one = SearchPlan(2, (SearchRequest((0, 1), (0,), None, ""),), limit=3)
+    ab = FakeResult([a[0], b[0]])
+    assert merge(one, [ab]) is ab
+    swapped = merge(SearchPlan(2, (SearchRequest((1, 0), (0,), None, ""),), limit=3), [ab])
+    assert swapped is not ab and list(swapped) == [b[0], a[0]]
 
 
 # --------------------------------------------------------------------------- where rows go
