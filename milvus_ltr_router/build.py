@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -57,9 +57,8 @@ class BuildReport:
 
     @property
     def moment_seconds(self) -> float:
-        """Seconds spent on the clusters' moments: accumulated while rows are assigned, then
-        computed and stored while the target flushes and loads (so mostly not on the
-        build's wall clock)."""
+        """Seconds of work on the clusters' moments: accumulated as rows are assigned, computed
+        as they are written, stored as the target loads (so mostly off the wall clock)."""
         return self.seconds.get("moments", 0.0)
 
     def rows_per_second(self) -> dict[str, float]:
@@ -332,16 +331,18 @@ def _write_target(client: MilvusClient, plan: _Plan, layout: Layout, source: Row
     t0 = time.perf_counter()
     spill = ClusterSpill(layout.n_clusters, source.rows, spill_dir)
     moments = MomentAccumulator.for_centroids(layout.centroids)
-    try:
-        moment_s = _assign_rows(layout, source, spill, plan.info.vector_field, capacity, moments)
-        assign_s = time.perf_counter() - t0 - moment_s
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltr-moments") as pool:
+        try:
+            moment_s = _assign_rows(layout, source, spill, plan.info.vector_field, capacity, moments)
+            assign_s = time.perf_counter() - t0 - moment_s
+            computed = pool.submit(_timed, moments.result)    # while the rows are written
+            t0 = time.perf_counter()
+            _write_rows(client, layout, spill, source.rows, writers, request_bytes)
+        finally:
+            spill.close()
+        write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _write_rows(client, layout, spill, source.rows, writers, request_bytes)
-    finally:
-        spill.close()
-    write_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    moment_s += _store_and_load(client, layout, moments)
+        moment_s += _store_and_load(client, layout, computed)
     return {"assign": assign_s, "write": write_s, "index_load": time.perf_counter() - t0,
             "moments": moment_s}
 
@@ -446,28 +447,35 @@ def _write_rows(client: MilvusClient, layout: Layout, spill: ClusterSpill, n_row
         raise LayoutError(f"wrote {writer.rows_written} rows, expected {n_rows}")
 
 
-def _store_and_load(client: MilvusClient, layout: Layout, moments: MomentAccumulator) -> float:
-    """The layout's metadata and moments computed and stored while the target flushes and
-    loads; returns the seconds the moments took."""
+def _timed(fn):
+    t0 = time.perf_counter()
+    return fn(), time.perf_counter() - t0
+
+
+def _store_and_load(client: MilvusClient, layout: Layout, computed: Future) -> float:
+    """The layout's metadata and its moments (``computed``: ``(moments, seconds)``) stored
+    while the target flushes and loads; returns the seconds the moments took."""
     target, t0 = layout.collection, time.perf_counter()
 
-    def store() -> float:
-        write_layout_meta(client, layout)
+    def store_moments() -> float:
+        moments, seconds = computed.result()
         m0 = time.perf_counter()
-        write_moments(client, layout, moments.result())
-        return time.perf_counter() - m0
+        write_moments(client, layout, moments)
+        return seconds + time.perf_counter() - m0
 
-    # every row is written and the sizes are final: the small layout collections are written
-    # (create, insert, flush, load: seconds of server waits; the moments' eigenvectors) while
-    # the target flushes and loads
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltr-meta") as pool:
-        meta = pool.submit(store)
+    # every row is written and the sizes are final: the two small collections are written
+    # (create, insert, flush, load: seconds of server waits each) while the target flushes
+    # and loads
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ltr-meta") as pool:
+        meta = pool.submit(write_layout_meta, client, layout)
+        stored = pool.submit(store_moments)
         client.flush(target)
         flush_s = time.perf_counter() - t0
         client.load_collection(target)
         if layout.storage.clustering_key:
             client.compact(target, is_clustering=True)
-        moment_s = meta.result()
+        meta.result()
+        moment_s = stored.result()
     log.info("target %r: flush %.1f s, index and load %.1f s (moments %.1f s beside them)", target,
              flush_s, time.perf_counter() - t0 - flush_s, moment_s)
     return moment_s
