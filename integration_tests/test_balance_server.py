@@ -1,7 +1,8 @@
 """The size bound on a real Milvus server: a layout built with ``build-layout
 --max-cluster-ratio``, then routed inserts and upserts that all want one cluster. No cluster
 passes the bound, the rest spill to their next clusters, and every row is found by a routed
-search probing its cluster's rank (+1) clusters. Partition storage (sizes counted per
+search probing its cluster's rank (+1) clusters (ranked by the router the client serves: with
+no router published, the layout's training-free one, ``serving.fallback_router``). Partition storage (sizes counted per
 partition) and single storage (sizes from the cluster-id column)."""
 import uuid
 
@@ -14,6 +15,7 @@ from milvus_ltr_router.clustering import balanced_capacity
 from milvus_ltr_router.build import build_layout
 from milvus_ltr_router.layout import cluster_of, cluster_sizes, drop_layout, read_layout
 from milvus_ltr_router.milvus_io import count_rows
+from milvus_ltr_router.serving import fallback_kind, fallback_router
 from milvus_ltr_router.storage import CLUSTER_FIELD
 
 RATIO, L, N = 1.5, 64, 20_000
@@ -100,8 +102,11 @@ def test_routed_writes_keep_the_bound_on_a_server(milvus_uri, bounded_layouts, f
         stored = stored_clusters(routed, layout, ids)
         clusters = np.array([stored[int(i)] for i in ids])
         assert (clusters != target).sum() >= NEW - (cap - layout.sizes[target])
-        # every row is found by a routed search probing its cluster's rank + 1 clusters only
-        order = np.argsort(-(vecs @ layout.centroids.T), axis=1)
+        # every row is found by a routed search probing its cluster's rank + 1 clusters only,
+        # ranked by the layout's training-free router (no router is published here)
+        served = routed.layout(layout.collection)
+        assert routed.router_status(layout.collection)["mode"] == fallback_kind(served)
+        order = fallback_router(served).rank(vecs, L)
         ranks = np.argmax(order == clusters[:, None], axis=1)
         assert ranks.max() >= 1
         assert routed.route(layout.collection, vecs[:5], nprobe=L) == order[:5].tolist()

@@ -104,9 +104,10 @@ def _crowd(layout, docs, n):
     return pool[pick], N_BUILD + pick, target
 
 
-def _rank_of(layout, vectors, clusters):
-    """Position of each row's cluster in its own vector's centroid ranking (0 = nearest)."""
-    order = np.argsort(-(vectors @ layout.centroids.T), axis=1)
+def _rank_of(router, vectors, clusters):
+    """Position of each row's cluster in the ranking ``router`` gives its own vector (0 = the
+    router's first cluster): the clusters a routed search of that vector probes first."""
+    order = router.rank(vectors, router.n_partitions)
     return np.argmax(order == np.asarray(clusters)[:, None], axis=1)
 
 
@@ -165,8 +166,9 @@ def test_routed_inserts_keep_the_size_bound_on_lite(bounded, fixture_data, tmp_p
         stored = _stored_clusters(routed, layout, ids)
         clusters = np.array([stored[int(i)] for i in ids])
         assert (clusters != target).sum() > 100  # ... and the rest spilled to other clusters
-        # every row is found by a routed search probing its cluster's rank + 1 clusters, not fewer
-        ranks = _rank_of(layout, vecs, clusters)
+        # every row is found by a routed search probing its cluster's rank + 1 clusters, not
+        # fewer (ranked by the router serving the collection: the layout's training-free one)
+        ranks = _rank_of(routed.router("docs"), vecs, clusters)
         assert ranks.max() >= 1
         for j in np.random.default_rng(0).choice(400, 60, replace=False):
             flt = f"id == {int(ids[j])}"
