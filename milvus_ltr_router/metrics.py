@@ -31,11 +31,14 @@ INSTALL_HINT = "pip install 'milvus-ltr-router[metrics]'"
 # Why a search passed through untouched (RoutedMilvusClient.search's pass-through rules).
 PASSTHROUGH_REASONS = ("no_layout", "partition_names", "anns_field", "ids", "no_data",
                        "positional_args")
-# Why a laid-out collection is served by centroids, or by the state it had before.
+# Why a laid-out collection is served by its layout's training-free router (moments, else
+# centroids), or by the state it had before.
 FALLBACK_REASONS = ("no_router", "unreadable_file", "layout_mismatch", "milvus_error")
 # What became of a sampled search handed to the live recall auditor.
 AUDIT_OUTCOMES = ("done", "empty", "failed", "dropped")
-ROUTER_KINDS = ("learned", "centroid")
+# What serves a collection: a published router of the ONNX contract's kinds (learned,
+# moments, learned-moments), or the layout's training-free fallback (moments, else centroid).
+ROUTER_KINDS = ("learned", "moments", "learned-moments", "centroid")
 OTHER = "other"
 
 # Histogram buckets: clusters probed per query; routing (the router's ranking, in-process) and
@@ -78,7 +81,7 @@ class NullMetrics:
     def search_routed(self, collection: str, n_queries: int, probed_counts, routing_s: float,
                       search_s: float, router_kind: str) -> None:
         """One routed search returned: ``n_queries`` query vectors served by a ``router_kind``
-        router (``learned`` / ``centroid``), ``probed_counts`` clusters probed per query,
+        router (:data:`ROUTER_KINDS`), ``probed_counts`` clusters probed per query,
         ``routing_s`` seconds ranking clusters, ``search_s`` seconds in Milvus."""
 
     def search_passed_through(self, collection: str, reason: str) -> None:
@@ -89,12 +92,13 @@ class NullMetrics:
 
     def fallback(self, collection: str, reason: str) -> None:
         """The client fell back, for ``reason`` (:data:`FALLBACK_REASONS`): a router load that
-        ended in centroid routing, or a failed routing re-check that kept the previous state."""
+        ended in the layout's training-free router (its moments, else centroids), or a failed
+        routing re-check that kept the previous state."""
 
     def router_info(self, collection: str, version: str | None, kind: str,
                     reason: str = "") -> None:
-        """The router serving ``collection`` now: its ``version`` (None: centroids), its
-        ``kind`` (``learned`` / ``centroid``) and, for a fallback, the reason."""
+        """The router serving ``collection`` now: its ``version`` (None: a fallback), its
+        ``kind`` (:data:`ROUTER_KINDS`) and, for a fallback, the reason."""
 
     def routed_write(self, collection: str, rows: int, spilled: int = 0, moved: int = 0,
                      failed: int = 0) -> None:
@@ -191,11 +195,11 @@ class RouterMetrics(NullMetrics):
                                   "(the router, in-process)", col, buckets=ROUTING_BUCKETS, **kw)
         self._search = Histogram("search_seconds", "Time in Milvus for one routed search (all "
                                  "its requests)", col, buckets=SEARCH_BUCKETS, **kw)
-        self._fallbacks = Counter("fallbacks", "Fallbacks: router loads that ended in centroid "
-                                  "routing, failed routing re-checks that kept the previous "
-                                  "state", col + ["reason"], **kw)
-        self._router = Info("router", "The router serving a collection (version empty: "
-                            "centroids)", col, **kw)
+        self._fallbacks = Counter("fallbacks", "Fallbacks: router loads that ended in the "
+                                  "layout's training-free router, failed routing re-checks "
+                                  "that kept the previous state", col + ["reason"], **kw)
+        self._router = Info("router", "The router serving a collection (version empty: a "
+                            "fallback)", col, **kw)
         self._write_rows = Counter("write_rows", "Rows stored by routed inserts and upserts",
                                    col, **kw)
         self._write_spilled = Counter("write_spilled_rows", "Rows of routed writes the size bound "

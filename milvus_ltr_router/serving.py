@@ -9,6 +9,10 @@ read, one made for another layout) is routed by its layout's training-free route
 (:func:`fallback_router`: the cluster moments when the layout has them, else the
 centroids); a router that cannot be read never fails a search, and the model dir is
 read again after a backoff (:func:`.registry.retry_delay`).
+
+With a metrics recorder (:mod:`.metrics`) the table records what serves each collection,
+every fallback with its reason and the rows outside each layout; :class:`LiveRecall` samples
+routed searches for the live recall estimate (:mod:`.live_recall`).
 """
 from __future__ import annotations
 
@@ -16,16 +20,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
 
 from pymilvus import MilvusClient
 from pymilvus.exceptions import ParamError
 
 from .errors import InputError
 from .layout import Layout, current_layout_id, has_stray_partition, laid_out_name, read_layout
+from .live_recall import RecallAuditor, RecallJob, RecallSampler
+from .metrics import NULL_METRICS, NullMetrics
 from .plan import QueryInputError, query_matrix
 from .registry import ModelRegistry, retry_delay
 from .repair import stray_rows
-from .router import BaseRouter, CentroidRouter, MomentRouter, Router
+from .router import BaseRouter, CentroidRouter, MomentRouter, Router, RouterError
 from .storage import DEFAULT_PARTITION, storage_status
 
 log = logging.getLogger(__name__)
@@ -80,6 +89,27 @@ def fallback_router(layout: Layout) -> BaseRouter:
     return CentroidRouter(layout)
 
 
+class _LayoutMismatch(RouterError):
+    """A published router that loads but was made for another layout."""
+
+
+def fallback_reason(error: str | BaseException | None) -> str:
+    """The metrics' reason (:data:`.metrics.FALLBACK_REASONS`) of a fallback: ``no_router``
+    (none published), ``layout_mismatch`` (a router made for another layout) or
+    ``unreadable_file`` (the pointer or the router file cannot be read or loaded)."""
+    if error is None:
+        return "no_router"
+    return "layout_mismatch" if isinstance(error, _LayoutMismatch) else "unreadable_file"
+
+
+def _record(method, *args) -> None:
+    """Call a metrics recorder's ``method``; a metrics problem never fails routing."""
+    try:
+        method(*args)
+    except Exception as exc:
+        log.debug("recording a routing metric failed: %s", exc)
+
+
 def _training_free(router: BaseRouter) -> bool:
     return isinstance(router, (MomentRouter, CentroidRouter))
 
@@ -107,14 +137,20 @@ def search_queries(state: Routing, data, one_vector_ok: bool = False):
 
 class RoutingTable:
     """The :class:`Routing` of each collection a client routes, read through ``client``
-    (layouts, rows outside them) and ``registry`` (published routers)."""
+    (layouts, rows outside them) and ``registry`` (published routers).
+
+    ``metrics`` (:func:`.metrics.metrics_recorder`; default: none) records each router load
+    (``router_info``: what serves the collection now), each fallback with its reason (a load
+    that ended in the layout's training-free router, or a failed re-check that kept the
+    previous state: ``milvus_error``) and the rows outside the layout as last counted."""
 
     def __init__(self, client: MilvusClient, registry: ModelRegistry, reload_interval: float = 10.0,
-                 router_threads: int = 1):
+                 router_threads: int = 1, *, metrics: NullMetrics = NULL_METRICS):
         self.client = client
         self.registry = registry
         self.reload_interval = reload_interval
         self.router_threads = router_threads
+        self.metrics = metrics
         self._routing: dict[str, tuple[Routing | None, float]] = {}   # name -> (state, checked)
         self._lock = threading.Lock()
         self._strays: dict[str, tuple[int, float]] = {}   # collection -> (_default rows, checked)
@@ -142,6 +178,8 @@ class RoutingTable:
                     log.warning("re-checking the routing of %r failed (%s: %s); keeping the "
                                 "current layout and router", collection, type(exc).__name__, exc)
                     state = cached[0]
+                    _record(self.metrics.fallback, collection if state is None
+                            else state.layout.collection, "milvus_error")
                 cached = (state, time.monotonic())
                 self._routing[collection] = cached
             return cached[0]
@@ -187,13 +225,20 @@ class RoutingTable:
             if current is None:
                 fallback = old.router if same_layout and _training_free(old.router) \
                     else fallback_router(layout)
+                self._record_fallback(layout, fallback, None)
                 return Routing(layout, fallback, None, "no router published", stamp)
-            router = Router.load(current.path, layout=layout, num_threads=self.router_threads)
+            router = Router.load(current.path, num_threads=self.router_threads)
+            try:
+                router.check_layout(layout)
+            except RouterError as exc:
+                raise _LayoutMismatch(str(exc)) from exc
         except Exception as exc:        # whatever is wrong on disk must not fail searches
             what = f"router {current.version}" if current is not None else "router pointer"
             error = f"{what} of {layout.collection!r} is unusable: {exc}"
+            cause = exc
         else:
             log.info("serving router %s for %r", current.version, layout.collection)
+            _record(self.metrics.router_info, layout.collection, current.version, router.kind)
             return Routing(layout, router, current.version, "", stamp)
         failures = old.failures + 1 if same_layout else 1
         delay = retry_delay(failures, self.reload_interval)
@@ -202,7 +247,13 @@ class RoutingTable:
         how = "its cluster moments" if fallback.kind == "moments" else "centroids"
         log.warning("%s; routing %r by %s (failure %d, next check in %.0f s)",
                     error, layout.collection, how, failures, delay)
+        self._record_fallback(layout, fallback, cause)
         return Routing(layout, fallback, None, error, stamp, failures, time.monotonic() + delay)
+
+    def _record_fallback(self, layout: Layout, fallback: BaseRouter, cause) -> None:
+        reason = fallback_reason(cause)
+        _record(self.metrics.fallback, layout.collection, reason)
+        _record(self.metrics.router_info, layout.collection, None, fallback.kind, reason)
 
     def stray_partition(self, state: Routing) -> str | None:
         """``_default`` while it holds rows outside the layout's partitions (written around the
@@ -223,12 +274,14 @@ class RoutingTable:
                 count = -1
             cached = (count, time.monotonic())
             self._strays[name] = cached
+            _record(self.metrics.rows_outside_layout, name, count)
         return cached[0]
 
 
 def routing_status(state: Routing, *, nprobe: int, balance: dict | None, rows_outside_layout: int,
-                   query_log: dict) -> dict:
-    """``router_status()`` of a routed collection (see :meth:`.RoutedMilvusClient.router_status`)."""
+                   query_log: dict, live_recall: dict | None = None) -> dict:
+    """``router_status()`` of a routed collection (see :meth:`.RoutedMilvusClient.router_status`);
+    ``live_recall``: :meth:`LiveRecall.status` of the collection (None: not sampled)."""
     router = state.router
     table = router.recall_thresholds
     adaptive = None if not table else {      # what recall_target can ask for
@@ -244,4 +297,100 @@ def routing_status(state: Routing, *, nprobe: int, balance: dict | None, rows_ou
             "failures": state.failures,
             "next_check_s": max(0.0, state.retry_at - time.monotonic()) if state.failures
             else None,
-            "rows_outside_layout": rows_outside_layout, "query_log": query_log}
+            "rows_outside_layout": rows_outside_layout, "query_log": query_log,
+            "live_recall": live_recall}
+
+
+# ------------------------------------------------------------------------- live recall
+class LiveRecall:
+    """A client's live recall estimate (``recall_sample=``; :mod:`.live_recall`).
+
+    :meth:`offer` picks a share ``rate`` of a routed search's queries (:class:`.RecallSampler`,
+    seeded) and hands each, with the ids it was served, to a :class:`.RecallAuditor`: a
+    background worker that re-runs it through ``exact(collection, vector, limit, filter,
+    **extra) -> hits`` (the client's unrestricted search of the laid-out collection) and
+    keeps a recall@k estimate per collection and ``recall_target``. Nothing here waits on
+    Milvus or raises on a search's path. When the router or layout serving a collection
+    changes, its estimates start again (old samples describe another router).
+    ``rate`` 0: off (no worker thread).
+    """
+
+    def __init__(self, rate: float, exact: Callable[..., Sequence], *,
+                 metrics: NullMetrics = NULL_METRICS, seed: int | None = None,
+                 max_queue: int = 256, **auditor_kwargs):
+        self.sampler = RecallSampler(rate, seed)      # checks rate in [0, 1]
+        self.rate = self.sampler.rate
+        self._search = exact
+        self._primary: dict[str, str] = {}            # collection -> primary field
+        self._served_by: dict[str, tuple] = {}        # collection -> (layout id, router, version)
+        self._lock = threading.Lock()
+        self.auditor = RecallAuditor(self._exact_ids, metrics=metrics, max_queue=max_queue,
+                                     **auditor_kwargs) if self.rate > 0 else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.auditor is not None
+
+    def _exact_ids(self, job: RecallJob) -> list:
+        hits = self._search(job.collection, job.vector, job.limit, job.filter, **job.extra)
+        pk = self._primary.get(job.collection, "id")
+        return [_hit_id(h, pk) for h in hits]
+
+    def _served_changed(self, state: Routing) -> None:
+        collection = state.layout.collection
+        now = (state.layout.layout_id, state.version, state.router.kind)
+        with self._lock:
+            before = self._served_by.get(collection)
+            self._served_by[collection] = now
+            self._primary[collection] = state.layout.primary_field
+        if before is not None and before != now:
+            self.auditor.estimator.reset(collection)
+
+    def offer(self, state: Routing, queries, results, *, limit: int, filter: str = "",
+              recall_target: float | None = None, **extra) -> int:
+        """Sample queries of a routed search of ``state``'s collection (``queries`` ``[Q, d]``,
+        ``results`` its answer, query by query) for an exact re-run; returns how many were
+        handed over (0 when off). ``extra``: what else the exact search needs (``anns_field``,
+        ``search_params``, a consistency level...)."""
+        if self.auditor is None:
+            return 0
+        try:
+            picks = self.sampler.pick(len(queries))
+            if not len(picks):
+                return 0
+            self._served_changed(state)
+            pk = state.layout.primary_field
+            n = 0
+            for i in picks:
+                served = [_hit_id(h, pk) for h in results[int(i)]]
+                job = RecallJob(state.layout.collection, np.asarray(queries[int(i)], np.float32),
+                                served, int(limit), filter or "", recall_target=recall_target,
+                                extra=dict(extra))
+                n += self.auditor.submit(job)
+            return n
+        except Exception as exc:        # never fail a search that already succeeded
+            log.debug("sampling a search for the live recall failed: %s", exc)
+            return 0
+
+    def status(self, collection: str) -> dict | None:
+        """``router_status()["live_recall"]``: the auditor's counts and estimates of
+        ``collection`` (:meth:`.RecallAuditor.status`; None when off)."""
+        if self.auditor is None:
+            return None
+        return {"sample_rate": self.rate, **self.auditor.status(collection)}
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every sampled query handed over so far is audited."""
+        return True if self.auditor is None else self.auditor.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.auditor is not None:
+            self.auditor.close(timeout)
+
+
+def _hit_id(hit, primary_field: str):
+    """A hit's primary key (pymilvus hits are dicts holding it under its field name and,
+    in most versions, under ``id``)."""
+    if primary_field in hit:
+        return hit[primary_field]
+    return hit.get("id")

@@ -18,10 +18,12 @@ from pymilvus.exceptions import DataNotMatchException
 
 from .errors import InputError, OperationalError
 from .layout import Layout, cluster_sizes
+from .metrics import NULL_METRICS, NullMetrics
 from .milvus_io import key_list_literal, snapshot_timestamp
 from .placement import (ClusterSizes, RowInputError, every_partition, guess_partitions, locate_keys,
-                        needs_stored_lookup, place_rows, plan_write, prepare_rows, rows_of,
-                        size_bound_ratio, stale_copies, stored_partitions_by_cluster)
+                        nearest_clusters, needs_stored_lookup, place_rows, plan_write,
+                        prepare_rows, rows_of, size_bound_ratio, stale_copies,
+                        stored_partitions_by_cluster)
 from .storage import DEFAULT_PARTITION
 
 log = logging.getLogger(__name__)
@@ -54,14 +56,17 @@ class RoutedWrites:
     ``client`` answers the queries (sizes, stored keys); ``submit(fn)`` runs a background
     re-read of the sizes (a thread pool's ``submit``); ``is_lite()`` says whether the
     backend is milvus-lite, whose upsert already replaces a key in every partition.
+    ``metrics`` (:func:`.metrics.metrics_recorder`; default: none) records each routed write
+    (``routed_write``: rows written, spilled by the size bound, keys moved, rows not written).
     """
 
     def __init__(self, client: MilvusClient, *, submit: Callable, is_lite: Callable[[], bool],
-                 refresh_interval: float = 10.0):
+                 refresh_interval: float = 10.0, metrics: NullMetrics = NULL_METRICS):
         self.client = client
         self.submit = submit
         self.is_lite = is_lite
         self.refresh_interval = refresh_interval
+        self.metrics = metrics
         self._sizes: dict[str, tuple[ClusterSizes, threading.Lock]] = {}  # collection -> (sizes, reading)
         self._lock = threading.Lock()
 
@@ -174,19 +179,46 @@ class RoutedWrites:
         twice in one upsert keeps its last row, as within one Milvus request. ``write`` and
         ``delete`` are pymilvus's calls; ``stray_partition()`` names ``_default`` while it
         holds rows written around the layout.
+
+        With metrics on, each call that had rows is recorded (``routed_write``), also one that
+        raised: its rows not written count as ``failed``.
         """
         rows = rows_of(data)
         if not rows:
             return write(collection_name, rows, timeout=timeout, **kwargs)
+        tally = {"rows": len(rows), "written": 0, "spilled": 0, "moved": 0}
+        try:
+            out = self._write(kind, write, delete, collection_name, layout, rows, timeout,
+                              stray_partition, tally, **kwargs)
+        except BaseException:
+            self._record_write(layout.collection, tally)
+            raise
+        self._record_write(layout.collection, tally)
+        return out
+
+    def _record_write(self, collection: str, tally: dict) -> None:
+        if not self.metrics.enabled:
+            return
+        try:                            # rows: after a key given twice kept its last row
+            self.metrics.routed_write(collection, tally["written"], tally["spilled"],
+                                      tally["moved"], tally["rows"] - tally["written"])
+        except Exception as exc:        # metrics never fail a write
+            log.debug("recording a routed write failed: %s", exc)
+
+    def _write(self, kind, write, delete, collection_name, layout, rows, timeout,
+               stray_partition, tally, **kwargs):
         try:
             rows, vectors = prepare_rows(kind, layout, rows, collection_name)
         except RowInputError as exc:
             raise RoutedDataError(str(exc)) from exc
+        tally["rows"] = len(rows)
         # where stored copies of the keys are, found before anything is written (a failure
         # here writes nothing and counts nothing against the size bound)
         old_parts = self.stored_partitions(layout, rows, timeout, stray_partition) \
             if needs_stored_lookup(kind, layout.storage) and not self.is_lite() else {}
         clusters, sizes = self._place(layout, vectors)
+        if sizes is not None and self.metrics.enabled:      # rows the bound sent elsewhere
+            tally["spilled"] = int((clusters != nearest_clusters(layout, vectors)).sum())
         plan = plan_write(layout, rows, clusters)
         total, cost, ids, done = 0, 0, [None] * len(plan.rows), []
         written: list[int] = []                 # rows of the batches that were written
@@ -218,11 +250,13 @@ class RoutedWrites:
                     ids[i] = pk
                 done.append(part)
                 written.extend(batch.rows)
+                tally["written"] = len(written)
         finally:
             if sizes is not None:
                 sizes.landed(clusters, written)
         try:
-            self.delete_stale(delete, collection_name, layout, plan.rows, clusters, old_parts, timeout)
+            tally["moved"] = self.delete_stale(delete, collection_name, layout, plan.rows,
+                                               clusters, old_parts, timeout)
         except Exception as exc:
             raise WriteError(f"{kind} into {collection_name!r} wrote all {len(plan.rows)} rows, but "
                              f"deleting the old copies of keys that moved to another partition "
@@ -274,10 +308,13 @@ class RoutedWrites:
 
     @staticmethod
     def delete_stale(delete: Callable, collection_name: str, layout: Layout, rows: list,
-                     clusters: np.ndarray, old_parts: dict, timeout=None) -> None:
+                     clusters: np.ndarray, old_parts: dict, timeout=None) -> int:
         """Delete the stale copy of every upserted key from partitions other than its new one
-        (:func:`.placement.stale_copies`)."""
+        (:func:`.placement.stale_copies`); returns the keys whose old copy was deleted."""
         pk = layout.primary_field
+        moved: set = set()
         for part, keys in stale_copies(layout, rows, clusters, old_parts).items():
             delete(collection_name, filter=f"{pk} in {key_list_literal(keys)}",
                    partition_name=part, timeout=timeout)
+            moved.update(keys)
+        return len(moved)
