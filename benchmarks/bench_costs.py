@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks.common import print_table, save, setup_logging
 from benchmarks.datasets import DATASETS
-from milvus_ltr_router.batching import CostModel
+from milvus_ltr_router.costs import CostModel
 from milvus_ltr_router.storage import CLUSTER_FIELD, cluster_filter
 
 log = logging.getLogger("benchmarks.costs")

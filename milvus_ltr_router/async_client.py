@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from pymilvus import AsyncMilvusClient, MilvusClient
 
-from .batching import CostModel
+from .costs import CostModel
 from .async_writes import AsyncRoutedWrites
 from .layout import Layout, has_stray_partition
 from .milvus_io import is_milvus_lite

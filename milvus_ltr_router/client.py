@@ -51,7 +51,7 @@ class RoutedMilvusClient(MilvusClient):
     routed writes into a size-bounded layout go by (default: ``reload_interval``;
     see :meth:`insert`); ``batch_planning`` (default True) lets queries of one search whose
     clusters overlap share a request (see :meth:`search`) under ``cost_model`` (a
-    :class:`.batching.CostModel`, the path of its JSON - ``benchmarks/bench_costs.py``
+    :class:`.costs.CostModel`, the path of its JSON - ``benchmarks/bench_costs.py``
     writes one for your server - or None: the model measured on Milvus 2.3.5).
     """
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_costs import TERMS, cluster_sets, design_row, fit_costs, planner_rows
-from milvus_ltr_router.batching import CostModel
+from milvus_ltr_router.costs import CostModel
 
 
 def synthetic_points(true: dict, noise: float = 0.0, seed: int = 0) -> list[dict]:
