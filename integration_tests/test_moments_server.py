@@ -16,8 +16,12 @@ def test_built_layout_moments_read_back_and_route_a_search(client, wordnet_layou
     layout = read_layout(client, built.collection)
     got = layout.moments
     assert got is not None and (got.n_clusters, got.dim, got.rank) == (64, 384, 32)
-    for k, v in built.moments.to_arrays().items():          # bit-exact through Milvus
-        np.testing.assert_array_equal(got.to_arrays()[k], v, err_msg=k)
+    # the build's moments, or those a retrain of this session's layout refreshed from its
+    # read-out (the same rows in another order: float sums differ in the last bits, a basis
+    # vector may flip sign); the bit-exact round trip is test_moments_of_wide_vectors...
+    q = fixture_data.queries[:500]
+    np.testing.assert_allclose(got.means, built.moments.means, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.spread(q), built.moments.spread(q), rtol=1e-3, atol=1e-6)
     np.testing.assert_array_equal(got.sizes, layout.sizes)
     assert int(got.sizes.sum()) == 20_000
     # the moments of the rows as they sit in the clusters, computed here
@@ -28,7 +32,6 @@ def test_built_layout_moments_read_back_and_route_a_search(client, wordnet_layou
     want = cluster_moments(np.concatenate(vecs), np.concatenate(parts), 64, anchors=layout.centroids)
     np.testing.assert_array_equal(got.sizes, want.sizes)
     np.testing.assert_allclose(got.means, want.means, rtol=0, atol=1e-6)
-    q = fixture_data.queries[:500]
     np.testing.assert_allclose(got.spread(q), want.spread(q), rtol=1e-3, atol=1e-6)
     # the moment router routes a search: the probed partitions hold the best rows at least
     # as often as the centroids' choice
