@@ -14,8 +14,8 @@ def test_overheads_benchmark_runs(tmp_path):
 
 def test_quality_benchmark_runs(tmp_path):
     from benchmarks import bench_quality
-    assert bench_quality.main(["--quick", "--out", str(tmp_path)]) == 0
-    out = json.loads((tmp_path / "quality_fixture_quick.json").read_text())
+    assert bench_quality.main(["--quick", "--rows", "labels", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "quality_fixture_quick_labels.json").read_text())
     routers = {r["router"] for r in out["results"][0]["fixed"]}
     assert routers == {"centroid", "learned top-1", "learned top-10", "learned top-10 mixed"}
     adaptive = {r["router"] for r in out["results"][0]["adaptive"]}
@@ -23,7 +23,76 @@ def test_quality_benchmark_runs(tmp_path):
     assert {(r["router"], r["fixed_router"]) for r in out["adaptive_savings"]} >= {
         ("learned top-10 mixed", "learned top-10 mixed"),
         ("learned top-10", "learned top-1")}
-    assert (tmp_path / "quality_fixture_quick_spherical.png").exists()
+    assert (tmp_path / "quality_fixture_quick_labels_spherical.png").exists()
+    assert "moments" not in out["results"][0]
+
+
+def test_quality_benchmark_moment_rows(tmp_path):
+    """Issue 20's rows on a tiny unit-norm slice of the fixture: every router at every nprobe,
+    clusters needed, served cost, and ONNX routing as numpy does."""
+    from threadpoolctl import threadpool_limits
+    from benchmarks import bench_quality
+    with threadpool_limits(1):      # per-cluster eigh / small matmuls: extra BLAS threads only contend
+        assert bench_quality.main(["--quick", "--rows", "moments", "--normalize", "--algorithm",
+                                   "spherical", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "quality_fixture_unit_quick_moments_spherical.json").read_text())
+    assert out["normalize"] and out["rows"] == "moments"
+    res = out["results"][0]
+    m = res["moments"]
+    routers = {"centroid", "learned (retrain)", "moments c=1", "moments c tuned", "learned+moments",
+               "moments c=1, full covariance", "moments c=1, r32 every cluster",
+               "moments c=1, r32/m32", "moments c=1, r16/m64"}
+    assert {r["router"] for r in m["fixed"]} == routers
+    assert {r["nprobe"] for r in m["fixed"]} >= {1, 2, m["val_nprobe"]}
+    assert str(m["optimism"]) in m["optimism_grid"]           # JSON keys are strings
+    needed = {r["router"]: r for r in m["needed"]}
+    assert set(needed) == routers
+    for name in ("centroid", "learned (retrain)", "moments c=1", "moments c tuned", "learned+moments"):
+        row = needed[name]
+        assert 1 <= row["fixed@0.9"] <= row["fixed@0.95"] <= res["L"]
+        assert row["onnx_ms"] > 0 and row["onnx_ms_batch32"] > 0 and row["numpy_ms"] > 0
+        assert row["onnx_same_clusters"] >= 0.95          # what is served routes as numpy does
+        assert row["adaptive@0.9"] > 0
+    assert needed["learned (retrain)"]["vs_learned@0.9"] == 0
+    assert "onnx_ms" not in needed["moments c=1, full covariance"]
+    # the curves agree with routing_quality at the fixed nprobes
+    fixed = {(r["router"], r["nprobe"]): r for r in res["fixed"]}
+    for r in m["fixed"]:
+        if r["router"] == "centroid" and ("centroid", r["nprobe"]) in fixed:
+            assert r["recall@10"] == pytest.approx(fixed["centroid", r["nprobe"]]["recall@10"])
+            assert r["top1"] == pytest.approx(fixed["centroid", r["nprobe"]]["top1"])
+    assert (tmp_path / "quality_fixture_unit_quick_moments_spherical_spherical_moments.png").exists()
+
+
+def test_quality_curves_match_routing_quality():
+    import numpy as np
+    from benchmarks.bench_quality import quality_curves
+    from milvus_ltr_router.evaluate import routing_quality
+    from milvus_ltr_router.labels import Neighbours
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((50, 12))
+    parts = rng.integers(0, 12, (50, 10))
+    parts[3, 5:] = -1                                  # a query with fewer neighbours
+    tied = np.zeros(50, bool)
+    tied[7] = True
+    nb = Neighbours(np.zeros_like(parts), np.zeros(parts.shape, np.float32), parts, tied)
+    top1, recall = quality_curves(scores, nb)
+    order = np.argsort(-scores, axis=1)
+    for n in range(1, 13):
+        q = routing_quality(order[:, :n], nb)
+        assert top1[n - 1] == pytest.approx(q.top1_accuracy)
+        assert recall[n - 1] == pytest.approx(q.recall)
+
+
+def test_overheads_benchmark_moment_routers(tmp_path):
+    from benchmarks import bench_overheads
+    assert bench_overheads.main(["--quick", "--moments-only", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "overheads_moments_quick.json").read_text())
+    rows = out["moment_routing"]
+    assert {r["router"] for r in rows} == {"linear", "moments r16/m32", "moments r16/all",
+                                           "moments r32/m32", "moments r32/all"}
+    assert {r["batch"] for r in rows} == {1, 32}
+    assert all(r["ms_per_query"] > 0 for r in rows)
 
 
 def test_layout_benchmark_runs_on_lite(tmp_path):
