@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,8 +27,10 @@ DEFAULT_MODEL_DIR = "onnx_models"
 @dataclass(frozen=True)
 class Command:
     """One ``milvus-ltr-router`` command: its ``--help`` texts, ``add_arguments(parser)``,
-    ``preflight(args)`` (checks before any work; a failure exits 2) and ``run(args)`` (the
-    exit code)."""
+    ``preflight(args)`` (checks before any work; a failure exits 2), ``run(args)`` (the
+    exit code) and ``after(args, exit_code, started)`` (called once the command ended, whatever
+    its outcome, with the exit code it ends with and its start in unix seconds: retrain's
+    ``--metrics-file``; what it raises is logged, never changes the exit code)."""
 
     name: str
     summary: str
@@ -36,6 +39,7 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     preflight: Callable[[argparse.Namespace], None] | None = None
     epilog: str | None = None
+    after: Callable[[argparse.Namespace, int, float], None] | None = None
 
 
 def parse_duration(text: str) -> float:
@@ -190,15 +194,27 @@ def run(command: Command, args, preflight: bool = True) -> int:
     from ..errors import LtrRouterError, exit_code
     setup_logging(args.verbose)
     log = logging.getLogger("milvus-ltr-router")
+    started, code = time.time(), 1          # an error that escapes (a bug) exits 1
     try:
         if getattr(args, "uri", None) is not None:
             check_uri(args.uri)
         if preflight and command.preflight is not None:
             command.preflight(args)
-        return command.run(args)
+        code = command.run(args)
+        return code
     except (LtrRouterError, MilvusException, OSError, ValueError) as exc:
         log.error("%s", error_message(exc, args))
-        return exit_code(exc)
+        code = exit_code(exc)
+        return code
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    finally:
+        if command.after is not None:
+            try:
+                command.after(args, code, started)
+            except Exception as exc:  # noqa: BLE001 - must not change the outcome it reports
+                log.error("%s: %s: %s", command.name, type(exc).__name__, exc)
 
 
 def error_message(exc: BaseException, args) -> str:

@@ -11,7 +11,8 @@ from .common import (Command, HelpFormatter, connected, connection_args, model_d
 RETRAIN_EPILOG = """\
 example (cron, nightly):
   15 3 * * *  retrain-router --uri http://milvus:19530 --collection docs_ivf --since 7d \\
-              --model-dir /srv/onnx_models --report /srv/onnx_models/reports
+              --model-dir /srv/onnx_models --report /srv/onnx_models/reports \\
+              --metrics-file /var/lib/node_exporter/textfile/retrain_docs_ivf.prom
 
 top-1 accuracy: share of held-out queries whose exact nearest neighbour lies in a probed
 partition; recall@k: share of each query's exact top-k neighbours lying in probed partitions.
@@ -84,6 +85,11 @@ def retrain_args(p: argparse.ArgumentParser) -> None:
                    help="write a JSON and PNG report into this directory (default: none)")
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON instead of a table")
+    p.add_argument("--metrics-file", metavar="FILE.prom",
+                   help="after every run, whatever its outcome, write its metrics here in the "
+                        "Prometheus textfile-collector format (atomically; for node_exporter's "
+                        "--collector.textfile.directory; docs/metrics.md lists them) "
+                        "(default: none)")
 
 
 #: What each row of the retrain table is (its routers, in the table's order).
@@ -123,8 +129,12 @@ def run_retrain(args) -> int:
     validate_config(cfg)            # bad options exit 2 before Milvus is even contacted
     if args.report:
         check_output_dir(args.report, "--report")
+    if args.metrics_file:
+        from ..jobmetrics import check_metrics_path
+        check_metrics_path(args.metrics_file)
     with connected(args) as client:
         result = retrain(client, cfg)
+    args.retrain_result = result    # for write_metrics_file, once the exit code is known
     if args.report:
         try:
             result.report_paths = write_report(result, args.report)
@@ -145,11 +155,29 @@ def run_retrain(args) -> int:
     return EXIT_OK
 
 
+def write_metrics_file(args, code: int, started: float) -> None:
+    """``--metrics-file``: the run's metrics (:mod:`..jobmetrics`), on every outcome. A file
+    that cannot be written is logged and leaves the exit code as it is (the metrics' last-run
+    timestamp then goes stale, which is what an alert on it catches)."""
+    path = getattr(args, "metrics_file", None)
+    if not path:
+        return
+    import time
+    from ..jobmetrics import RunRecord, write_retrain_metrics
+    run = RunRecord(collection=args.collection, exit_code=code, started=started,
+                    finished=time.time(), result=getattr(args, "retrain_result", None),
+                    metric=getattr(args, "metric", "top1"))
+    try:
+        write_retrain_metrics(path, run)
+    except OSError as exc:
+        logging.getLogger("milvus-ltr-router").error("metrics not written to %s: %s", path, exc)
+
+
 RETRAIN = Command(
     "retrain", "the cron job (same as the retrain-router command)",
     "Retrain the collection's router from its query log (or a query file); publish it\n"
     "only if it beats the live router and centroid routing.",
-    retrain_args, run_retrain, epilog=RETRAIN_EPILOG)
+    retrain_args, run_retrain, epilog=RETRAIN_EPILOG, after=write_metrics_file)
 
 
 def retrain_parser() -> argparse.ArgumentParser:
