@@ -87,8 +87,32 @@ def format_status(status: dict) -> str:
                                            f"stopping model {yes[router['stopping_model']]}, "
                                            f"adaptive head {yes[router['adaptive_head']]}"))
     lines.append(("versions kept", ", ".join(status["versions"]) or "none"))
+    lines.append(("live recall", live_recall_text(status.get("live_recall"))))
     width = max(len(key) for key, _ in lines)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in lines)
+
+
+def live_recall_text(live: dict | None) -> str:
+    """``status``'s live recall line, from ``status --json``'s ``live_recall``."""
+    from ..live_stats import describe_estimate
+    if not live:
+        return "none published (clients with recall_sample= publish it to the model dir)"
+    clients = live["clients"]
+    used = [c for c in clients if c["current"] and not c["stale"]]
+    if not live["estimates"]:
+        why = []
+        if any(c["stale"] for c in clients):
+            why.append(f"{sum(c['stale'] for c in clients)} stale")
+        if any(not c["current"] for c in clients):
+            why.append(f"{sum(not c['current'] for c in clients)} for another router or layout")
+        if live.get("unreadable"):
+            why.append(f"{len(live['unreadable'])} unreadable")
+        if used and not why:
+            why.append("no sampled search audited yet")
+        return f"no current estimate ({', '.join(why)} of {len(clients)} client record(s))"
+    newest = min(c["age_s"] for c in used)
+    return "; ".join(describe_estimate(e) for e in live["estimates"]) + \
+        f" (from {len(used)} client{'' if len(used) == 1 else 's'}, newest {newest:.0f} s ago)"
 
 
 def router_info(registry, layout) -> tuple[dict, object]:
@@ -125,6 +149,7 @@ def router_info(registry, layout) -> tuple[dict, object]:
 def run_status(args) -> int:
     from ..clustering import size_summary
     from ..layout import cluster_sizes, read_layout
+    from ..live_stats import describe_estimate, read_live_recall
     from ..querylog import log_size
     from ..registry import ModelRegistry
     from ..repair import stray_rows
@@ -136,6 +161,8 @@ def run_status(args) -> int:
         strays = stray_rows(client, lay)
     registry = ModelRegistry(args.model_dir)
     info, current = router_info(registry, lay)
+    live_recall = read_live_recall(args.model_dir, lay.collection, layout_id=lay.layout_id,
+                                   version=info["version"] if info.get("usable") else None)
     status = {"collection": lay.collection, "uri": args.uri, "model_dir": str(args.model_dir),
               "router_dir": str(registry.collection_dir(lay.collection)),
               "router_dir_exists": registry.collection_dir(lay.collection).is_dir(),
@@ -145,7 +172,7 @@ def run_status(args) -> int:
               "storage": storage_status(lay.storage), "rows_live": int(live.sum()),
               "cluster_sizes": size_summary(live), "rows_outside_layout": strays,
               "router": info, "logged_queries": n_logged,
-              "versions": registry.versions(lay.collection)}
+              "versions": registry.versions(lay.collection), "live_recall": live_recall}
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -159,6 +186,12 @@ def run_status(args) -> int:
               f"(written around the plugin); routed searches include them until 'milvus-ltr-router "
               f"repair-layout --collection {lay.collection}' moves them into their clusters",
               file=sys.stderr)
+    for e in (live_recall or {}).get("estimates", []):
+        if e["below_target"]:
+            print(f"warning: live {describe_estimate(dict(e, below_target=False))} of "
+                  f"{lay.collection!r}: below the target by more than its interval; queries or "
+                  f"data drifted from what the router was calibrated on: retrain the router "
+                  f"(and repair-layout if rows were written around the layout)", file=sys.stderr)
     return EXIT_OK
 
 
