@@ -72,6 +72,25 @@ def test_a_real_estimator_round_trips(tmp_path):
     assert e["below_target"] == ref.below_target is True
 
 
+def test_a_real_auditor_status_publishes(tmp_path):
+    """The shape serving.LiveRecall.status() gives: {"sample_rate", **RecallAuditor.status()}."""
+    from milvus_ltr_router.live_recall import RecallAuditor, RecallJob
+    auditor = RecallAuditor(lambda job: [1, 2, 3, 4])
+    try:
+        for served in ([1, 2, 3, 4], [1, 2, 9, 9]):
+            auditor.submit(RecallJob("docs", [0.0], served, limit=4, recall_target=0.9))
+        assert auditor.flush()
+        status = {"collection": "docs", "mode": "moments", "version": None, "layout_id": "L",
+                  "live_recall": {"sample_rate": 0.5, **auditor.status("docs")}}
+    finally:
+        auditor.close()
+    path = ls.publish_live_recall(tmp_path, "docs", status, client_id="x")
+    record = json.loads(path.read_text())
+    assert record["counts"]["done"] == 2 and record["sample_rate"] == 0.5
+    (e,) = ls.read_live_recall(tmp_path, "docs", version=None, layout_id="L")["estimates"]
+    assert (e["recall"], e["n"], e["k"], e["recall_target"]) == (0.75, 2, 4, 0.9)
+
+
 def test_nothing_is_published_while_sampling_is_off(tmp_path):
     assert ls.publish_live_recall(tmp_path, "docs", None) is None
     off = router_status()
