@@ -20,26 +20,28 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import MilvusClient
 
 from .clustering import (assign_balanced, balanced_capacity, check_algorithm, default_n_clusters,
                          fit_centroids, refine_centroids, resolve_sample_size)
-from .columns import Columns, concat_columns, n_rows_of
+from .columns import Columns, concat_columns, n_rows_of, take_rows
 from .labels import check_metric
-from .layout import (Layout, LayoutError, drop_layout, layout_collection_name, new_layout_id,
+from .keyed_sampling import keyed_sample
+from .layout import (Layout, LayoutError, layout_collection_name, new_layout_id,
                      partition_names_for, point_alias, utc_now, write_layout_meta, write_moments)
-from .milvus_io import DEFAULT_PARTITION, SERVER_PARTITION_LIMIT, count_rows, is_milvus_lite
+from .milvus_io import SERVER_PARTITION_LIMIT, count_rows, is_milvus_lite
 from .moments import MomentAccumulator
 from .progress import ProgressCounter
-from .sampling import reservoir_sample
 from .scan import SCAN_ROWS, iter_columns
-from .schema import CollectionInfo, clone_schema, describe, vector_index_params
+from .schema import CollectionInfo, describe
 from .spill import ClusterSpill, RowSpill
 from .storage import (CLUSTER_FIELD, StorageError, check_clustering_key_support, choose_mode,
                       default_groups, group_clusters, make_storage)
+from .switch import set_stamp
+from .target import create_target
 from .writer import WRITE_BYTES, ParallelWriter, request_rows
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class BuildReport:
     empty_partitions: list[str]
     seconds: dict[str, float]        # read / cluster / refine / assign / write / index_load /
                                      # moments / verify
+    switch: dict | None = None       # a layout in use replaced (:mod:`.rebuild`): what was done
 
     @property
     def moment_seconds(self) -> float:
@@ -70,7 +73,9 @@ class BuildReport:
 class _Plan:
     """A build request checked against the source and the server."""
     source: str                      # as asked (maybe an alias)
-    info: CollectionInfo             # the source's schema facts (aliases resolved)
+    target: str
+    info: CollectionInfo             # schema facts of what is read (aliases resolved; a live
+                                     # layout's without its cluster field)
     metric: str
     algorithm: str
     mode: str                        # storage mode
@@ -80,6 +85,7 @@ class _Plan:
     sample_size: int | None          # rows sampled for k-means (None: clusters reused)
     refine_passes: int               # Lloyd passes over the whole source (0 when reused)
     clusters_from: Layout | None
+    live: str | None = None          # the laid-out collection read instead of the source
 
 
 def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int | None = None,
@@ -91,7 +97,8 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
                  clustering_key: bool = False, clusters_from: Layout | None = None,
                  spill_dir: str | None = None, refine_passes: int = 0,
                  max_cluster_ratio: float | None = None, readers: int = 2,
-                 writers: int = 2, request_bytes: int = WRITE_BYTES) -> BuildReport:
+                 writers: int = 2, request_bytes: int = WRITE_BYTES, from_source: bool = False,
+                 switch_grace: float = 0.5) -> BuildReport:
     """Cluster ``source`` into a new collection ``target`` stored by cluster, and store its layout.
 
     The source is read once, column-wise with ``readers`` requests of about
@@ -112,12 +119,45 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
     layout to another storage mode without retraining). ``alias``, when given,
     is pointed at the new collection once it is verified, so applications
     switch atomically.
+
+    Replacing a layout in use (``overwrite`` of a laid-out ``target``, or an ``alias`` that
+    names a laid-out collection now) reads that collection rather than the source (it holds
+    what applications wrote through the routed client; ``from_source=True`` reads the
+    source), builds under another name and switches only once the new collection is
+    verified and caught up: see :mod:`.rebuild`. ``report.switch`` says what it did.
     """
+    from .rebuild import live_collection, replace_layout, staging_name
+    live = None if from_source else live_collection(client, target, alias, overwrite)
     plan = _plan(client, source, target, n_clusters=n_clusters, algorithm=algorithm,
                  sample_size=sample_size, metric=metric, vector_field=vector_field,
                  overwrite=overwrite, max_partitions=max_partitions, storage=storage,
                  clustering_key=clustering_key, clusters_from=clusters_from,
-                 refine_passes=refine_passes, max_cluster_ratio=max_cluster_ratio)
+                 refine_passes=refine_passes, max_cluster_ratio=max_cluster_ratio, live=live)
+    build_name = staging_name(client, target) if client.has_collection(target) else target
+
+    def build() -> BuildReport:
+        return _build(client, plan, build_name, seed=seed, max_iter=max_iter, groups=groups,
+                      clustering_key=clustering_key, index=index, spill_dir=spill_dir,
+                      max_cluster_ratio=max_cluster_ratio, batch_size=batch_size, readers=readers,
+                      writers=writers, request_bytes=request_bytes)
+
+    if live is None and build_name == target:
+        report = build()
+        set_stamp(client, target, layout_id=report.layout.layout_id)
+        if alias:
+            point_alias(client, alias, target)
+        return report
+    key_type = next(f["type"] for f in plan.info.fields if f["name"] == plan.info.primary_field)
+    return replace_layout(client, target=target, build_name=build_name, live=live, alias=alias,
+                          overwrite=overwrite, build=build, key_type=key_type,
+                          grace=switch_grace)
+
+
+def _build(client: MilvusClient, plan: _Plan, name: str, *, seed: int, max_iter: int,
+           groups: int | None, clustering_key: bool, index: dict | None, spill_dir: str | None,
+           max_cluster_ratio: float | None, batch_size: int, readers: int, writers: int,
+           request_bytes: int) -> BuildReport:
+    """The pipeline (stages 2-6) writing the layout into the new collection ``name``."""
     seconds: dict[str, float] = {}
     spill = RowSpill(spill_dir)
     try:
@@ -125,23 +165,21 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
         centroids, names, clustering_id = _fit_clusters(plan, sample, seed, max_iter, seconds)
         del sample                  # up to every vector of the source: freed before the passes below
         centroids = _refine(plan, spill, centroids, seconds)
-        layout = _new_layout(target, plan, centroids, names, clustering_id, groups, seed,
+        layout = _new_layout(name, plan, centroids, names, clustering_id, groups, seed,
                              clustering_key)
         try:
-            seconds.update(_write_target(client, plan, layout, spill, overwrite, index, spill_dir,
-                                         max_cluster_ratio, writers, request_bytes))
+            seconds.update(_write_target(client, plan, layout, spill, name != plan.target, index,
+                                         spill_dir, max_cluster_ratio, writers, request_bytes))
             t0 = time.perf_counter()
             empty = _verify(client, layout, plan.n_rows)
             seconds["verify"] = time.perf_counter() - t0
         except Exception as exc:
             raise LayoutError(
-                f"building layout {target!r} failed: {exc}. The source {source!r} is untouched; remove "
-                f"the partial target with: milvus-ltr-router drop-layout --collection {target} "
-                f"(drops {target!r} and {layout_collection_name(target)!r})") from exc
-        if alias:
-            point_alias(client, alias, target)
+                f"building layout {name!r} failed: {exc}. The source {plan.source!r} is untouched; "
+                f"remove the partial collection with: milvus-ltr-router drop-layout --collection "
+                f"{name} (drops {name!r} and {layout_collection_name(name)!r})") from exc
         log.info("layout %s: %d rows in %d clusters of %r, storage %s (%d partitions, %d empty clusters)",
-                 layout.layout_id, plan.n_rows, plan.n_clusters, target, plan.mode,
+                 layout.layout_id, plan.n_rows, plan.n_clusters, name, plan.mode,
                  layout.storage.n_groups, len(empty))
         return BuildReport(layout=layout, rows=plan.n_rows, empty_partitions=empty, seconds=seconds)
     finally:
@@ -153,13 +191,16 @@ def _plan(client: MilvusClient, source: str, target: str, *, n_clusters: int | N
           algorithm: str, sample_size, metric: str | None, vector_field: str | None,
           overwrite: bool, max_partitions: int | None, storage: str, clustering_key: bool,
           clusters_from: Layout | None, refine_passes: int,
-          max_cluster_ratio: float | None) -> _Plan:
+          max_cluster_ratio: float | None, live: str | None = None) -> _Plan:
     """Every check that can fail before a row is read, in the order a user meets them."""
     algorithm = check_algorithm(algorithm)
     info = describe(client, source, vector_field)
-    metric = check_metric(metric or info.metric or "IP")
     if source == target or info.name == target:
         raise LayoutError("target must differ from source: the source is never modified")
+    if live is not None:            # a rebuild reads the layout in use, not the source
+        info = describe(client, live, vector_field)
+        info.fields = [f for f in info.fields if f["name"] != CLUSTER_FIELD]
+    metric = check_metric(metric or info.metric or "IP")
     if client.has_collection(target) and not overwrite:
         raise LayoutError(f"target collection {target!r} already exists; choose another name or "
                           f"pass overwrite=True (--overwrite) to replace it")
@@ -191,9 +232,10 @@ def _plan(client: MilvusClient, source: str, target: str, *, n_clusters: int | N
             raise LayoutError(f"sample size: {exc}") from exc
     else:
         sample_size, refine_passes = None, 0
-    return _Plan(source=source, info=info, metric=metric, algorithm=algorithm, mode=mode, lite=lite,
-                 n_rows=n_rows, n_clusters=n_clusters, sample_size=sample_size,
-                 refine_passes=refine_passes, clusters_from=clusters_from)
+    return _Plan(source=source, target=target, info=info, metric=metric, algorithm=algorithm,
+                 mode=mode, lite=lite, n_rows=n_rows, n_clusters=n_clusters,
+                 sample_size=sample_size, refine_passes=refine_passes, clusters_from=clusters_from,
+                 live=live)
 
 
 def _storage_mode(client: MilvusClient, storage: str, lite: bool, clustering_key: bool) -> str:
@@ -240,21 +282,33 @@ def _read_source(client: MilvusClient, plan: _Plan, spill: RowSpill, batch_size:
     t0 = time.perf_counter()
     out_fields = info.field_names + (["*"] if info.enable_dynamic_field else [])
 
+    seen: set | None = set() if plan.live is not None else None
+
     def read(bar):
         for cols in iter_columns(client, info.name, out_fields, batch_size, readers=readers):
+            keys = np.asarray(cols[info.primary_field])
+            if seen is not None:    # a layout in use moves upserted rows while it is read
+                fresh = [i for i, k in enumerate(keys.tolist()) if k not in seen]
+                seen.update(keys.tolist())
+                if len(fresh) < len(keys):
+                    cols = take_rows(cols, np.asarray(fresh, dtype=np.int64))
+                    keys = keys[fresh]
             spill.add(cols)
             bar.update(n_rows_of(cols))
-            yield cols[info.vector_field]
+            yield keys, cols[info.vector_field]
 
     sample = None
     with ProgressCounter(plan.n_rows, "read", "rows") as bar:
         if plan.clusters_from is None:
-            sample = reservoir_sample(read(bar), plan.sample_size, seed)
+            # by key, not by read order: one seed on the same rows gives the same sample
+            sample = keyed_sample(read(bar), plan.sample_size, seed)
         else:
             for _ in read(bar):
                 pass
     seconds["read"] = time.perf_counter() - t0
-    if spill.rows != plan.n_rows:
+    if plan.live is not None:       # written while read: the catch-up brings the rest
+        plan.n_rows = spill.rows
+    elif spill.rows != plan.n_rows:
         raise LayoutError(f"read {spill.rows} rows of {plan.source!r} but it holds {plan.n_rows}: is "
                           f"it being written to? Build from a collection nobody writes")
     return sample
@@ -327,7 +381,7 @@ def _write_target(client: MilvusClient, plan: _Plan, layout: Layout, source: Row
         balanced_capacity(plan.n_rows, plan.n_clusters, max_cluster_ratio)
     if capacity is not None:
         layout.extra["max_cluster_ratio"] = max_cluster_ratio
-    _create_target(client, plan.info, layout, overwrite, index, plan.lite)
+    create_target(client, plan.info, layout, overwrite, index, plan.lite)
     t0 = time.perf_counter()
     spill = ClusterSpill(layout.n_clusters, source.rows, spill_dir)
     moments = MomentAccumulator.for_centroids(layout.centroids)
@@ -345,59 +399,6 @@ def _write_target(client: MilvusClient, plan: _Plan, layout: Layout, source: Row
         moment_s += _store_and_load(client, layout, computed)
     return {"assign": assign_s, "write": write_s, "index_load": time.perf_counter() - t0,
             "moments": moment_s}
-
-
-def _create_target(client: MilvusClient, info: CollectionInfo, layout: Layout, overwrite: bool,
-                   index: dict | None, lite: bool) -> None:
-    """The empty target: the source's fields (and the cluster id), indexes, partitions."""
-    target, storage = layout.collection, layout.storage
-    if client.has_collection(target) and overwrite:
-        drop_layout(client, target)
-    client.create_collection(target, schema=_target_schema(info, layout,
-                                                           _scalar_indexes(client, info)))
-    # indexes before the rows: segments are indexed as they seal, not all after the flush
-    client.create_index(target, vector_index_params(client, info.vector_field, layout.metric, index))
-    if storage.cluster_field is not None:
-        client.create_index(target, _cluster_index_params(client, storage.cluster_field, lite))
-    for name in storage.partitions:
-        if name == DEFAULT_PARTITION:
-            continue
-        try:
-            client.create_partition(target, name)
-        except Exception as exc:
-            if "partition" in str(exc).lower() and ("max" in str(exc).lower() or "limit" in str(exc).lower()):
-                raise LayoutError(f"server refused partition {name}: {exc}; raise "
-                                  f"rootCoord.maxPartitionNum (default 1024)") from exc
-            raise
-
-
-def _scalar_indexes(client: MilvusClient, info: CollectionInfo) -> list[str]:
-    """Names of the source's indexes on fields other than its vector field."""
-    names = []
-    try:
-        for name in client.list_indexes(info.name):
-            field = (client.describe_index(info.name, name) or {}).get("field_name")
-            if field != info.vector_field:
-                names.append(name)
-    except Exception as exc:            # only for a warning: never fail a build on it
-        log.debug("could not list the indexes of %r: %s", info.name, exc)
-    return names
-
-
-def _target_schema(info: CollectionInfo, layout: Layout, scalar_indexes: Sequence[str] = ()):
-    schema = clone_schema(info, scalar_indexes)
-    if layout.storage.cluster_field is not None:
-        extra = {"is_clustering_key": True} if layout.storage.clustering_key else {}
-        schema.add_field(layout.storage.cluster_field, DataType.INT64,
-                         description="milvus-ltr-router cluster id", **extra)
-    return schema
-
-
-def _cluster_index_params(client, field: str, lite: bool):
-    """STL_SORT on the cluster id (milvus-lite implements INVERTED only)."""
-    params = client.prepare_index_params()
-    params.add_index(field_name=field, index_type="INVERTED" if lite else "STL_SORT")
-    return params
 
 
 def _assign_rows(layout: Layout, source: RowSpill, spill: ClusterSpill, vector_field: str,

@@ -29,7 +29,8 @@ from pymilvus import DataType, MilvusClient
 from .clustering import as_vector_batch, assign_clusters
 from .deprecation import moved_names
 from .errors import OperationalError
-from .milvus_io import DEFAULT_PARTITION, CollectionError, count_rows, ensure_loaded, is_milvus_lite
+from .milvus_io import (DEFAULT_PARTITION, CollectionError, count_rows, ensure_loaded,
+                        is_milvus_lite, snapshot_timestamp)
 from .moment_store import load_moments, store_moments
 from .moments import ClusterMoments
 from .scan import iter_columns
@@ -354,7 +355,10 @@ def has_layout(client: MilvusClient, collection: str) -> bool:
 
 
 def point_alias(client: MilvusClient, alias: str, collection: str) -> None:
-    """Create ``alias`` or move it to ``collection`` (one atomic switch for applications)."""
+    """Create ``alias`` or move it to ``collection`` (one atomic switch for applications).
+
+    An alias that exists is moved, also where it was created between the look and the
+    create (or ``describe_alias`` could not say)."""
     try:
         existing = client.describe_alias(alias)
     except Exception:
@@ -362,7 +366,12 @@ def point_alias(client: MilvusClient, alias: str, collection: str) -> None:
     if existing:
         client.alter_alias(collection, alias)
     else:
-        client.create_alias(collection, alias)
+        try:
+            client.create_alias(collection, alias)
+        except Exception as exc:
+            if "exist" not in str(exc).lower():
+                raise
+            client.alter_alias(collection, alias)
     log.info("alias %r now points at %r", alias, collection)
 
 
@@ -370,18 +379,27 @@ def drop_layout(client: MilvusClient, collection: str) -> None:
     """Drop a laid-out collection, its layout metadata and its moments (never called on a
     source)."""
     for name in (collection, layout_collection_name(collection),
-                 moments_collection_name(collection)):
+                 moments_collection_name(collection), f"{collection}__ltr_journal"):
         if client.has_collection(name):
             client.drop_collection(name)
 
 
 # --------------------------------------------------------------------------- live cluster sizes
 def partition_sizes(client: MilvusClient, collection: str, names: Sequence[str]) -> np.ndarray:
-    """Live row count of each partition (server statistics; flush first for exact counts).
+    """Live row count of each partition, rows not flushed yet included.
 
-    Not ``count(*)`` with ``partition_names``: milvus-lite ignores the partition there.
+    On a server one ``count(*)`` per partition, all at one snapshot timestamp (so the counts
+    add up to one moment's total); partition statistics would leave out unflushed rows. On
+    milvus-lite, which ignores ``partition_names`` in ``count(*)``, its partition statistics
+    (exact there).
     """
-    return np.asarray([int(client.get_partition_stats(collection, p)["row_count"]) for p in names],
+    if is_milvus_lite(client):
+        return np.asarray([int(client.get_partition_stats(collection, p)["row_count"])
+                           for p in names], dtype=np.int64)
+    ts = snapshot_timestamp()
+    return np.asarray([int(client.query(collection, filter="", output_fields=["count(*)"],
+                                        partition_names=[p], consistency_level="Customized",
+                                        guarantee_timestamp=ts)[0]["count(*)"]) for p in names],
                       dtype=np.int64)
 
 

@@ -36,6 +36,7 @@ from .registry import ModelRegistry, retry_delay
 from .repair import stray_rows
 from .router import BaseRouter, CentroidRouter, MomentRouter, Router, RouterError
 from .storage import DEFAULT_PARTITION, storage_status
+from .switch import read_stamp, register_table
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,12 @@ class RoutingTable:
         self._routing: dict[str, tuple[Routing | None, float]] = {}   # name -> (state, checked)
         self._lock = threading.Lock()
         self._strays: dict[str, tuple[int, float]] = {}   # collection -> (_default rows, checked)
+        # the layout behind each name is checked this often (one describe_collection: see
+        # :mod:`.switch`), more often than routers are reloaded; a routed write that meets a
+        # new layout tells the table at once (:func:`.switch.layout_changed`)
+        self.layout_check_interval = min(1.0, reload_interval)
+        self._stamped: dict[str, float] = {}               # collection -> last layout check
+        register_table(client, self)
 
     def state(self, collection: str) -> Routing | None:
         """Current routing of ``collection`` (None: no layout), re-checked every interval.
@@ -163,11 +170,16 @@ class RoutingTable:
         in-flight searches keep the router they started with.
         """
         cached = self._routing.get(collection)
+        moved = False                   # the layout behind the name is not the cached one
         if cached is not None and time.monotonic() - cached[1] < self.reload_interval:
-            return cached[0]
+            if cached[0] is None or self._layout_current(collection, cached[0]):
+                return cached[0]
+            moved = True
         with self._lock:
-            cached = self._routing.get(collection)
-            if cached is None or time.monotonic() - cached[1] >= self.reload_interval:
+            now = self._routing.get(collection)
+            moved = moved and now is cached     # else another thread has re-read it
+            cached = now
+            if moved or cached is None or time.monotonic() - cached[1] >= self.reload_interval:
                 try:
                     state = self._refresh(collection, cached[0] if cached else None)
                 except Exception as exc:
@@ -184,6 +196,22 @@ class RoutingTable:
                 self._routing[collection] = cached
             return cached[0]
 
+    def _layout_current(self, collection: str, state: Routing) -> bool:
+        """Whether ``state``'s layout is still the one behind ``collection``: checked at most
+        every ``layout_check_interval`` seconds by the collection's stamp (one metadata call;
+        an unreadable or unstamped collection counts as unchanged until the full re-check)."""
+        now = time.monotonic()
+        if now - self._stamped.get(collection, 0.0) < self.layout_check_interval:
+            return True
+        self._stamped[collection] = now
+        try:
+            stamp = read_stamp(self.client, collection)
+        except Exception:
+            return True
+        if stamp.name != state.layout.collection:
+            return False
+        return stamp.layout_id is None or stamp.layout_id == state.layout.layout_id
+
     def forget(self, collection: str) -> None:
         """Read ``collection``'s routing again at its next use (and every count of rows
         outside a layout)."""
@@ -196,7 +224,7 @@ class RoutingTable:
         if name is None:
             return None
         if old is not None and old.layout.collection == name and \
-                current_layout_id(self.client, name) == old.layout.layout_id:
+                self._stored_layout_id(name) == old.layout.layout_id:
             layout = old.layout
         else:
             layout = read_layout(self.client, collection)
@@ -208,6 +236,16 @@ class RoutingTable:
                 (not old.failures or time.monotonic() < old.retry_at):
             return old                  # unchanged; an error state is re-read after its backoff
         return self.load_router(layout, stamp, old)
+
+    def _stored_layout_id(self, name: str) -> str | None:
+        """The id of the layout stored in ``name``: its stamp, else its metadata row."""
+        try:
+            stamp = read_stamp(self.client, name)
+            if stamp.layout_id is not None:
+                return stamp.layout_id
+        except Exception:
+            pass
+        return current_layout_id(self.client, name)
 
     def load_router(self, layout: Layout, stamp, old: Routing | None = None) -> Routing:
         """The published router for ``layout``, or the layout's training-free router

@@ -17,14 +17,16 @@ from pymilvus.client.types import OmitZeroDict
 from pymilvus.exceptions import DataNotMatchException
 
 from .errors import InputError, OperationalError
-from .layout import Layout, cluster_sizes
+from .layout import Layout, cluster_sizes, read_layout
 from .metrics import NULL_METRICS, NullMetrics
-from .milvus_io import key_list_literal, snapshot_timestamp
+from .milvus_io import key_list_literal
 from .placement import (ClusterSizes, RowInputError, every_partition, guess_partitions, locate_keys,
                         nearest_clusters, needs_stored_lookup, place_rows, plan_write,
                         prepare_rows, rows_of, size_bound_ratio, stale_copies,
                         stored_partitions_by_cluster)
 from .storage import DEFAULT_PARTITION
+from .switch import (REBUILDING, Stamp, journal_keys, layout_changed, read_stamp,
+                     wait_writable)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class RoutedWrites:
         self.metrics = metrics
         self._sizes: dict[str, tuple[ClusterSizes, threading.Lock]] = {}  # collection -> (sizes, reading)
         self._lock = threading.Lock()
+        self._layouts: dict[tuple, Layout] = {}     # (collection, layout id) -> layout met by a write
+        self.switch_timeout = 300.0                 # seconds a write waits for a layout switch
 
     # ------------------------------------------------------------------ size bound
     def _bound(self, layout: Layout) -> tuple[ClusterSizes, threading.Lock] | None:
@@ -151,18 +155,9 @@ class RoutedWrites:
         sizes.finish_read(self.live_cluster_sizes(layout), done, started)
 
     def live_cluster_sizes(self, layout: Layout) -> np.ndarray:
-        """Rows in each cluster now, including rows not flushed yet.
-
-        On a server, partition statistics leave out rows not flushed yet, so partition storage
-        is counted by ``count(*)`` per partition at one snapshot timestamp; the field storage
-        modes read only the cluster-id column (:func:`.layout.cluster_sizes`)."""
-        if layout.storage.cluster_field is None and not self.is_lite():
-            ts = snapshot_timestamp()
-            return np.asarray([int(self.client.query(layout.collection, filter="",
-                                                     output_fields=["count(*)"], partition_names=[p],
-                                                     consistency_level="Customized",
-                                                     guarantee_timestamp=ts)[0]["count(*)"])
-                               for p in layout.partition_names], dtype=np.int64)
+        """Rows in each cluster now, including rows not flushed yet
+        (:func:`.layout.cluster_sizes`: one snapshot ``count(*)`` per partition, or the
+        cluster-id column)."""
         return cluster_sizes(self.client, layout)
 
     # ------------------------------------------------------------------ writes
@@ -188,12 +183,96 @@ class RoutedWrites:
             return write(collection_name, rows, timeout=timeout, **kwargs)
         tally = {"rows": len(rows), "written": 0, "spilled": 0, "moved": 0}
         try:
-            out = self._write(kind, write, delete, collection_name, layout, rows, timeout,
-                              stray_partition, tally, **kwargs)
+            out = self._switch_safe(kind, write, delete, collection_name, layout, rows, timeout,
+                                    stray_partition, tally, **kwargs)
         except BaseException:
             self._record_write(layout.collection, tally)
             raise
         self._record_write(layout.collection, tally)
+        return out
+
+    # ------------------------------------------------------------------ layout switches
+    def _writable(self, collection_name: str, layout: Layout) -> tuple[Stamp, Layout]:
+        """The stamp of ``collection_name`` once it can be written (:mod:`.switch`; waits
+        while a switch is under way) and the layout stored in it: ``layout`` when it is
+        still the one there, else the new one, read now (and the routing table told)."""
+        for attempt in range(20):
+            try:
+                stamp = read_stamp(self.client, collection_name)
+            except Exception:           # e.g. between the two renames of a swap
+                stamp = wait_writable(self.client, collection_name, self.switch_timeout)
+            if not stamp.writable:
+                stamp = wait_writable(self.client, collection_name, self.switch_timeout)
+            if stamp.name == layout.collection and stamp.layout_id in (None, layout.layout_id):
+                return stamp, layout
+            new = self._layouts.get((stamp.name, stamp.layout_id))
+            if new is None:
+                new = read_layout(self.client, stamp.name)
+                if stamp.layout_id is not None and new.layout_id != stamp.layout_id:
+                    time.sleep(0.05 * (attempt + 1))   # its metadata not there yet: look again
+                    continue
+                with self._lock:
+                    self._layouts = {k: v for k, v in self._layouts.items() if k[0] != stamp.name}
+                    self._layouts[(stamp.name, new.layout_id)] = new
+                log.info("routed writes into %r: layout %s of %r replaces %s of %r",
+                         collection_name, new.layout_id, new.collection, layout.layout_id,
+                         layout.collection)
+            layout_changed(self.client, collection_name)
+            return stamp, new
+        raise OperationalError(f"the layout behind {collection_name!r} kept changing while a "
+                               f"routed write read it; try again")
+
+    def _journal(self, stamp: Stamp, layout: Layout, rows: list) -> None:
+        if stamp.state == REBUILDING and stamp.journal:
+            pk = layout.primary_field
+            journal_keys(self.client, stamp.journal, [r[pk] for r in rows if pk in r])
+
+    def _peek(self, collection_name: str) -> Stamp | None:
+        try:
+            return read_stamp(self.client, collection_name)
+        except Exception:
+            return None
+
+    def _switch_safe(self, kind, write, delete, collection_name, layout, rows, timeout,
+                     stray_partition, tally, **kwargs):
+        """:meth:`_write` into the physical collection of the layout stored behind
+        ``collection_name`` now, safe across a layout switch (:mod:`.switch`): while a
+        rebuild reads the collection the keys are journaled before they are written; if a
+        switch began before the stamp is read again after the write, the rows are written
+        again, as an upsert, into the layout serving once the switch has ended."""
+        stamp, layout = self._writable(collection_name, layout)
+        for _ in range(3):
+            try:
+                self._journal(stamp, layout, rows)
+                break
+            except Exception:           # the journal went with a finished switch: look again
+                stamp, layout = self._writable(collection_name, layout)
+        out = self._write(kind, write, delete, stamp.name, layout, rows, timeout,
+                          stray_partition, tally, **kwargs)
+        for _ in range(10):
+            after = self._peek(collection_name)
+            if after == stamp:
+                return out
+            if after is not None and after.state == REBUILDING and \
+                    (after.name, after.layout_id) == (stamp.name, stamp.layout_id):
+                # a rebuild began reading while the rows were written: journal them now
+                # (then look once more: they count if the journal has them before it freezes)
+                try:
+                    self._journal(after, layout, rows)
+                    stamp = after
+                    continue
+                except Exception as exc:
+                    log.debug("journaling after the write failed: %s", exc)
+            # a switch began: once it has ended, write the rows again into what serves then
+            log.info("a layout switch of %r began during a routed %s; writing its %d rows again "
+                     "once it has ended", collection_name, kind, len(rows))
+            stamp, layout = self._writable(collection_name, layout)
+            self._journal(stamp, layout, rows)
+            client = self.client
+            redo = {"rows": 0, "written": 0, "spilled": 0, "moved": 0}
+            self._write("upsert", lambda *a, **k: MilvusClient.upsert(client, *a, **k),
+                        lambda *a, **k: MilvusClient.delete(client, *a, **k), stamp.name, layout,
+                        rows, timeout, stray_partition, redo, **kwargs)
         return out
 
     def _record_write(self, collection: str, tally: dict) -> None:

@@ -52,7 +52,13 @@ def build_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alias", help="point this alias at the new collection when done "
                                    "(default: no alias)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing TARGET (and its layout)")
+                   help="replace an existing TARGET (and its layout) without a gap: the new layout "
+                        "is built under another name, verified, caught up with writes made "
+                        "meanwhile and then switched to (aliases on TARGET follow)")
+    p.add_argument("--from-source", action="store_true",
+                   help="when replacing a layout in use (--overwrite, or --alias naming one), "
+                        "read SOURCE instead of that layout (default: the layout in use, which "
+                        "holds what applications wrote through the routed client)")
     p.add_argument("--max-partitions", type=int,
                    help="the server's rootCoord.maxPartitionNum if raised above its default "
                         "1024 (--storage partition only; default 1024)")
@@ -131,13 +137,20 @@ def run_build_layout(args) -> int:
                               max_partitions=args.max_partitions, storage=args.storage,
                               groups=args.groups, clustering_key=args.clustering_key,
                               refine_passes=args.refine_passes,
-                              max_cluster_ratio=args.max_cluster_ratio)
+                              max_cluster_ratio=args.max_cluster_ratio,
+                              from_source=args.from_source)
     lay = report.layout
     print(f"layout {lay.layout_id}: {report.rows} rows of {args.source!r} -> {lay.n_clusters} "
           f"clusters of {lay.collection!r} ({lay.algorithm}, {lay.metric}); storage "
           f"{lay.storage.mode} ({lay.storage.n_groups} partition(s)); "
           f"{len(report.empty_partitions)} empty clusters")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    sw = report.switch
+    if sw:
+        print(f"replaced {sw.get('live') or args.target!r} (read from it, built as "
+              f"{sw['built_as']!r}): {sw.get('copied', 0)} rows caught up, {sw.get('deleted', 0)} "
+              f"deleted; aliases moved: {', '.join(sw['aliases_moved']) or 'none'}; old "
+              f"collection {sw['replaced'] or 'kept'}")
     return EXIT_OK
 
 

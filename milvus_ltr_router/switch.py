@@ -1,0 +1,170 @@
+"""Layout switches that lose nothing: the stamp each laid-out collection carries, and the
+write-side protocol a rebuild (:mod:`.rebuild`) relies on.
+
+Every laid-out collection carries collection properties (``describe_collection``: one
+metadata call, served from the proxy's cache, that also resolves an alias):
+
+- ``ltr.layout_id``: the id of the layout stored in it (set once the build is verified);
+- ``ltr.switch``: ``""`` (serving), ``"rebuilding"`` (a rebuild is reading it: routed
+  writers record the keys they write in ``ltr.journal``, a small collection, before
+  writing), ``"frozen"`` (a rebuild is catching up and switching: routed writers wait) or
+  ``"retired"`` (replaced by ``ltr.successor``; nothing should write here any more).
+
+A routed write (:class:`.writes.RoutedWrites`) reads the stamp before it writes (a new
+layout behind an alias or a rebuilt name is read at once, and the write goes to the
+physical collection of the layout that placed its rows) and once more after: if a switch
+began in between, it waits for the switch to end and writes its rows again, as an upsert,
+into the layout then serving. So no acknowledged write is lost and none carries the
+cluster id of a layout it does not land in. The stamp is also the routing table's cheap
+layout check (:mod:`.serving`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from .errors import OperationalError
+
+log = logging.getLogger(__name__)
+
+LAYOUT_ID = "ltr.layout_id"
+SWITCH = "ltr.switch"
+JOURNAL = "ltr.journal"
+SUCCESSOR = "ltr.successor"
+JOURNAL_SUFFIX = "__ltr_journal"
+REBUILDING, FROZEN, RETIRED = "rebuilding", "frozen", "retired"
+
+
+class SwitchTimeout(OperationalError):
+    """A routed write waited longer than its limit for a layout switch to end."""
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What one ``describe_collection`` says about a laid-out collection."""
+    name: str                   # the physical collection (aliases resolved)
+    layout_id: str | None       # None: not stamped (a layout built before stamps, or none)
+    state: str = ""
+    journal: str = ""
+    successor: str = ""
+
+    @property
+    def writable(self) -> bool:
+        return self.state != FROZEN
+
+
+def read_stamp(client: MilvusClient, collection: str) -> Stamp:
+    """The stamp of ``collection`` (or of the collection an alias names): one metadata call."""
+    desc = client.describe_collection(collection)
+    props = desc.get("properties") or {}
+    return Stamp(desc["collection_name"], props.get(LAYOUT_ID) or None, props.get(SWITCH, ""),
+                 props.get(JOURNAL, ""), props.get(SUCCESSOR, ""))
+
+
+def set_stamp(client: MilvusClient, name: str, **values: str) -> bool:
+    """Set collection properties of ``name`` (keyword ``layout_id``, ``state``, ``journal``,
+    ``successor``); False where the backend has no collection properties (milvus-lite)."""
+    keys = {"layout_id": LAYOUT_ID, "state": SWITCH, "journal": JOURNAL, "successor": SUCCESSOR}
+    try:
+        client.alter_collection_properties(name, {keys[k]: str(v) for k, v in values.items()})
+        return True
+    except Exception as exc:
+        log.debug("could not set the properties of %r: %s", name, exc)
+        return False
+
+
+# --------------------------------------------------------------------------- the write journal
+def journal_name(collection: str) -> str:
+    return f"{collection}{JOURNAL_SUFFIX}"
+
+
+def create_journal(client: MilvusClient, collection: str, key_type) -> str:
+    """An empty journal for the keys written into ``collection`` during its rebuild."""
+    name = journal_name(collection)
+    if client.has_collection(name):
+        client.drop_collection(name)
+    schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+    schema.add_field("seq", DataType.INT64, is_primary=True)
+    if key_type == DataType.VARCHAR:
+        schema.add_field("key", DataType.VARCHAR, max_length=65535)
+    else:
+        schema.add_field("key", DataType.INT64)
+    schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)         # Milvus 2.3 needs a vector field
+    index = client.prepare_index_params()
+    index.add_index(field_name="v", index_type="FLAT", metric_type="L2")
+    client.create_collection(name, schema=schema, index_params=index)
+    client.load_collection(name)
+    return name
+
+
+def journal_keys(client: MilvusClient, journal: str, keys: list) -> None:
+    """Record ``keys`` as written (before they are written: an intent)."""
+    if keys:
+        client.insert(journal, [{"key": k.item() if isinstance(k, np.generic) else k,
+                                 "v": [0.0, 0.0]} for k in keys])
+
+
+def read_journal(client: MilvusClient, journal: str) -> set:
+    """Every key recorded in ``journal`` (Strong: every recorded key)."""
+    keys: set = set()
+    last = -1
+    while True:
+        rows = client.query(journal, filter=f"seq > {last}", output_fields=["seq", "key"],
+                            limit=16384, consistency_level="Strong")
+        if not rows:
+            return keys
+        keys.update(r["key"] for r in rows)
+        last = max(r["seq"] for r in rows)
+
+
+# --------------------------------------------------------------------------- waiting for a switch
+def wait_writable(client: MilvusClient, collection: str, timeout: float = 300.0,
+                  poll: float = 0.05) -> Stamp:
+    """The stamp of ``collection`` once it can be written (no switch under way). Between
+    the two renames of a swap the name may not exist for a moment: that is waited out too."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            stamp = read_stamp(client, collection)
+            if stamp.writable:
+                return stamp
+            last = f"{stamp.name!r} is {stamp.state}"
+        except Exception as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            raise SwitchTimeout(f"{collection!r} was not writable within {timeout:.0f} s (a layout "
+                                f"switch under way? last: {last})")
+        time.sleep(poll)
+        poll = min(poll * 1.5, 0.5)
+
+
+# --------------------------------------------------------------------------- telling searchers
+_TABLES: dict[int, "weakref.ref"] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def register_table(client, table) -> None:
+    """Tie a routing table to its client, so that a writer sharing that client can tell
+    the table at once when it meets a new layout (:func:`layout_changed`)."""
+    with _TABLES_LOCK:
+        _TABLES[id(client)] = weakref.ref(table)
+
+
+def layout_changed(client, collection: str) -> None:
+    """The layout behind ``collection`` changed: the routing table of ``client`` (if any)
+    reads it again at its next use."""
+    with _TABLES_LOCK:
+        ref = _TABLES.get(id(client))
+    table = ref() if ref is not None else None
+    if table is not None:
+        try:
+            table.forget(collection)
+        except Exception as exc:        # never fail a write on it
+            log.debug("telling the routing table failed: %s", exc)
