@@ -15,10 +15,18 @@ setup() {
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$1]"
 }
 
+# The [llamaindex] extra's store declares pymilvus<3 in every release: resolved together with
+# pymilvus 3 it would downgrade pymilvus, so it is added without its dependencies (they are
+# llama-index-core, installed here, and pymilvus[milvus-lite], already there).
+llamaindex() {
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "llama-index-core>=0.13,<0.15"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llama-index-vector-stores-milvus>=1.2,<2"
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
   demo) setup train; exec "$VENV/bin/milvus-ltr-router" demo "$@" ;;
-  test) setup train,server,dev,metrics; exec "$VENV/bin/python" -m pytest tests integration_tests -p no:cacheprovider "$@" ;;
+  test) setup train,server,dev,metrics,langchain; llamaindex; exec "$VENV/bin/python" -m pytest tests integration_tests -p no:cacheprovider "$@" ;;
   *) echo "usage: ./dev.sh demo|test [args...]" >&2; exit 2 ;;
 esac
