@@ -136,7 +136,8 @@ def moment_router_model(scorer, metadata: RouterMetadata | dict[str, str]):
 
     ``scores = W q + b + a * spread(q)``: with ``rescore_top >= L`` every cluster's
     spread comes from its rank-``r`` sketch (one ``[d, L r]`` MatMul); otherwise in two
-    stages - every cluster scored with its diagonal covariance's spread, the top ``rescore_top``
+    stages - every cluster scored with stage one's spread (its first directions and the
+    diagonal of the rest: :meth:`~.moments.MomentScorer.first_spread`), the top ``rescore_top``
     re-scored with their sketch (TopK, Gather, batched MatMul) and scattered back above
     the rest, as the numpy scorer does.
     """
@@ -181,14 +182,24 @@ def moment_router_model(scorer, metadata: RouterMetadata | dict[str, str]):
                   node("Mul", ["a", "sd"], ["asd"]),
                   node("Add", ["lin", "asd"], [SCORES_OUTPUT])]
     else:
+        f = int(scorer.first_rank)
         inits += [arr(scaled, "V"), arr(np.ascontiguousarray(
-                      np.asarray(scorer.diagonal, np.float32).T), "diag_T"),
+                      np.asarray(scorer.first_rest, np.float32).T), "rest_T"),
                   arr(np.array([m], np.int64), "m"),
                   arr(np.array([0, m * rank, dim], np.int64), "shape_bkd"),
                   arr(np.array([0, m, rank], np.int64), "shape_bmr"),
                   arr(np.array(1.0, np.float32), "one")]
-        nodes += [node("MatMul", ["q2", "diag_T"], ["dvar"]),                 # [B, L]
-                  node("Relu", ["dvar"], ["dvar_pos"]),
+        # stage one: the first f directions of every cluster (one [d, L f] MatMul) and the
+        # diagonal of the rest (one [d, L] MatMul of the squared query)
+        inits += [arr(np.ascontiguousarray(scaled[:, :f].reshape(n_parts * f, dim).T), "V1_T"),
+                  arr(np.array([-1, n_parts, f], np.int64), "shape_blf")]
+        nodes += [node("MatMul", ["q2", "rest_T"], ["dvar"]),                 # [B, L]
+                  node("MatMul", [QUERY_INPUT, "V1_T"], ["p1_flat"]),
+                  node("Reshape", ["p1_flat", "shape_blf"], ["p1"]),          # [B, L, f]
+                  node("Mul", ["p1", "p1"], ["p1_2"]),
+                  node("ReduceSum", ["p1_2", "axis2"], ["p1_v"], keepdims=0),
+                  node("Add", ["dvar", "p1_v"], ["fvar"]),
+                  node("Relu", ["fvar"], ["dvar_pos"]),
                   node("Sqrt", ["dvar_pos"], ["dsd"]),
                   node("Mul", ["a", "dsd"], ["dterm"]),
                   node("Add", ["lin", "dterm"], ["first"]),

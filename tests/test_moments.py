@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from milvus_ltr_router.moments import (ClusterMoments, MomentAccumulator, MomentScorer,
-                                       cluster_moments, moment_scores, size_factor)
+from milvus_ltr_router.moments import (FIRST_RANK, ClusterMoments, MomentAccumulator,
+                                       MomentScorer, cluster_moments, moment_scores, size_factor)
 
 
 def _clusters(seed=0, L=6, d=12, n=900):
@@ -112,7 +112,7 @@ def test_moment_score_prefers_the_wide_cluster_of_equal_mean():
 @pytest.mark.parametrize("rescore_top", [3, 100])
 def test_two_stage_scorer(rescore_top):
     x, c = _clusters(L=6)
-    m = cluster_moments(x, c, 6, rank=4)
+    m = cluster_moments(x, c, 6, rank=FIRST_RANK + 2)
     q = np.random.default_rng(3).standard_normal((20, x.shape[1])).astype(np.float32)
     scorer = MomentScorer.from_moments(m, rescore_top=rescore_top)
     s = scorer.scores(q)
@@ -123,7 +123,15 @@ def test_two_stage_scorer(rescore_top):
     else:
         # the re-scored clusters keep their full moment score and rank above all others
         lin = q @ m.means.T
-        first = lin + size_factor(m.sizes) * np.sqrt((q * q) @ m.diagonal().T)
+        # stage one: the first FIRST_RANK directions and the diagonal of the rest
+        f = FIRST_RANK
+        sb = m.scaled_bases()
+        rest = m.residual[:, None] + (sb[:, f:] ** 2).sum(axis=1)
+        np.testing.assert_allclose(rest + (sb[:, :f] ** 2).sum(axis=1), m.diagonal(),
+                                   rtol=1e-4, atol=1e-6)
+        var1 = (q * q) @ rest.T + (np.einsum("lfd,qd->qlf", sb[:, :f], q) ** 2).sum(-1)
+        np.testing.assert_allclose(scorer.first_spread(q), np.sqrt(var1), rtol=1e-4, atol=1e-5)
+        first = lin + size_factor(m.sizes) * np.sqrt(var1)
         top = np.argsort(-first, axis=1)[:, :rescore_top]
         np.testing.assert_allclose(np.take_along_axis(s, top, 1),
                                    np.take_along_axis(full, top, 1), rtol=1e-4, atol=1e-4)
