@@ -192,14 +192,19 @@ class RoutedWrites:
         return out
 
     # ------------------------------------------------------------------ layout switches
-    def _writable(self, collection_name: str, layout: Layout) -> tuple[Stamp, Layout]:
+    def _writable(self, collection_name: str, layout: Layout) -> tuple[Stamp | None, Layout]:
         """The stamp of ``collection_name`` once it can be written (:mod:`.switch`; waits
         while a switch is under way) and the layout stored in it: ``layout`` when it is
-        still the one there, else the new one, read now (and the routing table told)."""
+        still the one there, else the new one, read now (and the routing table told).
+        ``(None, layout)`` where no stamp can be read (a backend without
+        ``describe_collection``, Milvus unreachable: the write itself says so)."""
         for attempt in range(20):
             try:
                 stamp = read_stamp(self.client, collection_name)
-            except Exception:           # e.g. between the two renames of a swap
+            except Exception as exc:
+                if "not found" not in str(exc).lower() and "not exist" not in str(exc).lower():
+                    return None, layout     # no stamp to read here: the write reports errors
+                # missing for a moment, e.g. between the two renames of a swap
                 stamp = wait_writable(self.client, collection_name, self.switch_timeout)
             if not stamp.writable:
                 stamp = wait_writable(self.client, collection_name, self.switch_timeout)
@@ -222,16 +227,21 @@ class RoutedWrites:
         raise OperationalError(f"the layout behind {collection_name!r} kept changing while a "
                                f"routed write read it; try again")
 
-    def _journal(self, stamp: Stamp, layout: Layout, rows: list) -> None:
-        if stamp.state == REBUILDING and stamp.journal:
+    def _journal(self, stamp: Stamp | None, layout: Layout, rows: list) -> None:
+        if stamp is not None and stamp.state == REBUILDING and stamp.journal:
             pk = layout.primary_field
             journal_keys(self.client, stamp.journal, [r[pk] for r in rows if pk in r])
 
-    def _peek(self, collection_name: str) -> Stamp | None:
+    def _peek(self, collection_name: str, before: Stamp) -> Stamp | None:
+        """The stamp now (None: the name is missing for a moment, as mid-swap); ``before``
+        where it cannot be read for another reason (nothing says a switch began)."""
         try:
             return read_stamp(self.client, collection_name)
-        except Exception:
-            return None
+        except Exception as exc:
+            if "not found" in str(exc).lower() or "not exist" in str(exc).lower():
+                return None
+            log.debug("re-reading the stamp of %r failed: %s", collection_name, exc)
+            return before
 
     def _switch_safe(self, kind, write, delete, collection_name, layout, rows, timeout,
                      stray_partition, tally, **kwargs):
@@ -241,6 +251,9 @@ class RoutedWrites:
         switch began before the stamp is read again after the write, the rows are written
         again, as an upsert, into the layout serving once the switch has ended."""
         stamp, layout = self._writable(collection_name, layout)
+        if stamp is None:
+            return self._write(kind, write, delete, collection_name, layout, rows, timeout,
+                               stray_partition, tally, **kwargs)
         for _ in range(3):
             try:
                 self._journal(stamp, layout, rows)
@@ -250,7 +263,7 @@ class RoutedWrites:
         out = self._write(kind, write, delete, stamp.name, layout, rows, timeout,
                           stray_partition, tally, **kwargs)
         for _ in range(10):
-            after = self._peek(collection_name)
+            after = self._peek(collection_name, stamp)
             if after == stamp:
                 return out
             if after is not None and after.state == REBUILDING and \
@@ -267,6 +280,10 @@ class RoutedWrites:
             log.info("a layout switch of %r began during a routed %s; writing its %d rows again "
                      "once it has ended", collection_name, kind, len(rows))
             stamp, layout = self._writable(collection_name, layout)
+            if stamp is None:
+                raise WriteError(f"a layout switch of {collection_name!r} began during a routed "
+                                 f"{kind} and its layout cannot be read now: repeat the {kind}",
+                                 written=len(rows))
             self._journal(stamp, layout, rows)
             client = self.client
             redo = {"rows": 0, "written": 0, "spilled": 0, "moved": 0}

@@ -93,7 +93,8 @@ def test_routed_client_on_lite(lite_uri, lite_layout, fixture_data, tmp_path):
         adaptive = routed.search("docs", data=queries[:6], limit=5, recall_target=0.6, max_nprobe=4)
         assert len(adaptive) == 6 and all(len(r) == 5 for r in adaptive)
         single = routed.search("docs", data=[queries[0].tolist()], limit=5)
-        assert [h["id"] for h in single[0]] == [h["id"] for h in res[0]]
+        # the batch answer of query 0 equals its own unless the planner added clusters to it
+        assert_at_least_as_good(res[0], single[0], exact=extra[0] == 0)
         assert routed.flush_query_log()
         assert routed.router_status("docs")["query_log"]["written"] == 47
         # collections without a layout pass through untouched (and, as in pymilvus,
