@@ -41,12 +41,13 @@ from pymilvus import AsyncMilvusClient, MilvusClient
 from .costs import CostModel
 from .async_writes import AsyncRoutedWrites
 from .layout import Layout, has_stray_partition
+from .metrics import metrics_recorder
 from .milvus_io import is_milvus_lite
-from .plan import default_nprobe, merge, probe_clusters, search_is_routable, searches_layout_field
+from .plan import default_nprobe, merge, probe_clusters
 from .querylog import QueryLogger
 from .registry import ModelRegistry
 from .router import BaseRouter
-from .search_planning import SearchPlanner
+from .search_planning import SearchPlanner, SearchTelemetry, layout_reason, passthrough_reason
 from .serving import RoutedParamError, Routing, RoutingTable, routing_status, search_queries
 from .storage import DEFAULT_PARTITION
 from .writes import RoutedDataError, RoutedWrites, WriteError
@@ -122,10 +123,13 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
     Takes :class:`.client.RoutedMilvusClient`'s keyword arguments, with the same meaning:
     ``model_dir``, ``nprobe``, ``log_rate``, ``log_ttl_seconds``, ``reload_interval``,
     ``log_queue_size``, ``router_threads``, ``seed``, ``size_refresh_interval``,
-    ``batch_planning``, ``cost_model``; ``max_workers`` is the number of worker threads
-    for the reads that must not run on the event loop (a search's requests themselves run
-    concurrently on the loop, however many). ``router_status``, ``reload_router``,
-    ``route``, ``router``, ``layout`` and ``flush_query_log`` are coroutines here.
+    ``batch_planning``, ``cost_model``, ``metrics``, ``recall_sample``; ``max_workers`` is
+    the number of worker threads for the reads that must not run on the event loop (a
+    search's requests themselves run concurrently on the loop, however many).
+    ``router_status``, ``reload_router``, ``route``, ``router``, ``layout``,
+    ``flush_query_log`` and ``flush_live_recall`` are coroutines here. The live recall's
+    exact re-runs go through the worker-side synchronous client, on the auditor's thread.
+    Routed writes are not yet recorded in the metrics here (only the sync client's are).
     """
 
     def __init__(self, uri: str = "http://localhost:19530", user: str = "", password: str = "",
@@ -134,33 +138,37 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
                  log_ttl_seconds: int | None = None, reload_interval: float = 10.0,
                  max_workers: int = 8, log_queue_size: int = 1000, router_threads: int = 1,
                  seed: int | None = None, size_refresh_interval: float | None = None,
-                 batch_planning: bool = True, cost_model: CostModel | str | None = None, **kwargs):
-        super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
-                         timeout=timeout, **kwargs)
+                 batch_planning: bool = True, cost_model: CostModel | str | None = None,
+                 metrics=None, recall_sample: float | None = None, **kwargs):
         if not 0.0 <= log_rate <= 1.0:
             raise ValueError(f"log_rate must be in [0, 1], got {log_rate}")
         if nprobe is not None and nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.metrics = metrics_recorder(metrics)      # before connecting: a missing extra raises
+        super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
+                         timeout=timeout, **kwargs)
         self.nprobe = nprobe
         self.log_rate = log_rate
-        self._rng = np.random.default_rng(seed)
         self._lite: bool | None = None
         self._sync = _SyncSide(uri=uri, user=user, password=password, db_name=db_name, token=token,
                                timeout=timeout, **kwargs)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ltr-async")
         self._routing = _LoopRoutingTable(self._sync, ModelRegistry(model_dir), reload_interval,
-                                          router_threads)
+                                          router_threads, metrics=self.metrics)
         self._writes = RoutedWrites(self._sync, submit=self._pool.submit, is_lite=self._is_lite_sync,
                                     refresh_interval=reload_interval if size_refresh_interval is None
-                                    else size_refresh_interval)
+                                    else size_refresh_interval, metrics=self.metrics)
         self._planner = SearchPlanner(self._sync, batch_planning=batch_planning, cost_model=cost_model,
                                       submit=self._pool.submit, cluster_sizes=self._writes.sizes,
                                       is_lite=self._is_lite_sync,
                                       reload_interval=lambda: self._routing.reload_interval)
+        self._telemetry = SearchTelemetry(self.metrics, recall_sample=recall_sample, seed=seed,
+                                          search=lambda *a, **k: self._sync.search(*a, **k))
         self._async_writes = AsyncRoutedWrites(self, self._writes, in_thread=self._in_thread,
                                                is_lite=self._is_lite,
                                                stray_partition=self._stray_partition)
-        self._logger = QueryLogger(self._sync, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds) \
+        self._logger = QueryLogger(self._sync, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds,
+                                   rate=log_rate, seed=seed, metrics=self.metrics) \
             if log_rate > 0 else None
         self._last_plan: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "ltr_last_plan", default=None)
@@ -170,6 +178,7 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
     registry = property(lambda self: self._routing.registry)
     router_threads = property(lambda self: self._routing.router_threads)
     cost_model = property(lambda self: self._planner.cost_model)
+    recall_sample = property(lambda self: self._telemetry.recall_sample)
 
     @property
     def batch_planning(self) -> bool:
@@ -263,10 +272,12 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
         if state is None:
             return {"collection": collection_name, "mode": "none", "query_log": stats}
         strays = await self._in_thread(self._routing.stray_count, state)
+        name = state.layout.collection
         status = routing_status(state, nprobe=self._default_nprobe(state),
                                 balance=self._writes.balance_status(state.layout),
-                                rows_outside_layout=strays, query_log=stats)
-        status["batches"] = self._planner.totals(state.layout.collection)
+                                rows_outside_layout=strays, query_log=stats,
+                                live_recall=self._telemetry.status(name))
+        status["batches"] = self._planner.totals(name)
         return status
 
     def plan_totals(self, collection_name: str) -> dict:
@@ -324,24 +335,15 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
         """``AsyncMilvusClient.search``, restricted per query to the clusters the router picks
         (:meth:`.client.RoutedMilvusClient.search`: the same parameters, the same requests;
         they are sent concurrently). Passes through untouched in the same cases."""
-        state = None
-        if search_is_routable(data, partition_names, kwargs.get("ids"), args):
-            state = await self._state(collection_name)
-        if state is not None and not searches_layout_field(anns_field, state.layout):
-            state = None
+        reason = passthrough_reason(data, partition_names, kwargs.get("ids"), args)
+        state = None if reason else await self._state(collection_name)
+        reason = reason or layout_reason(state, anns_field)
         sup = super()
-        if state is None:
+        if reason:
+            self._telemetry.passed_through(collection_name, state, reason)
             return await sup.search(collection_name, data, filter, limit, output_fields,
                                     search_params, timeout, partition_names, anns_field, *args,
                                     **kwargs)
-        queries = search_queries(state, data)
-        probed = await self._probe(state, queries, nprobe, recall_target, min_nprobe, max_nprobe)
-        self._log_queries(state.layout.collection, queries)
-        stray = await self._stray_partition(state)
-        planned = (state.layout, probed, filter, limit, stray)
-        plan, stats = self._planner.plan(*planned) if len(queries) <= INLINE_ROUTE_QUERIES \
-            else await self._in_thread(self._planner.plan, *planned)
-        self._last_plan.set(stats)
 
         def run(request):
             return sup.search(collection_name, data=request.take(queries).tolist(),
@@ -349,7 +351,34 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
                               search_params=search_params, timeout=timeout,
                               partition_names=request.partition_names, anns_field=anns_field,
                               **kwargs)
+        try:
+            queries = search_queries(state, data)
+            started = time.perf_counter()
+            probed = await self._probe(state, queries, nprobe, recall_target, min_nprobe,
+                                       max_nprobe)
+            routed = time.perf_counter()
+            if self._logger is not None:
+                self._logger.sample(state.layout.collection, queries)   # never waits
+            stray = await self._stray_partition(state)
+            planned = (state.layout, probed, filter, limit, stray)
+            plan, stats = self._planner.plan(*planned) if len(queries) <= INLINE_ROUTE_QUERIES \
+                else await self._in_thread(self._planner.plan, *planned)
+            self._last_plan.set(stats)
+            sent = time.perf_counter()
+            result = await self._send(plan, run)
+            searched = time.perf_counter()
+        except Exception:
+            self._telemetry.failed(state)
+            raise
+        self._telemetry.routed(state, probed, routed - started, searched - sent)
+        self._telemetry.audit(state, queries, result, limit=limit, filter=filter,
+                              recall_target=recall_target, search_params=search_params,
+                              anns_field=anns_field, timeout=timeout, kwargs=kwargs)
+        return result
 
+    @staticmethod
+    async def _send(plan, run):
+        """The answer to ``plan``: its requests (``run(request)``, coroutines) gathered, merged."""
         if len(plan.requests) == 1:
             return merge(plan, [await run(plan.requests[0])])
         tasks = [asyncio.ensure_future(run(r)) for r in plan.requests]
@@ -361,16 +390,13 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
             raise
         return merge(plan, results)
 
-    def _log_queries(self, collection: str, queries: np.ndarray) -> None:
-        if self._logger is None:
-            return
-        pick = self._rng.random(len(queries)) < self.log_rate
-        if pick.any():
-            self._logger.submit(collection, queries[pick])       # never waits: a bounded queue
-
     async def flush_query_log(self, timeout: float = 30.0) -> bool:
         """Wait until sampled queries so far are written (tests, shutdown)."""
         return await self._in_thread(self._logger.flush, timeout) if self._logger else True
+
+    async def flush_live_recall(self, timeout: float = 30.0) -> bool:
+        """Wait until the queries sampled for the live recall so far are re-run (tests)."""
+        return await self._in_thread(self._telemetry.flush, timeout)
 
     # ------------------------------------------------------------------ writes
     async def insert(self, collection_name: str, data, timeout=None,
@@ -400,8 +426,10 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
 
     # ------------------------------------------------------------------ life cycle
     async def close(self) -> None:
-        """Write out the query log, stop the worker threads, close both connections."""
+        """Stop the live recall's worker, write out the query log, stop the worker threads,
+        close both connections."""
         def stop():
+            self._telemetry.close()
             if self._logger is not None:
                 self._logger.close()
             self._pool.shutdown(wait=True)

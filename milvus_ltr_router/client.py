@@ -12,6 +12,7 @@ A thin shell: the decisions are the routing core's (:mod:`.plan` for searches,
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -20,16 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from pymilvus import MilvusClient
 
-from .batching import BatchPlan, CostModel, StorageFacts, max_queries_for, plan_batches, \
-    resolve_cost_model
+from .costs import CostModel
 from .deprecation import moved_names
-from .layout import Layout, live_sizes
+from .layout import Layout
+from .metrics import metrics_recorder
 from .milvus_io import is_milvus_lite
-from .plan import SearchPlan, default_nprobe, group_by_clusters, merge, plan_search, \
-    probe_clusters, search_is_routable, searches_layout_field
+from .plan import default_nprobe, merge, probe_clusters
 from .querylog import QueryLogger
 from .registry import ModelRegistry
 from .router import BaseRouter
+from .search_planning import SearchPlanner, SearchTelemetry, layout_reason, passthrough_reason
 from .serving import RoutedParamError, Routing, RoutingTable, routing_status, search_queries
 from .writes import RoutedDataError, RoutedWrites, WriteError
 
@@ -52,7 +53,13 @@ class RoutedMilvusClient(MilvusClient):
     see :meth:`insert`); ``batch_planning`` (default True) lets queries of one search whose
     clusters overlap share a request (see :meth:`search`) under ``cost_model`` (a
     :class:`.costs.CostModel`, the path of its JSON - ``benchmarks/bench_costs.py``
-    writes one for your server - or None: the model measured on Milvus 2.3.5).
+    writes one for your server - or None: the model measured on Milvus 2.3.5);
+    ``metrics`` (None: off; True: prometheus_client's default registry; a
+    ``CollectorRegistry``; or a recorder: :func:`.metrics.metrics_recorder`) records
+    Prometheus metrics of searches, fallbacks, routed writes and the query log
+    (``docs/metrics.md``; needs the ``[metrics]`` extra); ``recall_sample`` (None or 0: off)
+    re-runs that share of routed queries exactly in the background for the live recall
+    estimate in ``router_status()["live_recall"]`` (:class:`.serving.LiveRecall`).
     """
 
     def __init__(self, uri: str = "http://localhost:19530", user: str = "", password: str = "",
@@ -61,35 +68,48 @@ class RoutedMilvusClient(MilvusClient):
                  log_ttl_seconds: int | None = None, reload_interval: float = 10.0,
                  max_workers: int = 8, log_queue_size: int = 1000, router_threads: int = 1,
                  seed: int | None = None, size_refresh_interval: float | None = None,
-                 batch_planning: bool = True, cost_model: CostModel | str | None = None, **kwargs):
-        super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
-                         timeout=timeout, **kwargs)
+                 batch_planning: bool = True, cost_model: CostModel | str | None = None,
+                 metrics=None, recall_sample: float | None = None, **kwargs):
         if not 0.0 <= log_rate <= 1.0:
             raise ValueError(f"log_rate must be in [0, 1], got {log_rate}")
         if nprobe is not None and nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.metrics = metrics_recorder(metrics)      # before connecting: a missing extra raises
+        super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
+                         timeout=timeout, **kwargs)
         self.nprobe = nprobe
         self.log_rate = log_rate
-        self.batch_planning = bool(batch_planning)
-        self.cost_model = resolve_cost_model(cost_model)
-        self._facts: dict[str, tuple[str, StorageFacts, float]] = {}  # collection -> (layout id, facts, read at)
-        self._facts_reading: set[str] = set()
-        self._stats_lock = threading.Lock()      # held for counter updates only, never across I/O
-        self._plan_totals: dict[str, dict] = {}
         self._last = threading.local()
-        self._rng = np.random.default_rng(seed)
         self._lite: bool | None = None
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ltr-search")
-        self._routing = RoutingTable(self, ModelRegistry(model_dir), reload_interval, router_threads)
+        self._routing = RoutingTable(self, ModelRegistry(model_dir), reload_interval, router_threads,
+                                     metrics=self.metrics)
         self._writes = RoutedWrites(self, submit=self._pool.submit, is_lite=self._is_lite,
                                     refresh_interval=reload_interval if size_refresh_interval is None
-                                    else size_refresh_interval)
-        self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds) \
+                                    else size_refresh_interval, metrics=self.metrics)
+        self._planner = SearchPlanner(self, batch_planning=batch_planning, cost_model=cost_model,
+                                      submit=self._pool.submit, cluster_sizes=self._writes.sizes,
+                                      is_lite=self._is_lite,
+                                      reload_interval=lambda: self._routing.reload_interval)
+        self._telemetry = SearchTelemetry(self.metrics, recall_sample=recall_sample, seed=seed,
+                                          search=functools.partial(MilvusClient.search, self))
+        self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds,
+                                   rate=log_rate, seed=seed, metrics=self.metrics) \
             if log_rate > 0 else None
 
     # the settings of the parts, under the names they always had
     registry = property(lambda self: self._routing.registry)
     router_threads = property(lambda self: self._routing.router_threads)
+    cost_model = property(lambda self: self._planner.cost_model)
+    recall_sample = property(lambda self: self._telemetry.recall_sample)
+
+    @property
+    def batch_planning(self) -> bool:
+        return self._planner.batch_planning
+
+    @batch_planning.setter
+    def batch_planning(self, value: bool) -> None:
+        self._planner.batch_planning = bool(value)
 
     @property
     def reload_interval(self) -> float:
@@ -128,27 +148,25 @@ class RoutedMilvusClient(MilvusClient):
         ``batches`` sums this client's routed searches of the collection so far (see
         :meth:`search` and :attr:`last_plan`): ``searches``, ``queries``, ``requests`` sent,
         ``requests_per_search``, ``extra_clusters_per_query`` (clusters scanned beyond a query's
-        own because it shared a request), ``planned`` (searches the batch planner split)."""
+        own because it shared a request), ``planned`` (searches the batch planner split);
+        ``live_recall`` the live recall estimate of the collection's routed searches (None:
+        ``recall_sample`` off; ``docs/metrics.md``)."""
         state = self._routing.state(collection_name)
         stats = vars(self._logger.stats).copy() if self._logger else {}
         if state is None:
             return {"collection": collection_name, "mode": "none", "query_log": stats}
+        name = state.layout.collection
         status = routing_status(state, nprobe=self._default_nprobe(state),
                                 balance=self._writes.balance_status(state.layout),
-                                rows_outside_layout=self._routing.stray_count(state), query_log=stats)
-        status["batches"] = self.plan_totals(state.layout.collection)
+                                rows_outside_layout=self._routing.stray_count(state), query_log=stats,
+                                live_recall=self._telemetry.status(name))
+        status["batches"] = self.plan_totals(name)
         return status
 
     def plan_totals(self, collection_name: str) -> dict:
         """This client's routed searches of ``collection_name`` (the laid-out collection's
         name) so far: what ``router_status()`` reports under ``batches``."""
-        with self._stats_lock:
-            t = dict(self._plan_totals.get(collection_name) or
-                     {"searches": 0, "planned": 0, "queries": 0, "requests": 0, "extra_clusters": 0})
-        t["requests_per_search"] = t["requests"] / t["searches"] if t["searches"] else None
-        t["extra_clusters_per_query"] = t.pop("extra_clusters") / t["queries"] if t["queries"] else None
-        t.update(batch_planning=self.batch_planning, cost_model=self.cost_model.source)
-        return t
+        return self._planner.totals(collection_name)
 
     @property
     def last_plan(self) -> dict | None:
@@ -230,18 +248,13 @@ class RoutedMilvusClient(MilvusClient):
         ``ids``, or passes pymilvus's later parameters positionally (``ranker``, ...).
         The plugin's own parameters are keyword-only.
         """
-        state = None
-        if search_is_routable(data, partition_names, kwargs.get("ids"), args):
-            state = self._routing.state(collection_name)
-        if state is not None and not searches_layout_field(anns_field, state.layout):
-            state = None
-        if state is None:
+        reason = passthrough_reason(data, partition_names, kwargs.get("ids"), args)
+        state = None if reason else self._routing.state(collection_name)
+        reason = reason or layout_reason(state, anns_field)
+        if reason:
+            self._telemetry.passed_through(collection_name, state, reason)
             return super().search(collection_name, data, filter, limit, output_fields, search_params,
                                   timeout, partition_names, anns_field, *args, **kwargs)
-        queries = search_queries(state, data)
-        probed = self._probe(state, queries, nprobe, recall_target, min_nprobe, max_nprobe)
-        self._log_queries(state.layout.collection, queries)
-        plan = self._plan(state, probed, filter, limit)
         sup = super()
 
         def run(request):
@@ -250,7 +263,29 @@ class RoutedMilvusClient(MilvusClient):
                               search_params=search_params, timeout=timeout,
                               partition_names=request.partition_names, anns_field=anns_field,
                               **kwargs)
+        try:
+            queries = search_queries(state, data)
+            started = time.perf_counter()
+            probed = self._probe(state, queries, nprobe, recall_target, min_nprobe, max_nprobe)
+            routed = time.perf_counter()
+            if self._logger is not None:
+                self._logger.sample(state.layout.collection, queries)
+            plan, self._last.plan = self._planner.plan(state.layout, probed, filter, limit,
+                                                       self._routing.stray_partition(state))
+            sent = time.perf_counter()
+            result = self._send(plan, run)
+            searched = time.perf_counter()
+        except Exception:
+            self._telemetry.failed(state)
+            raise
+        self._telemetry.routed(state, probed, routed - started, searched - sent)
+        self._telemetry.audit(state, queries, result, limit=limit, filter=filter,
+                              recall_target=recall_target, search_params=search_params,
+                              anns_field=anns_field, timeout=timeout, kwargs=kwargs)
+        return result
 
+    def _send(self, plan, run):
+        """The answer to ``plan``: ``run(request)`` for each of its requests, merged."""
         requests = plan.requests
         if len(requests) == 1:
             return merge(plan, [run(requests[0])])
@@ -265,106 +300,13 @@ class RoutedMilvusClient(MilvusClient):
             raise
         return merge(plan, [first] + [f.result() for f in futures])
 
-    # ------------------------------------------------------------------ batch planning
-    def _plan(self, state: Routing, probed, caller_filter: str, limit: int) -> SearchPlan:
-        """The requests of one routed search: queries probing the same clusters share one;
-        with ``batch_planning`` a batch is split by :func:`.batching.plan_batches` under the
-        cost model (queries with overlapping clusters share a request naming their union)."""
-        batch: BatchPlan | None = None
-        group = group_by_clusters
-        if self.batch_planning and len(probed) > 1:
-            batch = plan_batches(probed, self._storage_facts(state.layout), self.cost_model,
-                                 max_queries=max_queries_for(state.layout.dim))
-            group = lambda _probed: batch.groups()      # noqa: E731
-        plan = plan_search(state.layout, probed, caller_filter, limit=limit,
-                           stray_partition=self._routing.stray_partition(state), group=group)
-        self._record(state.layout.collection, plan, batch)
-        return plan
-
-    def _record(self, collection: str, plan: SearchPlan, batch: BatchPlan | None) -> None:
-        stats = {"queries": plan.n_queries, "requests": len(plan.requests), "planned": batch is not None}
-        if batch is not None:
-            stats.update({k: batch.stats[k] for k in (
-                "distinct_sets", "mean_extra_clusters", "max_extra_clusters", "extra_rows_share",
-                "predicted_ms", "per_set_ms", "per_query_ms")})
-            stats["extra_clusters"] = batch.extra_clusters.tolist()
-        self._last.plan = stats
-        extra = int(batch.extra_clusters.sum()) if batch is not None else 0
-        with self._stats_lock:
-            t = self._plan_totals.get(collection)
-            if t is None:
-                t = self._plan_totals[collection] = {"searches": 0, "planned": 0, "queries": 0,
-                                                     "requests": 0, "extra_clusters": 0}
-            t["searches"] += 1
-            t["planned"] += batch is not None
-            t["queries"] += plan.n_queries
-            t["requests"] += len(plan.requests)
-            t["extra_clusters"] += extra
-
-    def _storage_facts(self, layout: Layout) -> StorageFacts:
-        """How ``layout``'s clusters sit in storage, for the batch planner. At first from the
-        build-time sizes; re-read in the background every ``reload_interval`` (cluster sizes
-        as routed writes track them in a size-bounded layout, else the build-time sizes scaled
-        to the live row count; sealed segments when the cost model prices them), so a search
-        never waits for it."""
-        entry = self._facts.get(layout.collection)
-        if entry is None or entry[0] != layout.layout_id:
-            entry = (layout.layout_id, StorageFacts.from_storage(layout.storage, layout.sizes), -np.inf)
-            self._facts[layout.collection] = entry
-        if time.monotonic() - entry[2] >= self.reload_interval:
-            self._refresh_facts(layout)
-        return entry[1]
-
-    def _refresh_facts(self, layout: Layout) -> None:
-        with self._stats_lock:
-            if layout.collection in self._facts_reading:
-                return
-            self._facts_reading.add(layout.collection)
-
-        def read():
-            try:
-                facts = StorageFacts.from_storage(layout.storage, self._planning_sizes(layout),
-                                                  segments=self._planning_segments(layout))
-                self._facts[layout.collection] = (layout.layout_id, facts, time.monotonic())
-            except Exception as exc:    # plan by what is known; try again next interval
-                log.warning("reading the storage facts of %r for batch planning failed (%s: %s)",
-                            layout.collection, type(exc).__name__, exc)
-                old = self._facts.get(layout.collection)
-                if old is not None and old[0] == layout.layout_id:
-                    self._facts[layout.collection] = (old[0], old[1], time.monotonic())
-            finally:
-                with self._stats_lock:
-                    self._facts_reading.discard(layout.collection)
-        try:
-            self._pool.submit(read)
-        except RuntimeError:            # the client is closing
-            with self._stats_lock:
-                self._facts_reading.discard(layout.collection)
-
-    def _planning_sizes(self, layout: Layout) -> np.ndarray:
-        sizes = self._writes.sizes(layout)
-        if sizes is not None and sizes.checked_at is not None:
-            return np.maximum(sizes.estimate(), 0)
-        return live_sizes(self, layout)
-
-    def _planning_segments(self, layout: Layout) -> int | None:
-        """Loaded segments of a ``single`` layout, read only when the cost model prices
-        segments; None (one per storage part: what a partition of one cluster usually is)
-        otherwise."""
-        if not self.cost_model.segment_ms or layout.storage.mode != "single" or self._is_lite():
-            return None
-        return max(1, len(self.list_loaded_segments(layout.collection)))
-
-    def _log_queries(self, collection: str, queries: np.ndarray) -> None:
-        if self._logger is None:
-            return
-        pick = self._rng.random(len(queries)) < self.log_rate
-        if pick.any():
-            self._logger.submit(collection, queries[pick])
-
     def flush_query_log(self, timeout: float = 30.0) -> bool:
         """Wait until sampled queries so far are written (tests, shutdown)."""
         return self._logger.flush(timeout) if self._logger else True
+
+    def flush_live_recall(self, timeout: float = 30.0) -> bool:
+        """Wait until the queries sampled for the live recall so far are re-run (tests)."""
+        return self._telemetry.flush(timeout)
 
     # ------------------------------------------------------------------ writes
     def insert(self, collection_name: str, data, timeout=None, partition_name: str | None = "",
@@ -406,6 +348,9 @@ class RoutedMilvusClient(MilvusClient):
                                   **kwargs)
 
     def close(self) -> None:
+        """Stop the live recall's worker, write out the query log, stop the search threads and
+        close the connection."""
+        self._telemetry.close()
         if self._logger is not None:
             self._logger.close()
         self._pool.shutdown(wait=True)

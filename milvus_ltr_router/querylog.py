@@ -4,7 +4,8 @@ Retraining needs queries that look like production traffic. The client
 samples a fraction of search vectors and a background thread writes them to
 ``<collection>__ltr_querylog`` (vector + timestamp, optional TTL). Logging can
 never fail a search: the queue is bounded, and a full queue or a failed write
-is counted, not raised.
+is counted, not raised. With a metrics recorder (:mod:`.metrics`) the logger also records,
+per collection, the vectors sampled, written, dropped (full queue, NaN or inf) and failed.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
+from .metrics import NULL_METRICS, NullMetrics
 from .milvus_io import count_rows
 from .progress import ProgressCounter
 from .sampling import reservoir_sample
@@ -110,17 +112,47 @@ class LogStats:
 
 
 class QueryLogger:
-    """Background writer with a bounded queue: a search never waits on logging."""
+    """Background writer with a bounded queue: a search never waits on logging.
 
-    def __init__(self, client: MilvusClient, max_queue: int = 1000, ttl_seconds: int | None = None):
+    :meth:`sample` picks each search vector with probability ``rate`` (seeded by ``seed``)
+    and :meth:`submit` queues vectors; ``metrics`` (:func:`.metrics.metrics_recorder`;
+    default: none) records ``query_log`` counts per collection (sampled, written, dropped,
+    failed)."""
+
+    def __init__(self, client: MilvusClient, max_queue: int = 1000, ttl_seconds: int | None = None,
+                 *, rate: float = 1.0, seed: int | None = None,
+                 metrics: NullMetrics = NULL_METRICS):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"log_rate must be in [0, 1], got {rate}")
         self._client = client
         self._ttl = ttl_seconds
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.rate = float(rate)
+        self._rng = np.random.default_rng(seed)
+        self.metrics = metrics
         self.stats = LogStats()
         self._lock = threading.Lock()
         self._known: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="ltr-query-log", daemon=True)
         self._thread.start()
+
+    def sample(self, collection: str, queries: np.ndarray) -> int:
+        """Queue each of a search's ``queries`` with probability ``rate`` (:meth:`submit`);
+        returns how many were picked."""
+        with self._lock:
+            pick = self._rng.random(len(queries)) < self.rate
+        n = int(pick.sum())
+        if n:
+            self.submit(collection, queries[pick])
+        return n
+
+    def _record(self, collection: str, **counts) -> None:
+        if not self.metrics.enabled:
+            return
+        try:
+            self.metrics.query_log(collection, **counts)
+        except Exception as exc:    # metrics never fail a search or the log
+            log.debug("recording query-log metrics failed: %s", exc)
 
     def submit(self, collection: str, vectors: np.ndarray) -> None:
         """Queue ``vectors`` for logging; drops (and counts) them when the queue is full.
@@ -136,13 +168,15 @@ class QueryLogger:
         if len(clean) < len(vectors):
             log.debug("query log of %r: dropped %d of %d vectors with NaN or inf", collection,
                       len(vectors) - len(clean), len(vectors))
-        if not len(clean):
-            return
-        try:
-            self._queue.put_nowait((collection, clean, now_ms()))
-        except queue.Full:
-            with self._lock:
-                self.stats.dropped += len(clean)
+        dropped = len(vectors) - len(clean)
+        if len(clean):
+            try:
+                self._queue.put_nowait((collection, clean, now_ms()))
+            except queue.Full:
+                with self._lock:
+                    self.stats.dropped += len(clean)
+                dropped += len(clean)
+        self._record(collection, sampled=len(vectors), dropped=dropped)
 
     def _run(self) -> None:
         while True:
@@ -158,10 +192,12 @@ class QueryLogger:
                 write_queries(self._client, collection, vectors, ts)
                 with self._lock:
                     self.stats.written += len(vectors)
+                self._record(collection, written=len(vectors))
             except Exception as exc:  # logging must never take searches down
                 with self._lock:
                     self.stats.failed += len(vectors)
                     self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self._record(collection, failed=len(vectors))
                 log.warning("query log write failed (%d vectors): %s", len(vectors), exc)
             finally:
                 self._queue.task_done()

@@ -1,11 +1,15 @@
-"""How one routed client splits its searches into requests, and what it counted doing so.
+"""How one routed client splits its searches into requests, and what it records about them.
 
 The decisions are the routing core's (:func:`.plan.plan_search`, and
 :func:`.batching.plan_batches` under a cost model); a :class:`SearchPlanner` keeps what a
 client needs around them: the storage facts the batch planner goes by (the build-time
 sizes at first, re-read in the background every ``reload_interval``, so a search never
-waits for them) and the counts ``router_status()`` reports under ``batches``. It does no
-I/O on the caller's path, so the sync and the asyncio client can both call it inline.
+waits for them) and the counts ``router_status()`` reports under ``batches``. A
+:class:`SearchTelemetry` records what each search did into the client's metrics
+(:mod:`.metrics`: routed or passed through and why, clusters probed, routing and search
+time, failures) and hands sampled routed queries to the live recall estimate
+(:class:`.serving.LiveRecall`). Neither does I/O on the caller's path, so the sync and the
+asyncio client both call them inline: one implementation for both shells.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import numpy as np
 from .batching import BatchPlan, CostModel, StorageFacts, max_queries_for, plan_batches, \
     resolve_cost_model
 from .layout import Layout, live_sizes
-from .plan import SearchPlan, group_by_clusters, plan_search
+from .metrics import NULL_METRICS, NullMetrics
+from .plan import SearchPlan, group_by_clusters, plan_search, searches_layout_field
+from .serving import LiveRecall, Routing
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +163,125 @@ class SearchPlanner:
         if not self.cost_model.segment_ms or layout.storage.mode != "single" or self.is_lite():
             return None
         return max(1, len(self.client.list_loaded_segments(layout.collection)))
+
+
+# ------------------------------------------------------------------------- what searches did
+def passthrough_reason(data, partition_names, ids, positional=()) -> str | None:
+    """Why a search is passed to pymilvus untouched whatever its collection
+    (:data:`.metrics.PASSTHROUGH_REASONS`), None when it can be routed: the checks of
+    :func:`.plan.search_is_routable`, named."""
+    if partition_names is not None:
+        return "partition_names"
+    if ids is not None:
+        return "ids"
+    if data is None:
+        return "no_data"
+    if positional:
+        return "positional_args"
+    return None
+
+
+def layout_reason(state: Routing | None, anns_field) -> str | None:
+    """Why a routable search of a collection is passed through all the same: ``no_layout``
+    (``state`` None) or ``anns_field`` (another vector field than the layout's); None: route it."""
+    if state is None:
+        return "no_layout"
+    if not searches_layout_field(anns_field, state.layout):
+        return "anns_field"
+    return None
+
+
+def probed_counts(probed) -> np.ndarray:
+    """Clusters probed by each query (``probed``: ``[Q, nprobe]``, or one row per query of
+    its own length with ``recall_target``)."""
+    if isinstance(probed, np.ndarray) and probed.ndim == 2:
+        return np.full(len(probed), probed.shape[1], dtype=np.int64)
+    return np.fromiter((len(row) for row in probed), dtype=np.int64, count=len(probed))
+
+
+def exact_search(search: Callable) -> Callable:
+    """The live recall's exact re-run over ``search`` (an unrestricted, synchronous
+    ``MilvusClient.search``): ``(collection, vector, limit, filter, **extra) -> hits``."""
+    def run(collection, vector, limit, filter, **extra):
+        return search(collection, data=[np.asarray(vector, dtype=np.float32).tolist()],
+                      limit=limit, filter=filter, **extra)[0]
+    return run
+
+
+def _record(method, *args) -> None:
+    try:
+        method(*args)
+    except Exception as exc:        # metrics never fail a search
+        log.debug("recording a search metric failed: %s", exc)
+
+
+class SearchTelemetry:
+    """What one routed client records about its searches (both clients hold one).
+
+    ``metrics`` is the client's recorder (:func:`.metrics.metrics_recorder`); with
+    ``recall_sample`` > 0 a share of routed queries is re-run exactly in the background
+    through ``search`` (an unrestricted synchronous ``MilvusClient.search`` to the same
+    server: the sync client's own, the async client's worker-side client) for the live
+    recall estimate (:class:`.serving.LiveRecall`, seeded by ``seed``). Nothing here raises
+    into a search or waits on Milvus.
+    """
+
+    def __init__(self, metrics: NullMetrics = NULL_METRICS, *, recall_sample: float | None = None,
+                 search: Callable | None = None, seed: int | None = None):
+        rate = float(recall_sample or 0.0)
+        if rate > 0 and search is None:
+            raise ValueError("recall_sample needs an exact search")
+        self.metrics = metrics
+        self.live = LiveRecall(rate, exact_search(search) if search is not None else None,
+                               metrics=metrics, seed=seed)
+
+    @property
+    def recall_sample(self) -> float:
+        return self.live.rate
+
+    def passed_through(self, collection: str, state: Routing | None, reason: str) -> None:
+        """A search passed to pymilvus untouched, for ``reason`` (labelled by the laid-out
+        collection when ``state`` knows it, else by the name searched)."""
+        if self.metrics.enabled:
+            _record(self.metrics.search_passed_through,
+                    collection if state is None else state.layout.collection, reason)
+
+    def routed(self, state: Routing, probed, routing_s: float, search_s: float) -> None:
+        """A routed search returned: its queries' probed clusters, the router's time and the
+        time of its requests in Milvus."""
+        if self.metrics.enabled:
+            _record(self.metrics.search_routed, state.layout.collection, len(probed),
+                    probed_counts(probed), routing_s, search_s, state.router.kind)
+
+    def failed(self, state: Routing) -> None:
+        """A routed search raised to its caller."""
+        if self.metrics.enabled:
+            _record(self.metrics.search_failed, state.layout.collection)
+
+    def audit(self, state: Routing, queries, result, *, limit: int, filter: str,
+              recall_target: float | None, search_params=None, anns_field=None, timeout=None,
+              kwargs: dict | None = None) -> int:
+        """Offer a routed search's queries and ``result`` to the live recall estimate: the
+        exact re-run gets the caller's filter, limit, search params, field, timeout and other
+        keyword arguments (consistency level...), only the clusters are lifted. Returns how
+        many queries were handed over (0 when off)."""
+        if not self.live.enabled:
+            return 0
+        extra = {k: v for k, v in (kwargs or {}).items() if v is not None}
+        for key, value in (("search_params", search_params), ("anns_field", anns_field),
+                           ("timeout", timeout)):
+            if value is not None:
+                extra[key] = value
+        return self.live.offer(state, queries, result, limit=limit, filter=filter or "",
+                               recall_target=recall_target, **extra)
+
+    def status(self, collection: str) -> dict | None:
+        """``router_status()["live_recall"]`` (None: ``recall_sample`` off)."""
+        return self.live.status(collection)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every query handed to the live recall so far is re-run."""
+        return self.live.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.live.close(timeout)
