@@ -153,3 +153,15 @@ def test_write_meeting_a_switch_lands_in_the_new_layout(lite_app, lite_uri, tmp_
         assert routed.router_status("app")["layout_id"] == lb.layout_id
     finally:
         routed.close()
+
+
+def test_overwrite_keeping_the_clusters_keeps_the_routers_binding(lite_app):
+    """``--keep-clusters``: the rows are rewritten in cluster order under the same clusters,
+    so a router published for the old layout (bound to its clustering id) still applies."""
+    client, _ = lite_app
+    old = read_layout(client, "a")
+    report = build_layout(client, "src", "a", overwrite=True, clusters_from=old)
+    new = read_layout(client, "app")
+    assert new.layout_id != old.layout_id and new.clustering_id == old.clustering_id
+    assert np.array_equal(new.centroids, old.centroids)
+    assert report.switch["live"] == "a"

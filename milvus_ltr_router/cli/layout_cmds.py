@@ -55,6 +55,10 @@ def build_layout_args(p: argparse.ArgumentParser) -> None:
                    help="replace an existing TARGET (and its layout) without a gap: the new layout "
                         "is built under another name, verified, caught up with writes made "
                         "meanwhile and then switched to (aliases on TARGET follow)")
+    p.add_argument("--keep-clusters", action="store_true",
+                   help="when replacing a layout in use: keep its clusters (same centroids, so its "
+                        "published router keeps serving; with --overwrite under the same name) and "
+                        "only rewrite the rows in cluster order")
     p.add_argument("--from-source", action="store_true",
                    help="when replacing a layout in use (--overwrite, or --alias naming one), "
                         "read SOURCE instead of that layout (default: the layout in use, which "
@@ -130,6 +134,15 @@ def run_build_layout(args) -> int:
     from ..build import build_layout
     index = {"index_type": args.index_type, "params": json.loads(args.index_params)}
     with connected(args) as client:
+        clusters_from = None
+        if args.keep_clusters:
+            from ..layout import read_layout
+            from ..rebuild import live_collection
+            live = live_collection(client, args.target, args.alias, args.overwrite)
+            if live is None:
+                raise InputError("--keep-clusters needs a layout in use to keep: --overwrite of a "
+                                 "laid-out --target, or an --alias naming one")
+            clusters_from = read_layout(client, live)
         report = build_layout(client, args.source, args.target, n_clusters=args.clusters,
                               algorithm=args.algorithm, sample_size=args.sample_size, seed=args.seed,
                               metric=args.metric, vector_field=args.field, index=index,
@@ -138,7 +151,7 @@ def run_build_layout(args) -> int:
                               groups=args.groups, clustering_key=args.clustering_key,
                               refine_passes=args.refine_passes,
                               max_cluster_ratio=args.max_cluster_ratio,
-                              from_source=args.from_source)
+                              from_source=args.from_source, clusters_from=clusters_from)
     lay = report.layout
     print(f"layout {lay.layout_id}: {report.rows} rows of {args.source!r} -> {lay.n_clusters} "
           f"clusters of {lay.collection!r} ({lay.algorithm}, {lay.metric}); storage "
