@@ -163,7 +163,8 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
                                       is_lite=self._is_lite_sync,
                                       reload_interval=lambda: self._routing.reload_interval)
         self._telemetry = SearchTelemetry(self.metrics, recall_sample=recall_sample, seed=seed,
-                                          search=lambda *a, **k: self._sync.search(*a, **k))
+                                          search=lambda *a, **k: self._sync.search(*a, **k),
+                                          publish_to=model_dir, submit=self._pool.submit)
         self._async_writes = AsyncRoutedWrites(self, self._writes, in_thread=self._in_thread,
                                                is_lite=self._is_lite,
                                                stray_partition=self._stray_partition)

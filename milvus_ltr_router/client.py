@@ -59,7 +59,8 @@ class RoutedMilvusClient(MilvusClient):
     Prometheus metrics of searches, fallbacks, routed writes and the query log
     (``docs/metrics.md``; needs the ``[metrics]`` extra); ``recall_sample`` (None or 0: off)
     re-runs that share of routed queries exactly in the background for the live recall
-    estimate in ``router_status()["live_recall"]`` (:class:`.serving.LiveRecall`).
+    estimate in ``router_status()["live_recall"]`` (:class:`.serving.LiveRecall`), also
+    published to ``model_dir`` for ``milvus-ltr-router status`` (:mod:`.live_stats`).
     """
 
     def __init__(self, uri: str = "http://localhost:19530", user: str = "", password: str = "",
@@ -92,7 +93,8 @@ class RoutedMilvusClient(MilvusClient):
                                       is_lite=self._is_lite,
                                       reload_interval=lambda: self._routing.reload_interval)
         self._telemetry = SearchTelemetry(self.metrics, recall_sample=recall_sample, seed=seed,
-                                          search=functools.partial(MilvusClient.search, self))
+                                          search=functools.partial(MilvusClient.search, self),
+                                          publish_to=model_dir, submit=self._pool.submit)
         self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds,
                                    rate=log_rate, seed=seed, metrics=self.metrics) \
             if log_rate > 0 else None
@@ -305,7 +307,8 @@ class RoutedMilvusClient(MilvusClient):
         return self._logger.flush(timeout) if self._logger else True
 
     def flush_live_recall(self, timeout: float = 30.0) -> bool:
-        """Wait until the queries sampled for the live recall so far are re-run (tests)."""
+        """Wait until the queries sampled for the live recall so far are re-run, and publish
+        the estimate to the model directory (tests, shutdown)."""
         return self._telemetry.flush(timeout)
 
     # ------------------------------------------------------------------ writes

@@ -7,8 +7,9 @@ sizes at first, re-read in the background every ``reload_interval``, so a search
 waits for them) and the counts ``router_status()`` reports under ``batches``. A
 :class:`SearchTelemetry` records what each search did into the client's metrics
 (:mod:`.metrics`: routed or passed through and why, clusters probed, routing and search
-time, failures) and hands sampled routed queries to the live recall estimate
-(:class:`.serving.LiveRecall`). Neither does I/O on the caller's path, so the sync and the
+time, failures), hands sampled routed queries to the live recall estimate
+(:class:`.serving.LiveRecall`) and publishes that estimate to the model directory for
+``milvus-ltr-router status`` (:mod:`.live_stats`). Neither does I/O on the caller's path, so the sync and the
 asyncio client both call them inline: one implementation for both shells.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from .batching import BatchPlan, CostModel, StorageFacts, max_queries_for, plan_batches, \
     resolve_cost_model
 from .layout import Layout, live_sizes
+from .live_stats import RecallPublisher
 from .metrics import NULL_METRICS, NullMetrics
 from .plan import SearchPlan, group_by_clusters, plan_search, searches_layout_field
 from .serving import LiveRecall, Routing
@@ -222,18 +224,28 @@ class SearchTelemetry:
     ``recall_sample`` > 0 a share of routed queries is re-run exactly in the background
     through ``search`` (an unrestricted synchronous ``MilvusClient.search`` to the same
     server: the sync client's own, the async client's worker-side client) for the live
-    recall estimate (:class:`.serving.LiveRecall`, seeded by ``seed``). Nothing here raises
-    into a search or waits on Milvus.
+    recall estimate (:class:`.serving.LiveRecall`, seeded by ``seed``). While sampling, the
+    estimate of each collection is published to ``publish_to`` (the model directory, or the
+    registry: :class:`.live_stats.RecallPublisher`) at most every ``publish_interval``
+    seconds, by a task handed to ``submit`` (a thread pool's), and once more on
+    :meth:`close`. Nothing here raises into a search or waits on Milvus or a file.
     """
 
     def __init__(self, metrics: NullMetrics = NULL_METRICS, *, recall_sample: float | None = None,
-                 search: Callable | None = None, seed: int | None = None):
+                 search: Callable | None = None, seed: int | None = None, publish_to=None,
+                 submit: Callable | None = None, publish_interval: float = 30.0):
         rate = float(recall_sample or 0.0)
         if rate > 0 and search is None:
             raise ValueError("recall_sample needs an exact search")
         self.metrics = metrics
         self.live = LiveRecall(rate, exact_search(search) if search is not None else None,
                                metrics=metrics, seed=seed)
+        self.publisher = RecallPublisher(publish_to, interval=publish_interval) \
+            if self.live.enabled and publish_to is not None else None
+        self._submit = submit
+        self._served: dict[str, dict] = {}        # collection -> the router its samples describe
+        self._due: dict[str, float] = {}          # collection -> next publish (monotonic)
+        self._publish_lock = threading.Lock()
 
     @property
     def recall_sample(self) -> float:
@@ -272,16 +284,48 @@ class SearchTelemetry:
                            ("timeout", timeout)):
             if value is not None:
                 extra[key] = value
-        return self.live.offer(state, queries, result, limit=limit, filter=filter or "",
-                               recall_target=recall_target, **extra)
+        n = self.live.offer(state, queries, result, limit=limit, filter=filter or "",
+                            recall_target=recall_target, **extra)
+        if n and self.publisher is not None:
+            self._publish_when_due(state)
+        return n
+
+    def _publish_when_due(self, state: Routing) -> None:
+        name = state.layout.collection
+        now = time.monotonic()
+        with self._publish_lock:
+            self._served[name] = {"version": state.version, "kind": state.router.kind,
+                                  "layout_id": state.layout.layout_id}
+            if now < self._due.get(name, -np.inf):
+                return
+            self._due[name] = now + self.publisher.interval
+        try:
+            self._submit(self.publish, name)
+        except Exception as exc:        # the client is closing: close() publishes
+            log.debug("publishing the live recall of %r not scheduled: %s", name, exc)
+
+    def publish(self, collection: str | None = None) -> None:
+        """Publish the live recall of ``collection`` (None: of every sampled collection) to
+        the model directory now; never raises (:class:`.live_stats.RecallPublisher`)."""
+        if self.publisher is None:
+            return
+        with self._publish_lock:
+            served = {c: dict(r) for c, r in self._served.items() if collection in (None, c)}
+        for name, router in served.items():
+            self.publisher.maybe_publish(name, self.live.status(name), force=True, **router)
 
     def status(self, collection: str) -> dict | None:
         """``router_status()["live_recall"]`` (None: ``recall_sample`` off)."""
         return self.live.status(collection)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every query handed to the live recall so far is re-run."""
-        return self.live.flush(timeout)
+        """Wait until every query handed to the live recall so far is re-run, then publish
+        the estimates; True when every one was."""
+        drained = self.live.flush(timeout)
+        self.publish()
+        return drained
 
     def close(self, timeout: float = 10.0) -> None:
+        """Publish the last estimates and stop the live recall's worker."""
+        self.publish()
         self.live.close(timeout)

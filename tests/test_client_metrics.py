@@ -17,6 +17,7 @@ import pytest
 from milvus_ltr_router.async_client import AsyncRoutedMilvusClient
 from milvus_ltr_router.batching import StorageFacts, max_queries_for, plan_batches
 from milvus_ltr_router.client import RoutedMilvusClient
+from milvus_ltr_router.live_stats import read_live_recall
 from milvus_ltr_router.metrics import NullMetrics
 from milvus_ltr_router.querylog import QueryLogger
 from milvus_ltr_router.search_planning import SearchPlanner, passthrough_reason, probed_counts
@@ -306,6 +307,12 @@ def test_live_recall_matches_an_exact_offline_evaluation(lite, fixture_data, tmp
         assert value(registry, "live_recall", collection="docs", target="none",
                      k="10") == pytest.approx(want)
         assert value(registry, "recall_audits_total", collection="docs", outcome="done") == 40
+        # flushed: published to the model directory for `status` (live_stats), same estimate
+        published = read_live_recall(tmp_path / "models", "docs",
+                                     layout_id=client.layout("docs").layout_id, version=None)
+        (pub,) = published["estimates"]
+        assert pub["n"] == 40 and pub["recall"] == pytest.approx(want)
+        assert published["clients"][0]["current"] and not published["clients"][0]["stale"]
     finally:
         client.close()
     assert not client._telemetry.live.auditor.alive          # close() stopped the worker
@@ -353,6 +360,8 @@ def test_async_client_records_the_same_metrics_and_live_recall(lite, fixture_dat
     (est,) = status["estimates"]
     assert est["n"] == 12 and status["done"] == 12
     assert est["recall"] == pytest.approx(offline_recall(docs, queries, got), abs=1e-9)
+    published = read_live_recall(tmp_path / "models", "docs", check_router=False)
+    assert [e["n"] for e in published["estimates"]] == [12]
 
 
 def test_importing_the_clients_needs_no_prometheus_client():
