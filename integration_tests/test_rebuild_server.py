@@ -128,10 +128,23 @@ class _Load:
             time.sleep(0.01)
 
 
-def _check_final(client, alias, load, n_before):
-    """Lost acknowledged writes, duplicate keys and rows outside their cluster, as counts."""
+def _rebuild(errors, client, *args, **kwargs):
+    from milvus_ltr_router.build import build_layout
+    try:
+        return build_layout(client, *args, **kwargs)
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        return None
+
+
+def _check_final(client, alias, load, n_before, fallback):
+    """Lost acknowledged writes, duplicate keys and rows outside their cluster, as counts
+    (in what the alias names, else in ``fallback`` where the alias was lost)."""
     from milvus_ltr_router.layout import cluster_of, read_layout
-    layout = read_layout(client, alias)
+    try:
+        layout = read_layout(client, alias)
+    except Exception:
+        layout = read_layout(client, fallback)
     keys, vecs, cids = _all_rows(client, layout.collection)
     pos = {k: i for i, k in enumerate(keys)}
     dup = len(keys) - len(pos)
@@ -151,24 +164,21 @@ def test_rebuild_under_load_loses_nothing_and_fails_nothing(client, milvus_serve
     t1, t2 = f"rb_a_{uuid.uuid4().hex[:6]}", f"rb_b_{uuid.uuid4().hex[:6]}"
     alias = f"rb_app_{uuid.uuid4().hex[:6]}"
     try:
-        first = build_layout(client, src, t1, n_clusters=L, storage="single", alias=alias, seed=0)
-        physical = [t2]
+        build_layout(client, src, t1, n_clusters=L, storage="single", alias=alias, seed=0)
+        physical, errors = [t2], []
         with _Load(milvus_server.uri, alias, physical, fixture_data.queries, fixture_data.docs,
                    str(tmp_path / "models")) as load:
             time.sleep(3)                       # writes into the first layout before its rebuild
             # 1. a new target plus --alias: reads t1 (with the routed writes), switches the alias
-            second = build_layout(client, src, t2, n_clusters=L, storage="single", alias=alias,
-                                  seed=1)
-            assert second.switch["live"] == t1 and second.switch["replaced"] == "retired"
+            second = _rebuild(errors, client, src, t2, n_clusters=L, storage="single", alias=alias,
+                              seed=1)
             load.physical_on.set()
             time.sleep(2)
             # 2. --overwrite of t2 (the alias on it must survive), again under load
-            third = build_layout(client, src, t2, n_clusters=L, storage="single", overwrite=True,
-                                 seed=2)
-            assert third.switch["renamed"] and alias in third.switch["aliases_moved"]
+            third = _rebuild(errors, client, src, t2, n_clusters=L, storage="single",
+                             overwrite=True, seed=2)
             time.sleep(2)
-        assert client.describe_alias(alias)["collection_name"] == t2
-        out = _check_final(client, alias, load, N_SOURCE)
+        out = _check_final(client, alias, load, N_SOURCE, t2)
         figures = {"searches_ok": load.ok, "searches_failed": len(load.failed),
                    "physical_searches_ok": load.physical_ok,
                    "physical_searches_failed": len(load.physical_failed),
@@ -176,16 +186,21 @@ def test_rebuild_under_load_loses_nothing_and_fails_nothing(client, milvus_serve
                    "write_errors": len(load.write_errors), "lost": out["lost"],
                    "duplicates": out["duplicates"], "wrong_cluster": out["wrong_cluster"],
                    "rows": out["rows"], "expected_rows": out["expected_rows"],
-                   "switch_alias": second.switch, "switch_overwrite": third.switch}
+                   "rebuild_errors": errors,
+                   "switch_alias": getattr(second, "switch", None),
+                   "switch_overwrite": getattr(third, "switch", None)}
         print("\nREBUILD GOAL FIGURES", figures)
+        assert errors == []
         assert load.failed == [], load.failed[:5]
         assert load.write_errors == [], load.write_errors[:5]
         assert out["lost"] == 0 and out["duplicates"] == 0 and out["wrong_cluster"] == 0
         assert out["rows"] == out["expected_rows"]
-        assert out["layout"].layout_id == third.layout.layout_id
         assert load.writes > 20 and load.ok > 100
-        # a client that served the old layout sees the new one before its next search
-        assert third.layout.collection == t2
+        # aliases intact: the alias names the overwritten target, which serves the new layout
+        assert client.describe_alias(alias)["collection_name"] == t2
+        assert out["layout"].layout_id == third.layout.layout_id and third.layout.collection == t2
+        assert second.switch["live"] == t1 and second.switch["replaced"] == "retired"
+        assert third.switch["renamed"] and alias in third.switch["aliases_moved"]
     finally:
         for name in (t1, t2, f"{t2}__ltr_next", f"{t2}__ltr_prev"):
             drop_layout(client, name)
@@ -210,8 +225,7 @@ def test_client_sees_new_layout_before_next_write_and_search(client, milvus_serv
                              log_rate=0.0, reload_interval=600)
     try:
         build_layout(client, src, a, n_clusters=12, storage="single", alias=alias, seed=0)
-        lb = build_layout(client, src, b, n_clusters=20, storage="single", seed=5,
-                          from_source=True).layout
+        lb = build_layout(client, src, b, n_clusters=20, storage="single", seed=5).layout
         app.search(alias, data=[fixture_data.queries[0].tolist()], limit=5)
         assert app.router_status(alias)["layout_id"] != lb.layout_id
         point_alias(client, alias, b)           # behind the client's back

@@ -36,6 +36,7 @@ from .moments import ClusterMoments
 from .scan import iter_columns
 from .schema import vector_index_params
 from .storage import Storage, StorageError
+from .switch import set_stamp
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ def _layout_from_rows(name: str, rows: list[dict], meta: dict) -> Layout:
 
 
 def write_layout_meta(client: MilvusClient, layout: Layout) -> None:
-    """Store centroids and metadata in ``<collection>__ltr_layout`` (replacing any old one)."""
+    """Store centroids and metadata in ``<collection>__ltr_layout`` (replacing any old one),
+    and stamp the collection with the layout's id (:mod:`.switch`)."""
     name = layout_collection_name(layout.collection)
     if client.has_collection(name):
         client.drop_collection(name)
@@ -215,6 +217,8 @@ def write_layout_meta(client: MilvusClient, layout: Layout) -> None:
         client.insert(name, rows[start:start + 1000])
     client.flush(name)
     client.load_collection(name)
+    # the cheap layout-id check of routed clients (:mod:`.switch`): the layout stored here
+    set_stamp(client, layout.collection, layout_id=layout.layout_id)
 
 
 def read_layout(client: MilvusClient, collection: str, check_sizes: bool = False,

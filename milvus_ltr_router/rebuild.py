@@ -105,13 +105,16 @@ def replace_layout(client: MilvusClient, *, target: str, build_name: str, live: 
         layout = report.layout
         set_stamp(client, build_name, layout_id=layout.layout_id, state=FROZEN)
         caught = {}
+        frozen_at = time.perf_counter()
         if live is not None:
             set_stamp(client, live, state=FROZEN)
             time.sleep(grace)
             caught = catch_up(client, live, layout, journal)
         moved = _switch(client, target, build_name, live, alias, overwrite, layout, grace)
         switched = True
-        report.switch = {"live": live, "built_as": build_name, **caught, **moved}
+        unfrozen_at = moved.pop("unfrozen_at", frozen_at)
+        report.switch = {"live": live, "built_as": build_name, **caught, **moved,
+                         "writes_waited_s": unfrozen_at - frozen_at}
     except BaseException as exc:
         if not switched:
             if live is not None:
@@ -203,9 +206,10 @@ def _switch(client: MilvusClient, target: str, build_name: str, live: str | None
         gap = time.perf_counter() - t0
         layout.collection = target
         set_stamp(client, target, state="")
+        unfrozen_at = time.perf_counter()
         _drop_later(client, prev, grace)
         return {"aliases_moved": moved, "renamed": True, "rename_seconds": gap,
-                "replaced": "dropped"}
+                "replaced": "dropped", "unfrozen_at": unfrozen_at}
     if build_name != target:                              # target is an alias: moved above
         if target not in moved:
             point_alias(client, target, build_name)
@@ -214,13 +218,14 @@ def _switch(client: MilvusClient, target: str, build_name: str, live: str | None
         point_alias(client, alias, build_name)
         moved.append(alias)
     set_stamp(client, build_name, state="")
+    done = {"aliases_moved": moved, "renamed": False, "unfrozen_at": time.perf_counter()}
     if old is not None and old != build_name:
         if overwrite:
             _drop_later(client, old, grace)
-            return {"aliases_moved": moved, "renamed": False, "replaced": "dropped"}
+            return {**done, "replaced": "dropped"}
         set_stamp(client, old, state=RETIRED, journal="", successor=build_name)
-        return {"aliases_moved": moved, "renamed": False, "replaced": "retired"}
-    return {"aliases_moved": moved, "renamed": False, "replaced": None}
+        return {**done, "replaced": "retired"}
+    return {**done, "replaced": None}
 
 
 def _companions(target: str) -> list[str]:
