@@ -7,10 +7,11 @@ the routed ``langchain_milvus.Milvus`` (``similarity_search``) and of the routed
 interleaved query by query, of the plain vector stores (as the frameworks build them: every
 row searched) against the routed ones and the routed client on the same collection.
 
-    python -m benchmarks.bench_integrations [--uri URI] [--docs 20000] [--clusters 64]
+    python -m benchmarks.bench_integrations [--uri URI | --server] [--docs 20000] [--clusters 64]
                                             [--queries 300] [--nprobe 2 4 8 16]
 
-``--uri``: a Milvus server (default: a new milvus-lite file in a temporary directory). The
+``--uri``: a Milvus server or milvus-lite file (default: a new milvus-lite file in a temporary
+directory); ``--server``: ``MILVUS_URI`` if set, else the embedded Milvus 2.3.5 server. The
 query embeddings are the fixture's (:func:`langchain_embeddings`, :func:`llama_embedding`:
 the tiny deterministic embedding classes the tests use too; no model is loaded).
 """
@@ -75,7 +76,7 @@ def recall(got: list[list[int]], exact: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(g[:k]) & set(e[:k].tolist())) / k for g, e in zip(got, exact)]))
 
 
-def build(uri: str, docs: np.ndarray, n_clusters: int) -> str:
+def build(uri: str, docs: np.ndarray, n_clusters: int) -> tuple[str, str]:
     from pymilvus import MilvusClient
     from milvus_ltr_router.build import build_layout
     from milvus_ltr_router.milvus_io import release_lite
@@ -88,19 +89,38 @@ def build(uri: str, docs: np.ndarray, n_clusters: int) -> str:
     build_layout(client, src, target, n_clusters=n_clusters, seed=0)
     client.close()
     release_lite(uri)
-    return target
+    return src, target
+
+
+def drop(uri: str, src: str, target: str) -> None:
+    from pymilvus import MilvusClient
+    from milvus_ltr_router.layout import drop_layout
+    client = MilvusClient(uri=uri)
+    drop_layout(client, target)
+    client.drop_collection(src)
+    client.close()
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--uri", default=None)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--uri", default=None)
+    where.add_argument("--server", action="store_true")
     p.add_argument("--docs", type=int, default=20000)
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--nprobe", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--repeat", type=int, default=3, help="timing passes (per call: the fastest)")
     args = p.parse_args(argv)
+    if args.server:
+        from benchmarks.server import milvus_uri
+        with milvus_uri() as (uri, description):
+            print(f"server: {description}")
+            return run(args, uri, description)
+    return run(args, args.uri, args.uri or "milvus-lite")
 
+
+def run(args, uri: str | None, where: str) -> dict:
     from langchain_milvus import Milvus
     from llama_index.vector_stores.milvus import MilvusVectorStore
     from llama_index.core.vector_stores import VectorStoreQuery
@@ -113,9 +133,9 @@ def main(argv=None) -> dict:
     docs, queries = fx.docs[:args.docs], fx.queries[:args.queries]
     exact = np.argsort(-(queries @ docs.T), axis=1)[:, :10]        # ids are row numbers
     tmp = tempfile.TemporaryDirectory()
-    uri = args.uri or str(Path(tmp.name) / "bench.db")
+    uri = uri or str(Path(tmp.name) / "bench.db")
     t0 = time.perf_counter()
-    collection = build(uri, docs, args.clusters)
+    src, collection = build(uri, docs, args.clusters)
     print(f"laid out {len(docs)} documents in {args.clusters} clusters on {uri} "
           f"({time.perf_counter() - t0:.0f} s)")
     model_dir = str(Path(tmp.name) / "models")
@@ -200,9 +220,10 @@ def main(argv=None) -> dict:
         c.close()
     lc_plain.client.close()
     li_plain.client.close()
-    payload = {"uri": "milvus-lite" if args.uri is None else args.uri, "docs": len(docs),
+    drop(uri, src, collection)
+    payload = {"milvus": where, "docs": len(docs),
                "clusters": args.clusters, "queries": n, "rows": rows, "async_same": async_same}
-    save("bench_integrations", payload)
+    save("bench_integrations" + ("_server" if args.server else ""), payload)
     return payload
 
 

@@ -262,6 +262,57 @@ def test_langchain_on_a_collection_without_layout_passes_through(langchain_milvu
         plain.close()
 
 
+@pytest.mark.parametrize("storage", ["partition", "single"])
+def test_langchain_add_texts_are_routed_writes(langchain_milvus, fixture_data, tmp_path, storage):
+    """LangChain writes with string keys: a laid-out collection with a VARCHAR primary key;
+    ``add_texts`` reaches the routed client's ``insert``, which puts each row in its cluster."""
+    from pymilvus import DataType
+    from milvus_ltr_router.integrations.langchain import routed_langchain_milvus
+    from milvus_ltr_router.layout import cluster_of
+    uri = str(tmp_path / "w.db")
+    plain = MilvusClient(uri)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=32)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=384)
+    schema.add_field("title", DataType.VARCHAR, max_length=32)
+    index = plain.prepare_index_params()
+    index.add_index("vector", index_type="FLAT", metric_type="IP")
+    plain.create_collection("src", schema=schema, index_params=index)
+    docs, queries = fixture_data.docs[:600], fixture_data.queries[:6]
+    plain.insert("src", [{"id": f"k{i}", "vector": v.tolist(), "title": f"doc {i}"}
+                         for i, v in enumerate(docs)])
+    plain.flush("src")
+    layout = build_layout(plain, "src", "docs", n_clusters=4, seed=0, storage=storage).layout
+    store = routed_langchain_milvus(langchain_embeddings(queries), collection_name="docs",
+                                    connection_args={"uri": uri}, model_dir=str(tmp_path / "models"),
+                                    nprobe=1, client_options={"log_rate": 0}, **LC_FIELDS)
+    try:
+        keys = [f"new{i}" for i in range(len(queries))]
+        assert store.add_texts([query_text(i) for i in range(len(queries))], ids=keys) == keys
+        clusters = cluster_of(layout, queries)
+        for i, key in enumerate(keys):
+            [row] = plain.query("docs", filter=f'id == "{key}"', output_fields=["*"])
+            assert row["title"] == query_text(i)
+            if storage == "partition":
+                part = layout.storage.write_partition(int(clusters[i]))
+                assert plain.query("docs", filter=f'id == "{key}"', output_fields=["id"],
+                                   partition_names=[part])
+            else:
+                assert row[layout.storage.cluster_field] == int(clusters[i])
+            # searchable: among its own query's hits over every cluster, and never outside
+            # the routed clusters in a routed search
+            every = store.similarity_search(query_text(i), k=10, nprobe=layout.n_partitions)
+            assert key in [d.metadata["id"] for d in every]
+            hits = store.similarity_search(query_text(i), k=10, nprobe=1)
+            probed = set(store.client.route("docs", queries[i], nprobe=1)[0])
+            assert (key in [d.metadata["id"] for d in hits]) == (int(clusters[i]) in probed)
+        assert store.client.router_status("docs")["batches"]["searches"] == 2 * len(keys)
+    finally:
+        store.client.close()
+        plain.close()
+        release_lite(uri)
+
+
 # ---------------------------------------------------------------------------------- LlamaIndex
 
 
