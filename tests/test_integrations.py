@@ -428,3 +428,51 @@ def test_route_llama_index_store_and_a_store_without_async_client(llama_milvus, 
     finally:
         store.client.close()
         plain.close()
+
+
+@pytest.mark.parametrize("storage", ["partition", "single"])
+def test_a_collection_llama_index_created_laid_out_read_and_written_through_the_store(
+        llama_milvus, fixture_data, tmp_path, storage):
+    """LlamaIndex's own schema (VARCHAR ids, node JSON in dynamic fields) survives the layout:
+    the routed store's queries return its nodes (text, metadata) from the routed clusters, and
+    its ``add`` is a routed insert (each node in its cluster)."""
+    from llama_index.core.schema import TextNode
+    from llama_index.core.vector_stores import VectorStoreQuery
+    from milvus_ltr_router.integrations.llama_index import routed_milvus_vector_store
+    from milvus_ltr_router.layout import cluster_of
+    uri = str(tmp_path / "n.db")
+    docs, queries = fixture_data.docs[:800], fixture_data.queries[:5]
+    native = llama_milvus.MilvusVectorStore(uri=uri, collection_name="notes", dim=384,
+                                            use_async_client=False)
+    native.add([TextNode(id_=f"n{i}", text=f"note {i}", embedding=v.tolist(), metadata={"grp": i % 3})
+                for i, v in enumerate(docs)])
+    native.client.close()
+    plain = MilvusClient(uri)
+    layout = build_layout(plain, "notes", "notes_ivf", n_clusters=4, seed=0, storage=storage).layout
+    store = routed_milvus_vector_store(uri=uri, collection_name="notes_ivf", dim=384,
+                                       model_dir=str(tmp_path / "models"), nprobe=1,
+                                       client_options={"log_rate": 0}, use_async_client=False)
+    try:
+        for q in queries:
+            res = store.query(VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=5))
+            clusters = store.client.route("notes_ivf", q)[0]
+            assert res.ids == restricted_ids(plain, layout, q, clusters, limit=5)
+            assert [n.text for n in res.nodes] == [f"note {k[1:]}" for k in res.ids]
+            assert [n.metadata["grp"] for n in res.nodes] == [int(k[1:]) % 3 for k in res.ids]
+        new = [TextNode(id_=f"x{i}", text=f"new {i}", embedding=q.tolist()) for i, q in enumerate(queries)]
+        assert store.add(new) == [n.id_ for n in new]
+        clusters = cluster_of(layout, queries)
+        for i, node in enumerate(new):
+            if storage == "partition":
+                part = layout.storage.write_partition(int(clusters[i]))
+                assert plain.query("notes_ivf", filter=f'id == "{node.id_}"', output_fields=["id"],
+                                   partition_names=[part])
+            else:
+                [row] = plain.query("notes_ivf", filter=f'id == "{node.id_}"',
+                                    output_fields=[layout.storage.cluster_field])
+                assert row[layout.storage.cluster_field] == int(clusters[i])
+        assert store.client.router_status("notes_ivf")["batches"]["searches"] == len(queries)
+    finally:
+        store.client.close()
+        plain.close()
+        release_lite(uri)
