@@ -280,8 +280,10 @@ def test_partition_sizes_count_unflushed_rows(client, unique_name):
 
 
 def test_same_seed_same_layout_whatever_the_read_order(client, fixture_data):
-    """Two builds with one seed on the same rows (inserted in opposite orders, so Milvus
-    returns them in other orders) give identical clusters."""
+    """Two builds with one seed on the same rows give identical clusters, also when the rows
+    are read in another order: here another read batch size (the read-out's parts are
+    residue classes of the key modulo rows / batch size; the byte budget of a row sets it
+    too) and another insert order."""
     from milvus_ltr_router.build import build_layout
     from milvus_ltr_router.layout import drop_layout
     n = 2500
@@ -290,8 +292,10 @@ def test_same_seed_same_layout_whatever_the_read_order(client, fixture_data):
     s2 = _source(client, fixture_data, n, order=rng.permutation(n))
     t1, t2 = f"rb_d1_{uuid.uuid4().hex[:6]}", f"rb_d2_{uuid.uuid4().hex[:6]}"
     try:
-        r1 = build_layout(client, s1, t1, n_clusters=16, storage="single", seed=11)
-        r2 = build_layout(client, s2, t2, n_clusters=16, storage="single", seed=11)
+        r1 = build_layout(client, s1, t1, n_clusters=16, storage="single", seed=11,
+                          sample_size=1000, batch_size=700)
+        r2 = build_layout(client, s2, t2, n_clusters=16, storage="single", seed=11,
+                          sample_size=1000)
         assert np.array_equal(r1.layout.centroids, r2.layout.centroids)
         k1, _, c1 = _all_rows(client, t1)
         k2, _, c2 = _all_rows(client, t2)

@@ -165,3 +165,4 @@ def test_overwrite_keeping_the_clusters_keeps_the_routers_binding(lite_app):
     assert new.layout_id != old.layout_id and new.clustering_id == old.clustering_id
     assert np.array_equal(new.centroids, old.centroids)
     assert report.switch["live"] == "a"
+
