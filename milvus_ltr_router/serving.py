@@ -196,6 +196,11 @@ class RoutingTable:
                 self._routing[collection] = cached
             return cached[0]
 
+    def layout_check_due(self, collection: str) -> bool:
+        """Whether :meth:`state` would check the layout behind ``collection`` now (for a
+        shell that answers from memory between checks, as the async client does)."""
+        return time.monotonic() - self._stamped.get(collection, 0.0) >= self.layout_check_interval
+
     def _layout_current(self, collection: str, state: Routing) -> bool:
         """Whether ``state``'s layout is still the one behind ``collection``: checked at most
         every ``layout_check_interval`` seconds by the collection's stamp (one metadata call;
