@@ -84,7 +84,8 @@ def build(uri: str, docs: np.ndarray, n_clusters: int) -> tuple[str, str]:
     client = MilvusClient(uri=uri)
     tag = uuid.uuid4().hex[:6]
     src, target = f"bench_int_src_{tag}", f"bench_int_ivf_{tag}"
-    create_vector_collection(client, src, docs, scalars={"title": [f"doc {i}" for i in range(len(docs))]})
+    create_vector_collection(client, src, docs,
+                             scalars={"title": [f"doc {i}" for i in range(len(docs))]})
     client.load_collection(src)
     build_layout(client, src, target, n_clusters=n_clusters, seed=0)
     client.close()
@@ -156,7 +157,8 @@ def run(args, uri: str | None, where: str) -> dict:
         return [d.metadata["id"] for d in store.similarity_search(texts[i], k=10, **kw)]
 
     def li_ids(store, i):
-        return store.query(VectorStoreQuery(query_embedding=queries[i].tolist(), similarity_top_k=10)).ids
+        query = VectorStoreQuery(query_embedding=queries[i].tolist(), similarity_top_k=10)
+        return store.query(query).ids
 
     def client_ids(i, nprobe):
         return [h["id"] for h in client.search(collection, data=[queries[i].tolist()], limit=10,
@@ -167,7 +169,8 @@ def run(args, uri: str | None, where: str) -> dict:
     plain_lc = [lc_ids(lc_plain, i) for i in range(n)]
     plain_li = [li_ids(li_plain, i) for i in range(n)]
     rows.append({"nprobe": "all (plain store)", "recall_client": None,
-                 "recall_langchain": recall(plain_lc, exact), "recall_llamaindex": recall(plain_li, exact)})
+                 "recall_langchain": recall(plain_lc, exact),
+                 "recall_llamaindex": recall(plain_li, exact)})
     for nprobe in args.nprobe:
         li.client.nprobe = nprobe
         got_client = [client_ids(i, nprobe) for i in range(n)]

@@ -163,7 +163,8 @@ def test_llama_index_sync_and_async_query_the_published_routers_clusters(
         store.client.nprobe = layout.n_partitions        # every cluster: the plain store's answer
         q = queries[0]
         query = VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=10)
-        assert store.query(query).ids == plain_store.query(query).ids == exact_ids(client, collection, q)
+        assert store.query(query).ids == plain_store.query(query).ids \
+            == exact_ids(client, collection, q)
 
         async def main():
             try:

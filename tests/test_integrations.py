@@ -459,7 +459,8 @@ def test_a_collection_llama_index_created_laid_out_read_and_written_through_the_
             assert res.ids == restricted_ids(plain, layout, q, clusters, limit=5)
             assert [n.text for n in res.nodes] == [f"note {k[1:]}" for k in res.ids]
             assert [n.metadata["grp"] for n in res.nodes] == [int(k[1:]) % 3 for k in res.ids]
-        new = [TextNode(id_=f"x{i}", text=f"new {i}", embedding=q.tolist()) for i, q in enumerate(queries)]
+        new = [TextNode(id_=f"x{i}", text=f"new {i}", embedding=q.tolist())
+               for i, q in enumerate(queries)]
         assert store.add(new) == [n.id_ for n in new]
         clusters = cluster_of(layout, queries)
         for i, node in enumerate(new):
