@@ -97,9 +97,11 @@ class _LoopRoutingTable(RoutingTable):
     from memory (so the event loop only waits for a thread when a reload is due)."""
 
     def cached_state(self, collection: str):
-        """The routing of ``collection`` while it needs no re-check, else ``_MISSING``."""
+        """The routing of ``collection`` while it needs no re-check (neither the reload nor the
+        layout stamp check of :meth:`state` is due), else ``_MISSING``."""
         cached = self._routing.get(collection)
-        if cached is not None and _age(cached[1]) < self.reload_interval:
+        if cached is not None and _age(cached[1]) < self.reload_interval and \
+                (cached[0] is None or not self.layout_check_due(collection)):
             return cached[0]
         return _MISSING
 
