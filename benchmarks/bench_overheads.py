@@ -94,7 +94,7 @@ def _per_query_ms(router, queries: np.ndarray, nprobe: int, budget_s: float = 0.
             "min_ms_per_query": 1e3 * t["min"] / len(queries)}
 
 
-def moment_routing_cost(n_parts: int, dim: int, ranks=(16, 32), rescore=(32, 64, None),
+def moment_routing_cost(n_parts: int, dim: int, ranks=(16, 32), rescore=(32, 96, None),
                         batches=(1, 32)) -> list[dict]:
     """Per-query cost through onnxruntime (one thread) of the linear router and of the moment
     router at each rank and second-stage size (``None``: every cluster re-scored, one stage),
@@ -130,10 +130,10 @@ def moment_routing_cost(n_parts: int, dim: int, ranks=(16, 32), rescore=(32, 64,
                 scorer = MomentScorer.from_moments(sketch, rescore_top=m)
                 path = Path(tmp) / f"m{rank}_{m}.onnx"
                 export_moment_router(scorer, layout, "bench", path)
-                # stage one: W q and the diagonal spread (2 L d); stage two: m r d (every
-                # cluster: L d + L r d, one stage)
+                # stage one: W q, the first directions and the diagonal of the rest
+                # ((2 + f) L d); stage two: m r d (every cluster: L d + L r d, one stage)
                 macs = n_parts * dim * (1 + rank) if m >= n_parts else \
-                    2 * n_parts * dim + m * rank * dim
+                    (2 + scorer.first_rank) * n_parts * dim + m * rank * dim
                 measure(path, f"moments r{rank}/" + ("all" if m >= n_parts else f"m{m}"),
                         rank, "all" if m >= n_parts else m, macs)
     return rows

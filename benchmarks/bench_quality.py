@@ -310,10 +310,12 @@ def run_moments(docs, queries, layout, parts, nb, tr, va, te, sub, seed: int, ma
     """Issue 20's rows on one layout: the moment router (c = 1, the rule without queries; c tuned
     on the validation queries), today's learned router (retrain-router with --moments off) and
     the learned router over the moments (retrain-router's default), all trained as
-    retrain-router trains them (top-10 labels with a top-1 weight of .5, validation top-1 at
-    nprobe 8); plus reference rows of the sketch's design (numpy only): rank 32 over every
-    cluster, rank 16 and 32 candidates, and the full covariance."""
-    from milvus_ltr_router.candidates import tune_optimism
+    retrain-router trains them (top-10 labels; the linear router with a top-1 weight of .5
+    chosen by validation top-1 at nprobe 8, its adaptive head top-k only; the router over the
+    moments as candidates.moments_objective says); plus reference rows of the sketch's design
+    (numpy only): rank 32 over every cluster, rank 16 and 32 candidates, and the full
+    covariance."""
+    from milvus_ltr_router.candidates import moments_objective, tune_optimism
     from milvus_ltr_router.clustering import linear_centroid_scorer
     from milvus_ltr_router.evaluate import evaluate_adaptive
     from milvus_ltr_router.export import export_moment_router, export_router
@@ -349,7 +351,7 @@ def run_moments(docs, queries, layout, parts, nb, tr, va, te, sub, seed: int, ma
         return m
     today = fit(None, 0.5, "top1")            # retrain-router --moments off: the fixed-nprobe head
     head = fit(None, 0.0, "recall")           # ... and its adaptive-nprobe head
-    learned_m = fit(moments, 0.5, "top1")     # retrain-router's default: over the moments
+    learned_m = fit(moments, *moments_objective(0.5))   # retrain-router's default: over the moments
     training = {name: {"init": m.init_, "best_epoch": m.best_epoch_, "val": m.best_score_,
                        "candidates": m.candidates_, "val_criterion": m.val_criterion_}
                 for name, m in (("learned (retrain)", today), ("learned (retrain) adaptive head", head),
@@ -364,10 +366,11 @@ def run_moments(docs, queries, layout, parts, nb, tr, va, te, sub, seed: int, ma
         # references: what the served sketch is measured against
         "moments c=1, r32 every cluster": MomentScorer.from_moments(moments, rescore_top=n_parts),
         "moments c=1, r32/m32": MomentScorer.from_moments(moments, rescore_top=32),
+        "moments c=1, r32/m64": MomentScorer.from_moments(moments, rescore_top=64),
         "moments c=1, full covariance": MomentScorer.from_moments(full, rescore_top=n_parts),
     }
     if moments.rank > 16:
-        scorers["moments c=1, r16/m64"] = MomentScorer.from_moments(moments.subset(16))
+        scorers["moments c=1, r16"] = MomentScorer.from_moments(moments.subset(16))
     numpy_routers = {"centroid": LinearRouter(*linear_centroid_scorer(layout.centroids, layout.metric),
                                               layout.partition_names, layout.clustering_id),
                      "learned (retrain)": LinearRouter(today.coef_, today.intercept_,

@@ -34,6 +34,17 @@ log = logging.getLogger(__name__)
 OPTIMISM_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
+def moments_objective(top1_weight: float) -> tuple[float, str]:
+    """``(top1_weight, val_metric)`` the learned router over the moments trains with, from
+    retrain's ``--top1-weight``. It has one head for fixed and adaptive nprobe (the linear
+    router has a second, top-k-only head for ``recall_target``), so it weighs the top-1
+    term half as much and keeps the epoch with the best validation recall@k. On the large
+    set, unit-norm (docs/benchmarks.md#moment-routers-issue-20): clusters for recall@10
+    .9 / .95 16 / 33 where the linear router's objective (.5, top-1) gave 17 / 35, top-1
+    at 1% of L .791 for both."""
+    return top1_weight / 2, "recall"
+
+
 @dataclass
 class Candidate:
     """A new router, served from its exported file and calibrated on validation queries."""
@@ -118,7 +129,8 @@ def learned_candidate(layout, moments, queries: np.ndarray, labels: np.ndarray, 
             init=cfg.init, seed=cfg.seed, top1_weight=top1_weight, val_metric=val_metric,
             val_nprobe=cfg.nprobe, val_k=cfg.k).fit(queries[tr], labels[tr], eval_set=val_set)
 
-    trainer = fit_head(cfg.top1_weight, cfg.metric, moments)
+    trainer = (fit_head(cfg.top1_weight, cfg.metric, moments) if moments is None
+               else fit_head(*moments_objective(cfg.top1_weight), moments))
     head = None
     if moments is None and cfg.adaptive_head and cfg.label_k > 1 and cfg.top1_weight > 0:
         # the top-1 term that helps small fixed nprobes costs adaptive nprobe partitions at

@@ -240,6 +240,9 @@ def export_moment_router(scorer, layout, collection: str, path, metrics: dict | 
     """Export and save a :class:`~.moments.MomentScorer` for ``layout`` (the moment router,
     or a learned router over the moment features with ``router_kind="learned-moments"``);
     returns the written path. Nothing is written when a value breaks the contract."""
+    # the sketch's rank and second-stage size: what a served router's runs gather per query
+    training = {**(values.pop("training", None) or {}), "rank": int(scorer.scaled_bases.shape[1]),
+                "rescore_top": int(scorer.candidates)}
     meta = router_metadata(layout, collection, metrics=metrics, nprobe=nprobe,
-                           router_kind=router_kind, **values)
+                           router_kind=router_kind, training=training, **values)
     return save_model(moment_router_model(scorer, meta), path)

@@ -30,6 +30,10 @@ from .contract import ADAPTIVE_INPUT, QUERY_INPUT, SCORES_OUTPUT, ContractError,
     check_signature
 from .errors import OperationalError
 
+#: Bytes a moment router's second stage may gather in one run of its graph (see
+#: :meth:`Router._block_rows`).
+GATHER_BYTES = 64 << 20
+
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 log = logging.getLogger(__name__)
@@ -350,13 +354,36 @@ class Router(BaseRouter):
             router.check_layout(layout)
         return router
 
+    def _block_rows(self) -> int | None:
+        """Queries per run of the graph: a moment router's second stage gathers ``m r d``
+        floats per query (96 x 32 x 384 floats: 4.7 MB), so a calibration's thousands of
+        validation queries run in blocks of at most :data:`GATHER_BYTES`; None: one run."""
+        if self.kind not in ("moments", "learned-moments"):
+            return None
+        training = self.info.training if isinstance(self.info.training, dict) else {}
+        try:
+            rank = int(training.get("rank") or 32)
+            top = int(training.get("rescore_top") or self.n_partitions)
+        except (TypeError, ValueError):
+            rank, top = 32, self.n_partitions
+        per_query = 4 * self.dim * max(1, rank) * max(1, min(top, self.n_partitions))
+        return max(1, GATHER_BYTES // per_query)
+
+    def _run(self, queries: np.ndarray, feed: dict) -> np.ndarray:
+        block = self._block_rows()
+        if block is None or len(queries) <= block:
+            return self._session.run(self._output, {self._input: queries, **feed})[0]
+        return np.concatenate([self._session.run(self._output, {self._input: queries[s:s + block],
+                                                                **feed})[0]
+                               for s in range(0, len(queries), block)])
+
     def scores(self, queries: np.ndarray) -> np.ndarray:
-        return self._session.run(self._output, {self._input: queries})[0]
+        return self._run(queries, {})
 
     def adaptive_scores(self, queries: np.ndarray) -> np.ndarray:
         if self._adaptive_feed is None:
             return self.scores(queries)
-        return self._session.run(self._output, {self._input: queries, **self._adaptive_feed})[0]
+        return self._run(queries, self._adaptive_feed)
 
     @property
     def has_adaptive_head(self) -> bool:

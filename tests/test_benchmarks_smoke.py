@@ -41,7 +41,7 @@ def test_quality_benchmark_moment_rows(tmp_path):
     m = res["moments"]
     routers = {"centroid", "learned (retrain)", "moments c=1", "moments c tuned", "learned+moments",
                "moments c=1, full covariance", "moments c=1, r32 every cluster",
-               "moments c=1, r32/m32", "moments c=1, r16/m64"}
+               "moments c=1, r32/m32", "moments c=1, r32/m64", "moments c=1, r16"}
     assert {r["router"] for r in m["fixed"]} == routers
     assert {r["nprobe"] for r in m["fixed"]} >= {1, 2, m["val_nprobe"]}
     assert str(m["optimism"]) in m["optimism_grid"]           # JSON keys are strings

@@ -177,3 +177,28 @@ def test_trainer_with_moments_starts_at_the_moment_router_and_keeps_the_best():
         q[:400], y[:400], eval_set=(q[400:], y[400:]))
     assert set(trained.candidates_) == {"moments"}
     assert trained.best_score_ >= est.best_score_
+
+
+def test_served_moment_router_scores_large_batches_in_blocks(tmp_path, monkeypatch):
+    """A calibration scores thousands of validation queries at once: the second stage's
+    gather (m r d floats per query) runs in blocks under GATHER_BYTES, with the same scores."""
+    pytest.importorskip("onnx")
+    from milvus_ltr_router import router as router_mod
+    from milvus_ltr_router.export import export_moment_router
+    from milvus_ltr_router.layout import Layout, partition_names_for
+    x, c = _clusters(L=10, d=16, n=2000)
+    m = cluster_moments(x, c, 10, rank=5)
+    scorer = MomentScorer.from_moments(m, rescore_top=4)
+    layout = Layout("t", m.means, partition_names_for(10), m.sizes, "IP", "spherical", 16, "lid")
+    path = export_moment_router(scorer, layout, "t", tmp_path / "m.onnx")
+    served = router_mod.Router.load(path)
+    assert served.info.training["rank"] == 5 and served.info.training["rescore_top"] == 4
+    monkeypatch.setattr(router_mod, "GATHER_BYTES", 3 * 4 * 16 * 5 * 4)   # 3 queries a run
+    assert served._block_rows() == 3
+    runs = []
+    real_run = served._session.run
+    monkeypatch.setattr(served._session, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k),
+                        raising=False)
+    q = np.random.default_rng(5).standard_normal((10, 16)).astype(np.float32)
+    np.testing.assert_allclose(served.scores(q), scorer.scores(q), rtol=1e-4, atol=1e-4)
+    assert len(runs) == 4
