@@ -243,6 +243,42 @@ def test_route_langchain_store_routes_a_store_langchain_built(langchain_milvus, 
         plain.close()
 
 
+def test_route_langchain_store_inside_a_loop_after_async_searches(langchain_milvus, lite_int,
+                                                                  fixture_data, tmp_path):
+    """A store that already searched asynchronously (its AsyncMilvusClient connected) is routed
+    on the running loop: the replaced client is closed there, the next searches are routed."""
+    from milvus_ltr_router.async_client import AsyncRoutedMilvusClient
+    from milvus_ltr_router.integrations.langchain import route_langchain_store
+    uri, layouts = lite_int
+    layout = layouts["docs"]
+    _, w, b = publish_shifted_router(tmp_path / "models", layout)
+    queries = fixture_data.queries[500:504]
+    store = langchain_milvus.Milvus(langchain_embeddings(queries), collection_name="docs",
+                                    connection_args={"uri": uri}, **LC_FIELDS)
+    plain = MilvusClient(uri)
+
+    async def main():
+        before = await store.asimilarity_search(query_text(0), k=10)
+        old = store.aclient
+        assert old._handler is not None                        # connected by that search
+        route_langchain_store(store, model_dir=str(tmp_path / "models"), log_rate=0)
+        assert isinstance(store.aclient, AsyncRoutedMilvusClient)
+        got = await asyncio.gather(*[store.asimilarity_search(query_text(i), k=10)
+                                     for i in range(len(queries))])
+        await asyncio.sleep(0)
+        await store.aclient.close()
+        return before, old, got
+    try:
+        before, old, got = asyncio.run(main())
+        assert [d.metadata["id"] for d in before] == exact_ids(plain, "docs", queries[0])
+        assert old._handler is None                            # closed on the loop
+        assert [[d.metadata["id"] for d in docs] for docs in got] == [
+            restricted_ids(plain, layout, q, own_clusters(w, b, q)) for q in queries]
+    finally:
+        store.client.close()
+        plain.close()
+
+
 def test_langchain_on_a_collection_without_layout_passes_through(langchain_milvus, lite_int,
                                                                  fixture_data, tmp_path):
     from milvus_ltr_router.integrations.langchain import routed_langchain_milvus

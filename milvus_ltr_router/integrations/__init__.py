@@ -69,9 +69,14 @@ def retire_async(client) -> None:
     if getattr(client, "_handler", None) is None:
         return
     try:
-        asyncio.get_running_loop().create_task(client.close())
+        task = asyncio.get_running_loop().create_task(client.close())
     except RuntimeError:    # no loop: it is released when collected
-        pass
+        return
+    _closing.add(task)      # the loop keeps only a weak reference to a task
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set = set()
 
 
 def routing_options(model_dir: str, nprobe: int | None, options: dict | None) -> dict:
