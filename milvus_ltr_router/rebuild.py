@@ -41,7 +41,7 @@ from pymilvus import MilvusClient
 
 from .layout import (Layout, LayoutError, drop_layout, laid_out_name, layout_collection_name,
                      moments_collection_name, point_alias)
-from .milvus_io import count_rows, key_list_literal
+from .milvus_io import key_list_literal
 from .placement import place_rows, plan_write
 from .scan import iter_columns
 from .storage import CLUSTER_FIELD
