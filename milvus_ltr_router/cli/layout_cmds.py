@@ -153,7 +153,8 @@ def run_build_layout(args) -> int:
                               max_cluster_ratio=args.max_cluster_ratio,
                               from_source=args.from_source, clusters_from=clusters_from)
     lay = report.layout
-    print(f"layout {lay.layout_id}: {report.rows} rows of {args.source!r} -> {lay.n_clusters} "
+    read = (report.switch or {}).get("live") or args.source
+    print(f"layout {lay.layout_id}: {report.rows} rows of {read!r} -> {lay.n_clusters} "
           f"clusters of {lay.collection!r} ({lay.algorithm}, {lay.metric}); storage "
           f"{lay.storage.mode} ({lay.storage.n_groups} partition(s)); "
           f"{len(report.empty_partitions)} empty clusters")
