@@ -43,10 +43,12 @@ from .async_writes import AsyncRoutedWrites
 from .layout import Layout, has_stray_partition
 from .metrics import metrics_recorder
 from .milvus_io import is_milvus_lite
-from .plan import default_nprobe, merge, probe_clusters
+from .plan import default_nprobe, merge
 from .querylog import QueryLogger
 from .registry import ModelRegistry
 from .router import BaseRouter
+from .routed_calls import WHY, call_requests, check_client_nprobe, check_hybrid_support, hybrid_queries, \
+    hybrid_reason, pins_clusters, plan_hybrid, probe
 from .search_planning import SearchPlanner, SearchTelemetry, layout_reason, passthrough_reason
 from .serving import RoutedParamError, Routing, RoutingTable, routing_status, search_queries
 from .storage import DEFAULT_PARTITION
@@ -144,14 +146,14 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
                  metrics=None, recall_sample: float | None = None, **kwargs):
         if not 0.0 <= log_rate <= 1.0:
             raise ValueError(f"log_rate must be in [0, 1], got {log_rate}")
-        if nprobe is not None and nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        check_client_nprobe(nprobe)
         self.metrics = metrics_recorder(metrics)      # before connecting: a missing extra raises
         super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
                          timeout=timeout, **kwargs)
         self.nprobe = nprobe
         self.log_rate = log_rate
         self._lite: bool | None = None
+        self._server_version: str | None = None
         self._sync = _SyncSide(uri=uri, user=user, password=password, db_name=db_name, token=token,
                                timeout=timeout, **kwargs)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ltr-async")
@@ -281,6 +283,7 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
                                 rows_outside_layout=strays, query_log=stats,
                                 live_recall=self._telemetry.status(name))
         status["batches"] = self._planner.totals(name)
+        status["passthrough"] = self._telemetry.passthrough_status(name)
         return status
 
     def plan_totals(self, collection_name: str) -> dict:
@@ -295,7 +298,8 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
         return self._last_plan.get()
 
     def _default_nprobe(self, state: Routing) -> int:
-        return default_nprobe(self.nprobe, state.router, state.layout.n_partitions)
+        return default_nprobe(self.nprobe, state.router, state.layout.n_partitions,
+                              state.layout.collection)
 
     # ------------------------------------------------------------------ routing
     async def router(self, collection_name: str) -> BaseRouter | None:
@@ -323,11 +327,11 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
 
     async def _probe(self, state: Routing, queries: np.ndarray, nprobe, recall_target, min_nprobe,
                      max_nprobe):
-        args = (state.router, queries, self._default_nprobe(state), nprobe, recall_target,
-                min_nprobe, max_nprobe, state.layout.collection)
+        args = (state, queries, self._default_nprobe(state), nprobe, recall_target, min_nprobe,
+                max_nprobe)
         if len(queries) <= INLINE_ROUTE_QUERIES:
-            return probe_clusters(*args)
-        return await self._in_thread(probe_clusters, *args)
+            return probe(*args)
+        return await self._in_thread(probe, *args)
 
     # ------------------------------------------------------------------ search
     async def search(self, collection_name: str, data=None, filter: str = "", limit: int = 10,
@@ -341,9 +345,13 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
         reason = passthrough_reason(data, partition_names, kwargs.get("ids"), args)
         state = None if reason else await self._state(collection_name)
         reason = reason or layout_reason(state, anns_field)
+        if not reason and pins_clusters(filter, state.layout):
+            reason = "cluster_filter"
         sup = super()
         if reason:
-            self._telemetry.passed_through(collection_name, state, reason)
+            self._telemetry.passed_through(collection_name, state, reason,
+                                           warn=WHY["cluster_filter"] if reason == "cluster_filter"
+                                           else "")
             return await sup.search(collection_name, data, filter, limit, output_fields,
                                     search_params, timeout, partition_names, anns_field, *args,
                                     **kwargs)
@@ -392,6 +400,56 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
                 t.cancel()
             raise
         return merge(plan, results)
+
+    async def hybrid_search(self, collection_name: str, reqs, ranker, limit: int = 10,
+                            output_fields=None, timeout=None, partition_names=None, *,
+                            nprobe: int | None = None, recall_target: float | None = None,
+                            min_nprobe: int = 1, max_nprobe: int | None = None, **kwargs):
+        """``AsyncMilvusClient.hybrid_search`` routed as the sync client's
+        (:meth:`.client.RoutedMilvusClient.hybrid_search`); its hybrid searches run concurrently."""
+        if self._server_version is None:
+            self._server_version = str(await self._in_thread(self._sync.get_server_version))
+        check_hybrid_support(self._server_version)
+        reason = "partition_names" if partition_names is not None else None
+        state = None if reason else await self._state(collection_name)
+        reason, unrouted = reason or ("no_layout" if state is None else None), {}
+        if not reason:
+            reason, routed, unrouted = hybrid_reason(state, reqs)
+        sup = super()
+        if reason:
+            self._telemetry.passed_through(collection_name, state, reason, call="hybrid_search",
+                                           warn=WHY.get(reason, ""))
+            return await sup.hybrid_search(collection_name, reqs, ranker, limit, output_fields,
+                                           timeout, partition_names, **kwargs)
+        for why in unrouted.values():
+            self._telemetry.passed_through(collection_name, state, why, call="hybrid_search",
+                                           warn=WHY[why])
+        try:
+            queries = hybrid_queries(state, reqs, routed)
+            n = len(queries[routed[0]])
+            started = time.perf_counter()
+            probed = {j: await self._probe(state, q, nprobe, recall_target, min_nprobe, max_nprobe)
+                      for j, q in queries.items()}
+            routed_at = time.perf_counter()
+            if self._logger is not None:
+                self._logger.sample(state.layout.collection, queries[routed[0]])
+            route = plan_hybrid(state, reqs, probed, routed, n, limit,
+                                await self._stray_partition(state))
+            calls = {id(r): c for r, c in zip(route.plan.requests, route.calls)}
+
+            def run(request):
+                call = calls[id(request)]
+                return sup.hybrid_search(collection_name, call_requests(reqs, call, n), ranker,
+                                         limit, output_fields, timeout, call.partition_names,
+                                         **kwargs)
+            sent = time.perf_counter()
+            result = await self._send(route.plan, run)
+            searched = time.perf_counter()
+        except Exception:
+            self._telemetry.failed(state)
+            raise
+        self._telemetry.routed(state, probed[routed[0]], routed_at - started, searched - sent)
+        return result
 
     async def flush_query_log(self, timeout: float = 30.0) -> bool:
         """Wait until sampled queries so far are written (tests, shutdown)."""

@@ -13,6 +13,7 @@ A thin shell: the decisions are the routing core's (:mod:`.plan` for searches,
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -26,10 +27,12 @@ from .deprecation import moved_names
 from .layout import Layout
 from .metrics import metrics_recorder
 from .milvus_io import is_milvus_lite
-from .plan import default_nprobe, merge, probe_clusters
+from .plan import default_nprobe, merge
 from .querylog import QueryLogger
 from .registry import ModelRegistry
 from .router import BaseRouter
+from .routed_calls import WHY, call_requests, check_client_nprobe, check_hybrid_support, hybrid_queries, \
+    hybrid_reason, iterator_request, pins_clusters, plan_hybrid, probe
 from .search_planning import SearchPlanner, SearchTelemetry, layout_reason, passthrough_reason
 from .serving import RoutedParamError, Routing, RoutingTable, routing_status, search_queries
 from .writes import RoutedDataError, RoutedWrites, WriteError
@@ -73,8 +76,7 @@ class RoutedMilvusClient(MilvusClient):
                  metrics=None, recall_sample: float | None = None, **kwargs):
         if not 0.0 <= log_rate <= 1.0:
             raise ValueError(f"log_rate must be in [0, 1], got {log_rate}")
-        if nprobe is not None and nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        check_client_nprobe(nprobe)
         self.metrics = metrics_recorder(metrics)      # before connecting: a missing extra raises
         super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
                          timeout=timeout, **kwargs)
@@ -82,6 +84,7 @@ class RoutedMilvusClient(MilvusClient):
         self.log_rate = log_rate
         self._last = threading.local()
         self._lite: bool | None = None
+        self._server_version: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ltr-search")
         self._routing = RoutingTable(self, ModelRegistry(model_dir), reload_interval, router_threads,
                                      metrics=self.metrics)
@@ -163,6 +166,7 @@ class RoutedMilvusClient(MilvusClient):
                                 rows_outside_layout=self._routing.stray_count(state), query_log=stats,
                                 live_recall=self._telemetry.status(name))
         status["batches"] = self.plan_totals(name)
+        status["passthrough"] = self._telemetry.passthrough_status(name)
         return status
 
     def plan_totals(self, collection_name: str) -> dict:
@@ -182,7 +186,8 @@ class RoutedMilvusClient(MilvusClient):
         return getattr(self._last, "plan", None)
 
     def _default_nprobe(self, state: Routing) -> int:
-        return default_nprobe(self.nprobe, state.router, state.layout.n_partitions)
+        return default_nprobe(self.nprobe, state.router, state.layout.n_partitions,
+                              state.layout.collection)
 
     def _is_lite(self) -> bool:
         """milvus-lite (asked once): its upsert and delete act on every partition."""
@@ -220,8 +225,8 @@ class RoutedMilvusClient(MilvusClient):
 
     def _probe(self, state: Routing, queries: np.ndarray, nprobe, recall_target, min_nprobe,
                max_nprobe):
-        return probe_clusters(state.router, queries, self._default_nprobe(state), nprobe,
-                              recall_target, min_nprobe, max_nprobe, state.layout.collection)
+        return probe(state, queries, self._default_nprobe(state), nprobe, recall_target,
+                     min_nprobe, max_nprobe)
 
     # ------------------------------------------------------------------ search
     def search(self, collection_name: str, data=None, filter: str = "", limit: int = 10,
@@ -248,13 +253,21 @@ class RoutedMilvusClient(MilvusClient):
         Passes through untouched when the collection has no layout, when the
         caller names ``partition_names`` or another ``anns_field``, searches by
         ``ids``, or passes pymilvus's later parameters positionally (``ranker``, ...).
-        The plugin's own parameters are keyword-only.
+        The plugin's own parameters are keyword-only. A ``filter`` naming the cluster field
+        (``_ltr_cluster``) pins the clusters: passed through as given (said once). Bad
+        ``nprobe`` / ``recall_target`` values raise :class:`.serving.RoutedParamError` (a
+        pymilvus ``ParamError`` and a ``ValueError``); an ``nprobe`` above the collection's
+        cluster count is clipped to it (all clusters: the exact answer), as the client's default is.
         """
         reason = passthrough_reason(data, partition_names, kwargs.get("ids"), args)
         state = None if reason else self._routing.state(collection_name)
         reason = reason or layout_reason(state, anns_field)
+        if not reason and pins_clusters(filter, state.layout):
+            reason = "cluster_filter"
         if reason:
-            self._telemetry.passed_through(collection_name, state, reason)
+            self._telemetry.passed_through(collection_name, state, reason,
+                                           warn=WHY.get(reason, "") if reason == "cluster_filter"
+                                           else "")
             return super().search(collection_name, data, filter, limit, output_fields, search_params,
                                   timeout, partition_names, anns_field, *args, **kwargs)
         sup = super()
@@ -301,6 +314,109 @@ class RoutedMilvusClient(MilvusClient):
                 f.cancel()
             raise
         return merge(plan, [first] + [f.result() for f in futures])
+
+    # ------------------------------------------------------------------ hybrid, iterator
+    def _check_hybrid(self) -> None:
+        if self._server_version is None:
+            self._server_version = str(self.get_server_version())
+        check_hybrid_support(self._server_version)
+
+    def hybrid_search(self, collection_name: str, reqs, ranker, limit: int = 10,
+                      output_fields=None, timeout=None, partition_names=None, *,
+                      nprobe: int | None = None, recall_target: float | None = None,
+                      min_nprobe: int = 1, max_nprobe: int | None = None, **kwargs):
+        """``MilvusClient.hybrid_search`` with each ``AnnSearchRequest`` on the layout's vector
+        field restricted to the clusters the router picks for its queries (its filter ANDed
+        with the cluster filter, as :meth:`search` does; partition storage:
+        ``partition_names``); requests on other fields go unchanged (said once), and the
+        ``ranker`` and ``limit`` are the caller's (:mod:`.routed_calls`). ``nprobe`` and
+        ``recall_target`` as in :meth:`search`. Passes through when the caller names
+        ``partition_names``, no request is on the layout's field, or the layout stores
+        clusters as partitions while a request searches another field. On a Milvus server
+        before 2.4 (no HybridSearch) raises :class:`.routed_calls.HybridSearchUnsupported`
+        naming its version."""
+        self._check_hybrid()
+        reason = "partition_names" if partition_names is not None else None
+        state = None if reason else self._routing.state(collection_name)
+        reason = reason or ("no_layout" if state is None else None)
+        unrouted: dict = {}
+        if not reason:
+            reason, routed, unrouted = hybrid_reason(state, reqs)
+        if reason:
+            self._telemetry.passed_through(collection_name, state, reason, call="hybrid_search",
+                                           warn=WHY.get(reason, ""))
+            return super().hybrid_search(collection_name, reqs, ranker, limit, output_fields,
+                                         timeout, partition_names, **kwargs)
+        for why in unrouted.values():
+            self._telemetry.passed_through(collection_name, state, why, call="hybrid_search",
+                                           warn=WHY[why])
+        sup = super()
+        try:
+            queries = hybrid_queries(state, reqs, routed)
+            n = len(queries[routed[0]])
+            started = time.perf_counter()
+            probed = {j: self._probe(state, q, nprobe, recall_target, min_nprobe, max_nprobe)
+                      for j, q in queries.items()}
+            routed_at = time.perf_counter()
+            if self._logger is not None:
+                self._logger.sample(state.layout.collection, queries[routed[0]])
+            route = plan_hybrid(state, reqs, probed, routed, n, limit,
+                                self._routing.stray_partition(state))
+            calls = {id(r): c for r, c in zip(route.plan.requests, route.calls)}
+
+            def run(request):
+                call = calls[id(request)]
+                return sup.hybrid_search(collection_name, call_requests(reqs, call, n), ranker,
+                                         limit, output_fields, timeout, call.partition_names,
+                                         **kwargs)
+            sent = time.perf_counter()
+            result = self._send(route.plan, run)
+            searched = time.perf_counter()
+        except Exception:
+            self._telemetry.failed(state)
+            raise
+        self._telemetry.routed(state, probed[routed[0]], routed_at - started, searched - sent)
+        return result
+
+    def search_iterator(self, collection_name: str, data, *args, nprobe: int | None = None,
+                        recall_target: float | None = None, min_nprobe: int = 1,
+                        max_nprobe: int | None = None, **kwargs):
+        """``MilvusClient.search_iterator`` restricted to the clusters the router picks.
+
+        The rule: the query is routed once, when the iterator is made (``nprobe`` /
+        ``recall_target`` as in :meth:`search`), and every page carries the same restriction
+        (cluster filter ANDed with ``filter``, or ``partition_names``): the iterator pages
+        through the hits of those clusters, best first, and ends when they are exhausted - it
+        never widens. Paging thus returns what one routed :meth:`search` with a larger limit
+        returns. Passes through in :meth:`search`'s cases, and with more than one query vector
+        (pymilvus's iterator takes one; said once)."""
+        bound = inspect.signature(MilvusClient.search_iterator).bind(
+            self, collection_name, data, *args, **kwargs)
+        params = bound.arguments
+        extra = params.get("kwargs", {})
+        filter_text = params.get("filter")
+        reason = passthrough_reason(data, params.get("partition_names"), extra.get("ids"))
+        state = None if reason else self._routing.state(collection_name)
+        reason = reason or layout_reason(state, params.get("anns_field"))
+        if not reason and pins_clusters(filter_text, state.layout):
+            reason = "cluster_filter"
+        queries = None
+        if not reason:
+            queries = search_queries(state, data, one_vector_ok=True)
+            if len(queries) != 1:
+                reason = "iterator_batch"
+        if reason:
+            self._telemetry.passed_through(collection_name, state, reason, call="search_iterator",
+                                           warn=WHY.get(reason, ""))
+            return super().search_iterator(collection_name, data, *args, **kwargs)
+        clusters = self._probe(state, queries, nprobe, recall_target, min_nprobe, max_nprobe)[0]
+        if self._logger is not None:
+            self._logger.sample(state.layout.collection, queries)
+        request = iterator_request(state, clusters, filter_text,
+                                   self._routing.stray_partition(state))
+        params.update(filter=request.filter, partition_names=request.partition_names)
+        self._telemetry.routed(state, [clusters], 0.0, 0.0)
+        return MilvusClient.search_iterator(*bound.args, **bound.kwargs)
 
     def flush_query_log(self, timeout: float = 30.0) -> bool:
         """Wait until sampled queries so far are written (tests, shutdown)."""

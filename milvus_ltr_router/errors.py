@@ -88,3 +88,8 @@ def describe(exc: BaseException, uri: str | None = None) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, LtrRouterError):
         return f"file system error: {exc}"
     return str(exc) or type(exc).__name__
+
+
+class UnsupportedServerError(OperationalError):
+    """The Milvus server lacks what a call needs (e.g. ``hybrid_search`` before Milvus 2.4);
+    the message names the server's version. Exit code 1."""

@@ -52,11 +52,66 @@ def query_matrix(data, dim: int, collection: str, one_vector_ok: bool = False) -
     return queries
 
 
-def default_nprobe(nprobe: int | None, router, n_clusters: int) -> int:
+class ProbeArgumentError(QueryInputError):
+    """A bad ``nprobe``, ``recall_target``, ``min_nprobe`` or ``max_nprobe`` (the shells
+    re-raise it as pymilvus's ``ParamError``, like :class:`QueryInputError`)."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_nprobe(nprobe, name: str = "nprobe") -> None:
+    """Refuse an ``nprobe`` that is not an integer >= 1 (:class:`ProbeArgumentError`). One
+    above the collection's cluster count is not refused: it is clipped (:func:`clip_nprobe`)."""
+    if nprobe is not None and not _is_int(nprobe):
+        raise ProbeArgumentError(f"{name} must be an integer, got {nprobe!r}")
+    if nprobe is not None and nprobe < 1:
+        raise ProbeArgumentError(f"{name} must be >= 1, got {nprobe!r}")
+
+
+def check_probe_args(nprobe=None, recall_target=None, min_nprobe=1, max_nprobe=None) -> None:
+    """Refuse bad routing arguments the same way whatever serves the collection (calibrated
+    or not): ``nprobe``/``min_nprobe``/``max_nprobe`` integers >= 1 (``max_nprobe`` >=
+    ``min_nprobe``), ``recall_target`` a number in (0, 1] (0, 1.5 and nan are refused)."""
+    check_nprobe(nprobe)
+    check_nprobe(min_nprobe, "min_nprobe")
+    check_nprobe(max_nprobe, "max_nprobe")
+    if max_nprobe is not None and max_nprobe < min_nprobe:
+        raise ProbeArgumentError(f"need min_nprobe ({min_nprobe}) <= max_nprobe ({max_nprobe})")
+    if recall_target is None:
+        return
+    try:
+        ok = not isinstance(recall_target, (bool, np.bool_)) and 0 < float(recall_target) <= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:                      # nan compares False: refused too
+        raise ProbeArgumentError(f"recall_target must be a number in (0, 1], got {recall_target!r}")
+
+
+_CLIPPED: set = set()               # (collection, what, value) already logged
+
+
+def clip_nprobe(nprobe: int, n_clusters: int, collection: str = "", what: str = "nprobe") -> int:
+    """``nprobe`` clipped to ``n_clusters``: asking for more clusters than a collection has
+    searches all of them (the exact answer), logged once per collection and value. The same
+    rule for an explicit ``nprobe`` and a client's default."""
+    if nprobe <= n_clusters:
+        return nprobe
+    key = (collection, what, int(nprobe))
+    if key not in _CLIPPED and len(_CLIPPED) < 10_000:
+        _CLIPPED.add(key)
+        log.info("%s=%d is more than the %d clusters of %r: searching all %d", what, nprobe,
+                 n_clusters, collection, n_clusters)
+    return n_clusters
+
+
+def default_nprobe(nprobe: int | None, router, n_clusters: int, collection: str = "") -> int:
     """Clusters per query when a search names none: the client's ``nprobe``, else the
-    router's own default, else :data:`FALLBACK_NPROBE`; at most ``n_clusters``."""
+    router's own default, else :data:`FALLBACK_NPROBE`; at most ``n_clusters``
+    (:func:`clip_nprobe`)."""
     n = nprobe or getattr(router, "default_nprobe", None) or FALLBACK_NPROBE
-    return min(n, n_clusters)
+    return clip_nprobe(n, n_clusters, collection, "default nprobe" if nprobe else "router nprobe")
 
 
 def probe_clusters(router, queries: np.ndarray, default: int, nprobe: int | None = None,
@@ -64,9 +119,17 @@ def probe_clusters(router, queries: np.ndarray, default: int, nprobe: int | None
                    max_nprobe: int | None = None, collection: str = ""):
     """The clusters each query probes, best first: ``nprobe`` of them (``default`` when
     None), or per query as many as ``recall_target`` needs (adaptive nprobe, between
-    ``min_nprobe`` and ``max_nprobe``). A router without a recall calibration (centroid
-    fallback, old routers) serves ``recall_target`` at the fixed nprobe, with a warning,
-    rather than failing the search."""
+    ``min_nprobe`` and ``max_nprobe``). Bad arguments raise :class:`ProbeArgumentError`
+    whatever the router (:func:`check_probe_args`); an ``nprobe`` or ``min_nprobe`` above the
+    router's cluster count is clipped to it (:func:`clip_nprobe`). A router without a recall
+    calibration (centroid fallback, old routers) serves a valid ``recall_target`` at the fixed
+    nprobe, with a warning, rather than failing the search."""
+    check_probe_args(nprobe, recall_target, min_nprobe, max_nprobe)
+    n_clusters = getattr(router, "n_partitions", None)
+    if n_clusters:
+        if nprobe is not None:
+            nprobe = clip_nprobe(nprobe, n_clusters, collection)
+        min_nprobe = clip_nprobe(min_nprobe, n_clusters, collection, "min_nprobe")
     if recall_target is not None and not router.recall_thresholds:
         log.warning("router of %r has no recall calibration; recall_target=%s served with "
                     "nprobe=%d", collection, recall_target, default)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -246,17 +247,43 @@ class SearchTelemetry:
         self._served: dict[str, dict] = {}        # collection -> the router its samples describe
         self._due: dict[str, float] = {}          # collection -> next publish (monotonic)
         self._publish_lock = threading.Lock()
+        self._passthrough: dict[str, dict[str, int]] = {}   # collection -> "call:reason" -> n
+        self._warned: set[tuple[str, str]] = set()
 
     @property
     def recall_sample(self) -> float:
         return self.live.rate
 
-    def passed_through(self, collection: str, state: Routing | None, reason: str) -> None:
+    def passed_through(self, collection: str, state: Routing | None, reason: str, *,
+                       call: str = "search", warn: str = "") -> None:
         """A search passed to pymilvus untouched, for ``reason`` (labelled by the laid-out
-        collection when ``state`` knows it, else by the name searched)."""
+        collection when ``state`` knows it, else by the name searched; a reason outside
+        :data:`.metrics.PASSTHROUGH_REASONS` is labelled ``other``). On a laid-out collection
+        it is also counted per ``call`` and reason (:meth:`passthrough_status`), and ``warn``
+        (why the call cannot be routed) is said once per collection, call and reason: a
+        ``RuntimeWarning`` and a log line."""
+        name = collection if state is None else state.layout.collection
         if self.metrics.enabled:
-            _record(self.metrics.search_passed_through,
-                    collection if state is None else state.layout.collection, reason)
+            _record(self.metrics.search_passed_through, name, reason)
+        if state is None:
+            return
+        key = f"{call}:{reason}"
+        with self._publish_lock:
+            counts = self._passthrough.setdefault(name, {})
+            counts[key] = counts.get(key, 0) + 1
+            first = warn and (name, key) not in self._warned
+            if first:
+                self._warned.add((name, key))
+        if first:
+            message = f"{call} on laid-out collection {name!r} is not routed ({reason}): {warn}"
+            log.warning("%s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def passthrough_status(self, collection: str) -> dict:
+        """Calls of ``collection`` (laid out) passed through unrouted so far, by
+        ``"call:reason"`` (``router_status()["passthrough"]``)."""
+        with self._publish_lock:
+            return dict(self._passthrough.get(collection, {}))
 
     def routed(self, state: Routing, probed, routing_s: float, search_s: float) -> None:
         """A routed search returned: its queries' probed clusters, the router's time and the
