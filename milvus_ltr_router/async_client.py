@@ -5,8 +5,8 @@ Switching is one line::
     from milvus_ltr_router.async_client import AsyncRoutedMilvusClient  # was: from pymilvus import AsyncMilvusClient
 
 The asyncio twin of :class:`.client.RoutedMilvusClient`: same constructor arguments, same
-routing, routed writes, query log, ``router_status`` / ``reload_router`` / ``route`` /
-``router`` / ``layout`` (awaited here). Another thin shell over the routing core: the
+routing (``search``, ``hybrid_search``), routed writes, query log, ``router_status`` /
+``reload_router`` / ``route`` / ``router`` / ``layout`` (awaited here). Another thin shell over the routing core: the
 decisions are :mod:`.plan`'s and :mod:`.placement`'s (and :mod:`.search_planning`'s batch
 plans), what serves each collection is kept by the same :class:`.serving.RoutingTable`;
 this module performs the I/O they name with the async client's own calls.

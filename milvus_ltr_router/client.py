@@ -1,10 +1,11 @@
 """``RoutedMilvusClient``: pymilvus's ``MilvusClient`` with learned partition routing.
 
 Switching is one line: ``MilvusClient(uri=...)`` -> ``RoutedMilvusClient(uri=...)``.
-For a collection with a layout, :meth:`search` routes every query to its best
-``nprobe`` partitions and searches only those; :meth:`insert` and
-:meth:`upsert` put each row in the partition of its cluster. Every other
-method, and every collection without a layout, behaves exactly as in pymilvus.
+For a collection with a layout, :meth:`search` (range searches too), :meth:`hybrid_search`
+and :meth:`search_iterator` route every query to its best ``nprobe`` clusters and search
+only those (:mod:`.routed_calls`); :meth:`insert` and :meth:`upsert` put each row in the
+partition of its cluster. Every other method, and every collection without a layout,
+behaves exactly as in pymilvus.
 
 A thin shell: the decisions are the routing core's (:mod:`.plan` for searches,
 :mod:`.placement` for writes), what serves each collection is kept by
@@ -155,7 +156,9 @@ class RoutedMilvusClient(MilvusClient):
         ``requests_per_search``, ``extra_clusters_per_query`` (clusters scanned beyond a query's
         own because it shared a request), ``planned`` (searches the batch planner split);
         ``live_recall`` the live recall estimate of the collection's routed searches (None:
-        ``recall_sample`` off; ``docs/metrics.md``)."""
+        ``recall_sample`` off; ``docs/metrics.md``); ``passthrough`` counts this client's calls
+        of the collection passed through unrouted, by ``"call:reason"`` (e.g.
+        ``"hybrid_search:anns_field"``, ``"search:cluster_filter"``)."""
         state = self._routing.state(collection_name)
         stats = vars(self._logger.stats).copy() if self._logger else {}
         if state is None:
@@ -409,14 +412,18 @@ class RoutedMilvusClient(MilvusClient):
             self._telemetry.passed_through(collection_name, state, reason, call="search_iterator",
                                            warn=WHY.get(reason, ""))
             return super().search_iterator(collection_name, data, *args, **kwargs)
+        started = time.perf_counter()
         clusters = self._probe(state, queries, nprobe, recall_target, min_nprobe, max_nprobe)[0]
+        routed = time.perf_counter()
         if self._logger is not None:
             self._logger.sample(state.layout.collection, queries)
         request = iterator_request(state, clusters, filter_text,
                                    self._routing.stray_partition(state))
         params.update(filter=request.filter, partition_names=request.partition_names)
-        self._telemetry.routed(state, [clusters], 0.0, 0.0)
-        return MilvusClient.search_iterator(*bound.args, **bound.kwargs)
+        iterator = MilvusClient.search_iterator(*bound.args, **bound.kwargs)
+        # the search time recorded is the iterator's making (its first request), not its pages'
+        self._telemetry.routed(state, [clusters], routed - started, time.perf_counter() - routed)
+        return iterator
 
     def flush_query_log(self, timeout: float = 30.0) -> bool:
         """Wait until sampled queries so far are written (tests, shutdown)."""

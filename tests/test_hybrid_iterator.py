@@ -110,8 +110,9 @@ def test_cluster_filter_pins_the_clusters_said_once(routed, fixture_data):
         warnings.simplefilter("error")          # once
         client.search("docs_single", q, limit=10, filter=expr)
     assert ids(pinned) == ids(plain)
-    hybrid = client.hybrid_search("docs_single", [dense(q, layout, filter=expr)], RRFRanker(),
-                                  limit=10)
+    with pytest.warns(RuntimeWarning, match="hybrid_search.*cluster_filter"):
+        hybrid = client.hybrid_search("docs_single", [dense(q, layout, filter=expr)], RRFRanker(),
+                                      limit=10)
     assert ids(hybrid) == ids(plain)
     assert client.router_status("docs_single")["passthrough"] == {
         "search:cluster_filter": 2, "hybrid_search:cluster_filter": 1}
