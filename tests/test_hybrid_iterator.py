@@ -39,6 +39,8 @@ def lite_docs(tmp_path_factory, fixture_data):
 def routed(lite_docs, tmp_path):
     uri, layouts = lite_docs
     client = RoutedMilvusClient(uri, model_dir=str(tmp_path / "models"), nprobe=NPROBE, log_rate=0)
+    for name in layouts:
+        client.load_collection(name)        # plain searches may come first in a test
     yield client, layouts
     client.close()
 
