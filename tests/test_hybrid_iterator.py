@@ -236,3 +236,24 @@ def test_async_hybrid_search_returns_the_sync_clients(lite_docs, fixture_data, t
     got, searched = asyncio.run(go())
     assert got == expected
     assert got == searched
+
+
+def test_hybrid_search_on_milvus_2_3_names_the_server_version(tmp_path):
+    """The embedded Milvus 2.3.5 (no HybridSearch): a clear error naming its version, before
+    any request is sent (about 10 s: the server is started for this test alone)."""
+    pytest.importorskip("milvus", reason="the embedded server needs the [server] extra")
+    from benchmarks.embedded_server import start_embedded_server
+    server = start_embedded_server(tmp_path / "server", timeout=150)
+    try:
+        client = RoutedMilvusClient(server.uri, model_dir=str(tmp_path / "m"), log_rate=0)
+        try:
+            version = str(client.get_server_version())
+            assert version.startswith("v2.3")
+            req = AnnSearchRequest([[0.0] * 4], "vector", {}, 5)
+            with pytest.raises(HybridSearchUnsupported, match=version) as err:
+                client.hybrid_search("any_collection", [req], RRFRanker())
+            assert isinstance(err.value, MilvusException)
+        finally:
+            client.close()
+    finally:
+        server.stop()
