@@ -30,7 +30,8 @@ INSTALL_HINT = "pip install 'milvus-ltr-router[metrics]'"
 
 # Why a search passed through untouched (RoutedMilvusClient.search's pass-through rules).
 PASSTHROUGH_REASONS = ("no_layout", "partition_names", "anns_field", "ids", "no_data",
-                       "positional_args")
+                       "positional_args", "cluster_filter", "hybrid_partition_storage",
+                       "iterator_batch")
 # Why a laid-out collection is served by its layout's training-free router (moments, else
 # centroids), or by the state it had before.
 FALLBACK_REASONS = ("no_router", "unreadable_file", "layout_mismatch", "milvus_error")

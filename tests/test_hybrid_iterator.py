@@ -257,3 +257,11 @@ def test_hybrid_search_on_milvus_2_3_names_the_server_version(tmp_path):
             client.close()
     finally:
         server.stop()
+
+
+def test_new_passthrough_reasons_are_metric_labels():
+    """Every reason routed_calls can pass a call through for is a label of its own in the
+    pass-through metric (not folded into 'other')."""
+    from milvus_ltr_router.metrics import PASSTHROUGH_REASONS
+    from milvus_ltr_router.routed_calls import WHY
+    assert set(WHY) <= set(PASSTHROUGH_REASONS)
