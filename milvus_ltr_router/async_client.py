@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from pymilvus import AsyncMilvusClient, MilvusClient
 
+from .client_settings import RoutedClientSettings
 from .costs import CostModel
 from .async_writes import AsyncRoutedWrites
 from .layout import Layout, has_stray_partition
@@ -121,7 +122,7 @@ def _age(t: float) -> float:
     return time.monotonic() - t
 
 
-class AsyncRoutedMilvusClient(AsyncMilvusClient):
+class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
     """A drop-in ``AsyncMilvusClient`` that routes searches to the partitions a router picks.
 
     Takes :class:`.client.RoutedMilvusClient`'s keyword arguments, with the same meaning:
@@ -178,36 +179,6 @@ class AsyncRoutedMilvusClient(AsyncMilvusClient):
         self._last_plan: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
             "ltr_last_plan", default=None)
         self._reads: dict[tuple, asyncio.Future] = {}     # reads in flight, shared by callers
-
-    # the settings of the parts, under the sync client's names
-    registry = property(lambda self: self._routing.registry)
-    router_threads = property(lambda self: self._routing.router_threads)
-    cost_model = property(lambda self: self._planner.cost_model)
-    recall_sample = property(lambda self: self._telemetry.recall_sample)
-
-    @property
-    def batch_planning(self) -> bool:
-        return self._planner.batch_planning
-
-    @batch_planning.setter
-    def batch_planning(self, value: bool) -> None:
-        self._planner.batch_planning = bool(value)
-
-    @property
-    def reload_interval(self) -> float:
-        return self._routing.reload_interval
-
-    @reload_interval.setter
-    def reload_interval(self, value: float) -> None:
-        self._routing.reload_interval = value
-
-    @property
-    def size_refresh_interval(self) -> float:
-        return self._writes.refresh_interval
-
-    @size_refresh_interval.setter
-    def size_refresh_interval(self, value: float) -> None:
-        self._writes.refresh_interval = value
 
     # ------------------------------------------------------------------ off the loop
     async def _in_thread(self, fn, *args):

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from pymilvus import MilvusClient
 
+from .client_settings import RoutedClientSettings
 from .costs import CostModel
 from .deprecation import moved_names
 from .layout import Layout
@@ -43,7 +44,7 @@ __all__ = ["RoutedMilvusClient", "RoutedParamError", "RoutedDataError", "WriteEr
 log = logging.getLogger(__name__)
 
 
-class RoutedMilvusClient(MilvusClient):
+class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
     """A drop-in ``MilvusClient`` that routes searches to the partitions a router picks.
 
     Extra keyword arguments (all optional): ``model_dir`` where routers are
@@ -102,36 +103,6 @@ class RoutedMilvusClient(MilvusClient):
         self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds,
                                    rate=log_rate, seed=seed, metrics=self.metrics) \
             if log_rate > 0 else None
-
-    # the settings of the parts, under the names they always had
-    registry = property(lambda self: self._routing.registry)
-    router_threads = property(lambda self: self._routing.router_threads)
-    cost_model = property(lambda self: self._planner.cost_model)
-    recall_sample = property(lambda self: self._telemetry.recall_sample)
-
-    @property
-    def batch_planning(self) -> bool:
-        return self._planner.batch_planning
-
-    @batch_planning.setter
-    def batch_planning(self, value: bool) -> None:
-        self._planner.batch_planning = bool(value)
-
-    @property
-    def reload_interval(self) -> float:
-        return self._routing.reload_interval
-
-    @reload_interval.setter
-    def reload_interval(self, value: float) -> None:
-        self._routing.reload_interval = value
-
-    @property
-    def size_refresh_interval(self) -> float:
-        return self._writes.refresh_interval
-
-    @size_refresh_interval.setter
-    def size_refresh_interval(self, value: float) -> None:
-        self._writes.refresh_interval = value
 
     # ------------------------------------------------------------------ routing state
     def reload_router(self, collection_name: str) -> dict:
