@@ -134,7 +134,6 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
     ``router_status``, ``reload_router``, ``route``, ``router``, ``layout``,
     ``flush_query_log`` and ``flush_live_recall`` are coroutines here. The live recall's
     exact re-runs go through the worker-side synchronous client, on the auditor's thread.
-    Routed writes are not yet recorded in the metrics here (only the sync client's are).
     """
 
     def __init__(self, uri: str = "http://localhost:19530", user: str = "", password: str = "",

@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import Awaitable, Callable
 
 import numpy as np
-from pymilvus.client.types import OmitZeroDict
 
 from .layout import Layout
 from .milvus_io import key_list_literal
 from .placement import (KeysQuery, RowInputError, every_partition, guess_partitions,
                         locate_keys_steps, needs_stored_lookup, place_rows, plan_write, prepare_rows,
-                        rows_of, stale_copies, stored_partitions_by_cluster)
+                        rows_of, stored_partitions_by_cluster)
 from .serving import Routing
 from .storage import DEFAULT_PARTITION
-from .writes import RoutedDataError, RoutedWrites, WriteError
+from .write_steps import WriteRows, arun_steps, write_steps
+from .writes import RoutedDataError, RoutedWrites, new_tally
 
 
 class AsyncRoutedWrites:
@@ -43,68 +43,44 @@ class AsyncRoutedWrites:
 
     async def write(self, kind: str, write, delete, collection_name: str, state: Routing, data,
                     timeout=None, **kwargs):
-        """:meth:`.writes.RoutedWrites.write` with awaited I/O: the same decisions
-        (:mod:`.placement`), the same order (stored copies located before anything is
-        written, one request per partition in turn, moved keys' old copies deleted after)
-        and the same errors. ``write`` and ``delete`` are the async client's own calls."""
+        """:meth:`.writes.RoutedWrites.write` with awaited I/O: the same requests in the same
+        order and the same errors (:func:`.write_steps.write_steps`), recorded in the same
+        metrics. ``write`` and ``delete`` are the async client's own calls."""
         layout = state.layout
         rows = rows_of(data)
         if not rows:
             return await write(collection_name, rows, timeout=timeout, **kwargs)
+        tally = new_tally(rows)
+        try:
+            return await self._write(kind, write, delete, collection_name, layout, rows, state,
+                                     timeout, tally, **kwargs)
+        finally:
+            self.writes.record_write(layout.collection, tally)
+
+    async def _write(self, kind, write, delete, collection_name, layout, rows, state, timeout,
+                     tally, **kwargs):
         try:
             rows, vectors = prepare_rows(kind, layout, rows, collection_name)
         except RowInputError as exc:
             raise RoutedDataError(str(exc)) from exc
+        tally["rows"] = len(rows)
         old_parts = await self.stored_partitions(state, rows, timeout) \
             if needs_stored_lookup(kind, layout.storage) and not await self.is_lite() else {}
         if self.writes.sizes(layout) is None:
             clusters, sizes = place_rows(layout, vectors), None
         else:       # size bound: the first write reads the live sizes, later ones may schedule a re-read
-            clusters, sizes = await self.in_thread(self.writes._place, layout, vectors)
-        plan = plan_write(layout, rows, clusters)
-        total, cost, ids, done = 0, 0, [None] * len(plan.rows), []
-        written: list[int] = []                 # rows of the batches that were written
-        try:
-            for batch in plan.batches:
-                part = batch.partition_name
-                try:
-                    res = await write(collection_name, plan.batch_rows(batch), timeout=timeout,
-                                      partition_name=part, **kwargs)
-                except Exception as exc:
-                    if not done:            # nothing written: the caller sees what pymilvus raised
-                        raise
-                    cleaned = ""
-                    try:                    # keys that did move keep one row: drop their old copy
-                        await self.delete_stale(delete, collection_name, layout,
-                                                [plan.rows[i] for i in written], clusters[written],
-                                                old_parts, timeout)
-                    except Exception as clean_exc:
-                        cleaned = (f"; deleting the old copies of the written keys failed too "
-                                   f"({clean_exc}): repeat the upsert to remove them")
-                    raise WriteError(f"{kind} into {collection_name!r} failed at partition "
-                                     f"{part or DEFAULT_PARTITION!r} after {len(written)} of "
-                                     f"{len(plan.rows)} rows were written (into {done or 'none'}): "
-                                     f"{exc}{cleaned}",
-                                     written=len(written), partitions_done=done) from exc
-                total += res.get("insert_count", res.get("upsert_count", len(batch.rows)))
-                cost += res.get("cost", 0) or 0
-                for i, pk in zip(batch.rows, res.get("ids", []) or []):
-                    ids[i] = pk
-                done.append(part)
-                written.extend(batch.rows)
-        finally:
-            if sizes is not None:
-                sizes.landed(clusters, written)
-        try:
-            await self.delete_stale(delete, collection_name, layout, plan.rows, clusters, old_parts,
-                                    timeout)
-        except Exception as exc:
-            raise WriteError(f"{kind} into {collection_name!r} wrote all {len(plan.rows)} rows, but "
-                             f"deleting the old copies of keys that moved to another partition "
-                             f"failed; repeat the upsert to remove them: {exc}",
-                             written=len(plan.rows), partitions_done=done) from exc
-        key = "upsert_count" if kind == "upsert" else "insert_count"
-        return OmitZeroDict({key: total, "ids": ids, "cost": cost})
+            clusters, sizes = await self.in_thread(self.writes.place, layout, vectors, tally)
+        steps = write_steps(kind, collection_name, layout, plan_write(layout, rows, clusters),
+                            clusters, old_parts, tally=tally,
+                            landed=sizes.landed if sizes is not None else None)
+
+        async def perform(request):
+            if isinstance(request, WriteRows):
+                return await write(collection_name, request.rows, timeout=timeout,
+                                   partition_name=request.partition_name, **kwargs)
+            return await delete(collection_name, filter=request.filter,
+                                partition_name=request.partition_name, timeout=timeout)
+        return await arun_steps(steps, perform)
 
     async def stored_partitions(self, state: Routing, rows: list[dict], timeout=None) -> dict:
         """Primary key -> partitions holding a stored row with that key (before an upsert):
@@ -149,13 +125,3 @@ class AsyncRoutedWrites:
                                        output_fields=[pk], partition_names=list(question.partitions),
                                        timeout=timeout, consistency_level="Strong")
         return {r[pk] for r in rows}
-
-    @staticmethod
-    async def delete_stale(delete, collection_name: str, layout: Layout, rows: list,
-                           clusters: np.ndarray, old_parts: dict, timeout=None) -> None:
-        """Delete the stale copy of every upserted key from partitions other than its new one
-        (:func:`.placement.stale_copies`)."""
-        pk = layout.primary_field
-        for part, keys in stale_copies(layout, rows, clusters, old_parts).items():
-            await delete(collection_name, filter=f"{pk} in {key_list_literal(keys)}",
-                         partition_name=part, timeout=timeout)

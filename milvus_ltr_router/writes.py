@@ -13,7 +13,6 @@ from typing import Callable
 
 import numpy as np
 from pymilvus import MilvusClient
-from pymilvus.client.types import OmitZeroDict
 from pymilvus.exceptions import DataNotMatchException
 
 from .errors import InputError, OperationalError
@@ -22,13 +21,19 @@ from .metrics import NULL_METRICS, NullMetrics
 from .milvus_io import key_list_literal
 from .placement import (ClusterSizes, RowInputError, every_partition, guess_partitions, locate_keys,
                         nearest_clusters, needs_stored_lookup, place_rows, plan_write,
-                        prepare_rows, rows_of, size_bound_ratio, stale_copies,
+                        prepare_rows, rows_of, size_bound_ratio,
                         stored_partitions_by_cluster)
 from .storage import DEFAULT_PARTITION
+from .write_steps import WriteError, WriteRows, run_steps, write_steps
 from .switch import (REBUILDING, Stamp, journal_keys, layout_changed, read_stamp,
                      wait_writable)
 
 log = logging.getLogger(__name__)
+
+
+def new_tally(rows: list) -> dict:
+    """What one routed write counts for the metrics (:meth:`RoutedWrites.record_write`)."""
+    return {"rows": len(rows), "written": 0, "spilled": 0, "moved": 0}
 
 
 class RoutedDataError(InputError, DataNotMatchException):
@@ -40,16 +45,6 @@ class RoutedDataError(InputError, DataNotMatchException):
 
     def __str__(self) -> str:
         return self.message
-
-
-class WriteError(OperationalError):
-    """A routed insert/upsert that failed part-way: ``written`` rows landed, in
-    ``partitions_done``; the rest did not."""
-
-    def __init__(self, message: str, written: int = 0, partitions_done: list | None = None):
-        super().__init__(message)
-        self.written = written
-        self.partitions_done = list(partitions_done or [])
 
 
 class RoutedWrites:
@@ -104,9 +99,17 @@ class RoutedWrites:
             with entry[1]:
                 self._read_sizes(layout, entry[0])
 
-    def _place(self, layout: Layout, vectors: np.ndarray) -> tuple[np.ndarray, ClusterSizes | None]:
+    def place(self, layout: Layout, vectors: np.ndarray,
+              tally: dict | None = None) -> tuple[np.ndarray, ClusterSizes | None]:
         """Cluster of each written row (:func:`.placement.place_rows`) and the sizes that
-        counted them. Before this client's first routed write the live sizes are read."""
+        counted them. Before this client's first routed write the live sizes are read. With
+        metrics on, ``tally["spilled"]`` counts the rows the size bound sent elsewhere."""
+        clusters, sizes = self._place(layout, vectors)
+        if sizes is not None and tally is not None and self.metrics.enabled:
+            tally["spilled"] = int((clusters != nearest_clusters(layout, vectors)).sum())
+        return clusters, sizes
+
+    def _place(self, layout: Layout, vectors: np.ndarray) -> tuple[np.ndarray, ClusterSizes | None]:
         entry = self._bound(layout)
         if entry is None:
             return place_rows(layout, vectors), None
@@ -181,15 +184,12 @@ class RoutedWrites:
         rows = rows_of(data)
         if not rows:
             return write(collection_name, rows, timeout=timeout, **kwargs)
-        tally = {"rows": len(rows), "written": 0, "spilled": 0, "moved": 0}
+        tally = new_tally(rows)
         try:
-            out = self._switch_safe(kind, write, delete, collection_name, layout, rows, timeout,
-                                    stray_partition, tally, **kwargs)
-        except BaseException:
-            self._record_write(layout.collection, tally)
-            raise
-        self._record_write(layout.collection, tally)
-        return out
+            return self._switch_safe(kind, write, delete, collection_name, layout, rows, timeout,
+                                     stray_partition, tally, **kwargs)
+        finally:
+            self.record_write(layout.collection, tally)
 
     # ------------------------------------------------------------------ layout switches
     def _writable(self, collection_name: str, layout: Layout) -> tuple[Stamp | None, Layout]:
@@ -286,13 +286,13 @@ class RoutedWrites:
                                  written=len(rows))
             self._journal(stamp, layout, rows)
             client = self.client
-            redo = {"rows": 0, "written": 0, "spilled": 0, "moved": 0}
+            redo = new_tally([])
             self._write("upsert", lambda *a, **k: MilvusClient.upsert(client, *a, **k),
                         lambda *a, **k: MilvusClient.delete(client, *a, **k), stamp.name, layout,
                         rows, timeout, stray_partition, redo, **kwargs)
         return out
 
-    def _record_write(self, collection: str, tally: dict) -> None:
+    def record_write(self, collection: str, tally: dict) -> None:
         if not self.metrics.enabled:
             return
         try:                            # rows: after a key given twice kept its last row
@@ -312,54 +312,18 @@ class RoutedWrites:
         # here writes nothing and counts nothing against the size bound)
         old_parts = self.stored_partitions(layout, rows, timeout, stray_partition) \
             if needs_stored_lookup(kind, layout.storage) and not self.is_lite() else {}
-        clusters, sizes = self._place(layout, vectors)
-        if sizes is not None and self.metrics.enabled:      # rows the bound sent elsewhere
-            tally["spilled"] = int((clusters != nearest_clusters(layout, vectors)).sum())
+        clusters, sizes = self.place(layout, vectors, tally)
         plan = plan_write(layout, rows, clusters)
-        total, cost, ids, done = 0, 0, [None] * len(plan.rows), []
-        written: list[int] = []                 # rows of the batches that were written
-        try:
-            for batch in plan.batches:
-                part = batch.partition_name
-                try:
-                    res = write(collection_name, plan.batch_rows(batch), timeout=timeout,
-                                partition_name=part, **kwargs)
-                except Exception as exc:
-                    if not done:            # nothing written: the caller sees what pymilvus raised
-                        raise
-                    cleaned = ""
-                    try:                    # keys that did move keep one row: drop their old copy
-                        self.delete_stale(delete, collection_name, layout,
-                                          [plan.rows[i] for i in written], clusters[written],
-                                          old_parts, timeout)
-                    except Exception as clean_exc:
-                        cleaned = (f"; deleting the old copies of the written keys failed too "
-                                   f"({clean_exc}): repeat the upsert to remove them")
-                    raise WriteError(f"{kind} into {collection_name!r} failed at partition "
-                                     f"{part or DEFAULT_PARTITION!r} after {len(written)} of "
-                                     f"{len(plan.rows)} rows were written (into {done or 'none'}): "
-                                     f"{exc}{cleaned}",
-                                     written=len(written), partitions_done=done) from exc
-                total += res.get("insert_count", res.get("upsert_count", len(batch.rows)))
-                cost += res.get("cost", 0) or 0
-                for i, pk in zip(batch.rows, res.get("ids", []) or []):
-                    ids[i] = pk
-                done.append(part)
-                written.extend(batch.rows)
-                tally["written"] = len(written)
-        finally:
-            if sizes is not None:
-                sizes.landed(clusters, written)
-        try:
-            tally["moved"] = self.delete_stale(delete, collection_name, layout, plan.rows,
-                                               clusters, old_parts, timeout)
-        except Exception as exc:
-            raise WriteError(f"{kind} into {collection_name!r} wrote all {len(plan.rows)} rows, but "
-                             f"deleting the old copies of keys that moved to another partition "
-                             f"failed; repeat the upsert to remove them: {exc}",
-                             written=len(plan.rows), partitions_done=done) from exc
-        key = "upsert_count" if kind == "upsert" else "insert_count"
-        return OmitZeroDict({key: total, "ids": ids, "cost": cost})
+        steps = write_steps(kind, collection_name, layout, plan, clusters, old_parts, tally=tally,
+                            landed=sizes.landed if sizes is not None else None)
+
+        def perform(request):
+            if isinstance(request, WriteRows):
+                return write(collection_name, request.rows, timeout=timeout,
+                             partition_name=request.partition_name, **kwargs)
+            return delete(collection_name, filter=request.filter,
+                          partition_name=request.partition_name, timeout=timeout)
+        return run_steps(steps, perform)
 
     # ------------------------------------------------------------------ stored copies
     def stored_partitions(self, layout: Layout, rows: list[dict], timeout,
@@ -401,16 +365,3 @@ class RoutedWrites:
                                  output_fields=[pk], partition_names=list(partitions),
                                  timeout=timeout, consistency_level="Strong")
         return {r[pk] for r in rows}
-
-    @staticmethod
-    def delete_stale(delete: Callable, collection_name: str, layout: Layout, rows: list,
-                     clusters: np.ndarray, old_parts: dict, timeout=None) -> int:
-        """Delete the stale copy of every upserted key from partitions other than its new one
-        (:func:`.placement.stale_copies`); returns the keys whose old copy was deleted."""
-        pk = layout.primary_field
-        moved: set = set()
-        for part, keys in stale_copies(layout, rows, clusters, old_parts).items():
-            delete(collection_name, filter=f"{pk} in {key_list_literal(keys)}",
-                   partition_name=part, timeout=timeout)
-            moved.update(keys)
-        return len(moved)

@@ -236,6 +236,44 @@ def test_routed_writes_keep_the_size_bound_as_the_sync_client(lite_docs, fixture
         sync.close()
 
 
+def test_routed_writes_are_recorded_in_the_metrics_as_the_sync_clients(lite_docs, fixture_data,
+                                                                      tmp_path):
+    """The async client's routed writes count rows written, spilled by the size bound and
+    moved keys in the same metrics as the sync client's (:meth:`.writes.RoutedWrites.record_write`);
+    a write that fails counts its rows as failed."""
+    prom = pytest.importorskip("prometheus_client")
+    from milvus_ltr_router.placement import ClusterSizes
+    uri, _ = lite_docs
+    registry = prom.CollectorRegistry()
+    sync, client = clients(uri, tmp_path, metrics=registry)
+    layout = sync.layout("docs_bounded")
+    new = fixture_data.docs[6400:6600]
+    sizes = ClusterSizes(layout, layout.extra["max_cluster_ratio"])
+    sizes.read = np.asarray(layout.sizes)
+    spilled = int((sizes.place(layout, new) != place_rows(layout, new)).sum())
+    assert spilled > 0
+
+    def get(name):
+        return registry.get_sample_value(f"milvus_ltr_router_{name}", {"collection": "docs_bounded"})
+
+    async def main():
+        try:
+            await client.insert("docs_bounded", [{"id": 600_000 + i, "vector": v.tolist(),
+                                                  "title": "m"} for i, v in enumerate(new)])
+            with pytest.raises(DataNotMatchException):      # a row without a vector: nothing written
+                await client.insert("docs_bounded", [{"id": 700_000, "title": "no vector"}])
+        finally:
+            await client.close()
+    try:
+        asyncio.run(main())
+        assert get("write_rows_total") == 200
+        assert get("write_spilled_rows_total") == spilled
+        assert get("write_failed_rows_total") == 1     # (milvus-lite's upsert moves keys itself)
+    finally:
+        sync.delete("docs_bounded", filter="id >= 600000")
+        sync.close()
+
+
 def test_stored_copy_lookup_asks_what_the_sync_client_asks(lite_docs, fixture_data, tmp_path):
     """The upsert's lookup of stored copies (locate_keys_steps driven with awaits) finds what
     the sync RoutedWrites finds, rows outside their cluster and duplicates included."""

@@ -11,6 +11,7 @@ from milvus_ltr_router.export import export_router
 from milvus_ltr_router.layout import Layout, partition_names_for
 from milvus_ltr_router.metrics import NULL_METRICS, NullMetrics
 from milvus_ltr_router.registry import ModelRegistry
+from milvus_ltr_router.write_steps import delete_steps, run_steps
 from milvus_ltr_router.writes import RoutedWrites, WriteError
 
 N, DIM = 8, 16
@@ -227,8 +228,8 @@ def test_moved_keys_are_the_keys_whose_old_copy_was_deleted():
               2: {layout.partition_names[1]},                              # stayed
               3: {layout.partition_names[5]}}                              # moved
     deletes = []
-    moved = RoutedWrites.delete_stale(lambda *a, **k: deletes.append(k["partition_name"]),
-                                      "docs", layout, rows, clusters, stored)
+    moved = run_steps(delete_steps(layout, rows, clusters, stored),
+                      lambda request: deletes.append(request.partition_name))
     assert moved == 2 and len(deletes) == 3
 
 

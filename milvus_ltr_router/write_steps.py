@@ -1,0 +1,152 @@
+"""The requests of one routed insert/upsert, and what a failure part-way means: sans I/O.
+
+:func:`write_steps` walks a :class:`.placement.WritePlan` as a generator: it yields each
+request (:class:`WriteRows`: write these rows into this partition; :class:`DeleteKeys`:
+delete these keys' stale copies from this partition), is sent each write's response
+(``None`` for a delete) or thrown the exception the request raised, and returns the
+pymilvus-shaped result. The sync and async clients only perform the requests
+(:func:`run_steps`, :func:`arun_steps`), so the order of requests, the clean-up after a
+partial failure and the error a caller sees are decided once, here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Generator
+
+import numpy as np
+from pymilvus.client.types import OmitZeroDict
+
+from .errors import OperationalError
+from .layout import Layout
+from .milvus_io import key_list_literal
+from .placement import stale_copies
+from .storage import DEFAULT_PARTITION
+
+
+class WriteError(OperationalError):
+    """A routed insert/upsert that failed part-way: ``written`` rows landed, in
+    ``partitions_done``; the rest did not."""
+
+    def __init__(self, message: str, written: int = 0, partitions_done: list | None = None):
+        super().__init__(message)
+        self.written = written
+        self.partitions_done = list(partitions_done or [])
+
+
+@dataclass(frozen=True)
+class WriteRows:
+    """Write ``rows`` (row dicts) into ``partition_name`` (None: the collection's default)."""
+    partition_name: str | None
+    rows: list
+
+
+@dataclass(frozen=True)
+class DeleteKeys:
+    """Delete the rows matching ``filter`` (keys whose new copy lives elsewhere) from
+    ``partition_name``."""
+    partition_name: str
+    filter: str
+
+
+Steps = Generator["WriteRows | DeleteKeys", Any, Any]
+
+
+def delete_steps(layout: Layout, rows: list, clusters: np.ndarray, old_parts: dict) -> Steps:
+    """Delete the stale copy of every upserted key from partitions other than its new one
+    (:func:`.placement.stale_copies`); returns how many keys had one."""
+    pk = layout.primary_field
+    moved: set = set()
+    for part, keys in stale_copies(layout, rows, clusters, old_parts).items():
+        yield DeleteKeys(part, f"{pk} in {key_list_literal(keys)}")
+        moved.update(keys)
+    return len(moved)
+
+
+def write_steps(kind: str, collection_name: str, layout: Layout, plan, clusters: np.ndarray,
+                old_parts: dict, *, tally: dict | None = None,
+                landed: Callable[[np.ndarray, list], None] | None = None) -> Steps:
+    """The requests of a routed ``kind`` ("insert"/"upsert") of ``plan`` into ``collection_name``.
+
+    One :class:`WriteRows` per partition in turn, then the :class:`DeleteKeys` of keys that
+    moved (``old_parts``: key -> partitions holding its stored copy, found before anything
+    was written). A failed first write re-raises what pymilvus raised (nothing was written);
+    a later one deletes the stale copies of the keys already written (they keep one row) and
+    raises :class:`WriteError` saying how many rows landed where. ``tally`` gets "written"
+    and "moved" as they happen (for the metrics); ``landed(clusters, written_rows)`` is
+    called once, however the writes end (the size bound counts what landed).
+    """
+    tally = {} if tally is None else tally
+    total, cost, ids, done = 0, 0, [None] * len(plan.rows), []
+    written: list[int] = []                 # rows of the batches that were written
+    try:
+        for batch in plan.batches:
+            part = batch.partition_name
+            try:
+                res = yield WriteRows(part, plan.batch_rows(batch))
+            except Exception as exc:
+                if not done:                # nothing written: the caller sees what pymilvus raised
+                    raise
+                cleaned = ""
+                try:                        # keys that did move keep one row: drop their old copy
+                    yield from delete_steps(layout, [plan.rows[i] for i in written],
+                                            clusters[written], old_parts)
+                except Exception as clean_exc:
+                    cleaned = (f"; deleting the old copies of the written keys failed too "
+                               f"({clean_exc}): repeat the upsert to remove them")
+                raise WriteError(f"{kind} into {collection_name!r} failed at partition "
+                                 f"{part or DEFAULT_PARTITION!r} after {len(written)} of "
+                                 f"{len(plan.rows)} rows were written (into {done or 'none'}): "
+                                 f"{exc}{cleaned}",
+                                 written=len(written), partitions_done=done) from exc
+            res = res or {}
+            total += res.get("insert_count", res.get("upsert_count", len(batch.rows)))
+            cost += res.get("cost", 0) or 0
+            for i, pk in zip(batch.rows, res.get("ids", []) or []):
+                ids[i] = pk
+            done.append(part)
+            written.extend(batch.rows)
+            tally["written"] = len(written)
+    finally:
+        if landed is not None:
+            landed(clusters, written)
+    try:
+        tally["moved"] = yield from delete_steps(layout, plan.rows, clusters, old_parts)
+    except Exception as exc:
+        raise WriteError(f"{kind} into {collection_name!r} wrote all {len(plan.rows)} rows, but "
+                         f"deleting the old copies of keys that moved to another partition "
+                         f"failed; repeat the upsert to remove them: {exc}",
+                         written=len(plan.rows), partitions_done=done) from exc
+    key = "upsert_count" if kind == "upsert" else "insert_count"
+    return OmitZeroDict({key: total, "ids": ids, "cost": cost})
+
+
+def _advance(steps: Steps, outcome, failed: bool):
+    """The next request (``(True, request)``) or the generator's result (``(False, value)``)."""
+    try:
+        return True, (steps.throw(outcome) if failed else steps.send(outcome))
+    except StopIteration as stop:
+        return False, stop.value
+
+
+def run_steps(steps: Steps, perform: Callable[[Any], Any]):
+    """Drive ``steps`` with ``perform(request)`` (synchronous I/O); returns their result."""
+    more, request = _advance(steps, None, False)
+    while more:
+        try:
+            outcome, failed = perform(request), False
+        except Exception as exc:
+            outcome, failed = exc, True
+        more, request = _advance(steps, outcome, failed)
+    return request
+
+
+async def arun_steps(steps: Steps, perform: Callable[[Any], Awaitable[Any]]):
+    """:func:`run_steps` with an awaited ``perform``."""
+    more, request = _advance(steps, None, False)
+    while more:
+        try:
+            outcome, failed = await perform(request), False
+        except Exception as exc:
+            outcome, failed = exc, True
+        more, request = _advance(steps, outcome, failed)
+    return request
