@@ -168,3 +168,125 @@ def test_metrics_scraped_over_http_while_searches_run(milvus_server, wordnet_lay
     assert 0 < audits < n_queries
     assert get("live_recall_samples", collection=collection, target="none", k="10") == audits
     assert 0.0 < get("live_recall", collection=collection, target="none", k="10") <= 1.0
+
+
+class Proxy:
+    """A TCP forwarder to the server's gRPC port. :meth:`kill` cuts every connection through
+    it and stops listening (what a dropped network path or a dead replica looks like to the
+    client); :meth:`start` listens again on the same port."""
+
+    def __init__(self, host: str, port: int):
+        self.target, self.port = (host, port), free_port()
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(16)
+        self.sock = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def _accept(self, sock) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self.lock:
+                self.conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes the accept (a close alone does not)
+        except OSError:
+            pass
+        self.sock.close()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+
+def test_searches_are_unaffected_when_the_exact_search_connection_dies(
+        milvus_server, wordnet_layout, fixture_data, trained):
+    """Issue 24: the live recall's exact re-runs go through a connection of their own
+    (``recall_uri``, here a TCP proxy to the same server). Cutting that connection and
+    refusing new ones mid-run fails no search and changes no result; once the path is back
+    the auditor opens a fresh connection and the estimate grows again."""
+    models, _ = trained
+    collection = wordnet_layout.layout.collection
+    host, port = milvus_server.uri.split("://")[-1].rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    proxy.start()
+    queries = fixture_data.queries[N_TRAIN:N_TRAIN + 600]
+    plain = RoutedMilvusClient(uri=milvus_server.uri, token=milvus_server.token,
+                               model_dir=str(models), log_rate=0)
+    client = RoutedMilvusClient(uri=milvus_server.uri, token=milvus_server.token,
+                                model_dir=str(models), log_rate=0, recall_sample=1.0, seed=0,
+                                recall_uri=proxy.uri)
+
+    def search(c, block):
+        return [[h["id"] for h in hits]
+                for hits in c.search(collection, data=block, limit=10, recall_target=TARGET)]
+    try:
+        for s in range(0, 200, 20):                             # audits through the proxy
+            search(client, queries[s:s + 20])
+        assert client.flush_live_recall(120)
+        before = client.router_status(collection)["live_recall"]
+        assert before["done"] == 200 and before["failed"] == 0, before
+        proxy.kill()                                            # the audit path is gone
+        served, want = [], []
+        started = time.monotonic()
+        for s in range(200, 400, 20):
+            served += search(client, queries[s:s + 20])         # never waits on the audits
+            want += search(plain, queries[s:s + 20])
+        searched_in = time.monotonic() - started
+        time.sleep(2.0)
+        during = client.router_status(collection)["live_recall"]
+        proxy.start()                                           # back: the estimate resumes
+        for s in range(400, 600, 20):
+            served += search(client, queries[s:s + 20])
+            want += search(plain, queries[s:s + 20])
+        assert client.flush_live_recall(240)
+        after = client.router_status(collection)["live_recall"]
+    finally:
+        client.close()
+        plain.close()
+        proxy.kill()
+    print(f"searched 200 queries in {searched_in:.1f} s with the audit path down; live recall "
+          f"before {before['done']} done, during {during}, after {after['done']} done, "
+          f"{after['failed']} failed, {after['dropped']} dropped")
+    assert served == want                       # same answers as a client without audits
+    assert during["failed"] + during["queue"] > 0 and during["done"] < 400, during  # held up
+    assert after["done"] > during["done"] and after["done"] >= 300          # ... and resumed
+    assert after["submitted"] == 600
+    assert after["done"] + after["empty"] + after["failed"] + after["dropped"] == 600
+    (est,) = [e for e in after["estimates"] if e["recall_target"] == TARGET]
+    assert est["n"] == after["done"] and 0.8 < est["recall"] <= 1.0

@@ -43,7 +43,7 @@ from .costs import CostModel
 from .async_writes import AsyncRoutedWrites
 from .layout import Layout, has_stray_partition
 from .metrics import metrics_recorder
-from .milvus_io import is_milvus_lite
+from .milvus_io import AuditConnection, is_milvus_lite
 from .plan import default_nprobe, merge
 from .querylog import QueryLogger
 from .registry import ModelRegistry
@@ -128,12 +128,13 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
     Takes :class:`.client.RoutedMilvusClient`'s keyword arguments, with the same meaning:
     ``model_dir``, ``nprobe``, ``log_rate``, ``log_ttl_seconds``, ``reload_interval``,
     ``log_queue_size``, ``router_threads``, ``seed``, ``size_refresh_interval``,
-    ``batch_planning``, ``cost_model``, ``metrics``, ``recall_sample``; ``max_workers`` is
+    ``batch_planning``, ``cost_model``, ``metrics``, ``recall_sample``, ``recall_uri``; ``max_workers`` is
     the number of worker threads for the reads that must not run on the event loop (a
     search's requests themselves run concurrently on the loop, however many).
     ``router_status``, ``reload_router``, ``route``, ``router``, ``layout``,
     ``flush_query_log`` and ``flush_live_recall`` are coroutines here. The live recall's
-    exact re-runs go through the worker-side synchronous client, on the auditor's thread.
+    exact re-runs go through the worker-side synchronous client (or ``recall_uri``'s own
+    connection), on the auditor's thread.
     """
 
     def __init__(self, uri: str = "http://localhost:19530", user: str = "", password: str = "",
@@ -143,7 +144,8 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
                  max_workers: int = 8, log_queue_size: int = 1000, router_threads: int = 1,
                  seed: int | None = None, size_refresh_interval: float | None = None,
                  batch_planning: bool = True, cost_model: CostModel | str | None = None,
-                 metrics=None, recall_sample: float | None = None, **kwargs):
+                 metrics=None, recall_sample: float | None = None,
+                 recall_uri: str | None = None, **kwargs):
         if not 0.0 <= log_rate <= 1.0:
             raise ValueError(f"log_rate must be in [0, 1], got {log_rate}")
         check_client_nprobe(nprobe)
@@ -167,7 +169,10 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
                                       is_lite=self._is_lite_sync,
                                       reload_interval=lambda: self._routing.reload_interval)
         self._telemetry = SearchTelemetry(self.metrics, recall_sample=recall_sample, seed=seed,
-                                          search=lambda *a, **k: self._sync.search(*a, **k),
+                                          search=lambda *a, **k: self._sync.search(*a, **k)
+                                          if recall_uri is None else AuditConnection(
+                                              recall_uri, user=user, password=password,
+                                              db_name=db_name, token=token),
                                           publish_to=model_dir, submit=self._pool.submit)
         self._async_writes = AsyncRoutedWrites(self, self._writes, in_thread=self._in_thread,
                                                is_lite=self._is_lite,

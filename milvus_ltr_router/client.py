@@ -28,7 +28,7 @@ from .costs import CostModel
 from .deprecation import moved_names
 from .layout import Layout
 from .metrics import metrics_recorder
-from .milvus_io import is_milvus_lite
+from .milvus_io import AuditConnection, is_milvus_lite
 from .plan import default_nprobe, merge
 from .querylog import QueryLogger
 from .registry import ModelRegistry
@@ -65,7 +65,10 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
     (``docs/metrics.md``; needs the ``[metrics]`` extra); ``recall_sample`` (None or 0: off)
     re-runs that share of routed queries exactly in the background for the live recall
     estimate in ``router_status()["live_recall"]`` (:class:`.serving.LiveRecall`), also
-    published to ``model_dir`` for ``milvus-ltr-router status`` (:mod:`.live_stats`).
+    published to ``model_dir`` for ``milvus-ltr-router status`` (:mod:`.live_stats`); the
+    re-runs go through this client's connection, or with ``recall_uri`` through a connection
+    of their own to that URI (the same server on a channel of its own, or a replica; same
+    credentials; :class:`.milvus_io.AuditConnection`).
     """
 
     def __init__(self, uri: str = "http://localhost:19530", user: str = "", password: str = "",
@@ -75,7 +78,8 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
                  max_workers: int = 8, log_queue_size: int = 1000, router_threads: int = 1,
                  seed: int | None = None, size_refresh_interval: float | None = None,
                  batch_planning: bool = True, cost_model: CostModel | str | None = None,
-                 metrics=None, recall_sample: float | None = None, **kwargs):
+                 metrics=None, recall_sample: float | None = None,
+                 recall_uri: str | None = None, **kwargs):
         if not 0.0 <= log_rate <= 1.0:
             raise ValueError(f"log_rate must be in [0, 1], got {log_rate}")
         check_client_nprobe(nprobe)
@@ -98,7 +102,10 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
                                       is_lite=self._is_lite,
                                       reload_interval=lambda: self._routing.reload_interval)
         self._telemetry = SearchTelemetry(self.metrics, recall_sample=recall_sample, seed=seed,
-                                          search=functools.partial(MilvusClient.search, self),
+                                          search=functools.partial(MilvusClient.search, self)
+                                          if recall_uri is None else AuditConnection(
+                                              recall_uri, user=user, password=password,
+                                              db_name=db_name, token=token),
                                           publish_to=model_dir, submit=self._pool.submit)
         self._logger = QueryLogger(self, max_queue=log_queue_size, ttl_seconds=log_ttl_seconds,
                                    rate=log_rate, seed=seed, metrics=self.metrics) \

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 from pymilvus import MilvusClient, mkts_from_unixtime
@@ -104,3 +105,38 @@ __getattr__ = moved_names(__name__, {
     **dict.fromkeys(["WRITE_BYTES", "request_rows", "ColumnInserter", "ParallelWriter",
                      "create_vector_collection"], "milvus_ltr_router.writer"),
 })
+
+
+class AuditConnection:
+    """A connection of the live recall's own for its exact re-runs (``recall_uri=``): a
+    synchronous ``MilvusClient`` to ``uri`` (``conn``: user, password, token, db_name),
+    opened on first use on the auditor's thread, dropped after a search that failed and
+    opened afresh by the next one - a dead channel is not waited on, and served searches
+    never share its queue. Called as ``MilvusClient.search``."""
+
+    def __init__(self, uri: str, **conn):
+        self.uri, self.conn = uri, conn
+        self._client: MilvusClient | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, collection_name, **kwargs):
+        with self._lock:
+            if self._client is None:
+                self._client = MilvusClient(uri=self.uri, dedicated=True, **self.conn)
+            client = self._client
+        try:
+            return client.search(collection_name, **kwargs)
+        except Exception:
+            self.close(client)
+            raise
+
+    def close(self, client: MilvusClient | None = None) -> None:
+        """Drop the connection (``client``: only if it is still the one held)."""
+        with self._lock:
+            if self._client is None or (client is not None and client is not self._client):
+                return
+            client, self._client = self._client, None
+        try:
+            client.close()
+        except Exception as exc:        # a dead connection: nothing left to free
+            log.debug("closing the live recall's connection failed: %s", exc)

@@ -26,6 +26,7 @@ from .batching import BatchPlan, CostModel, StorageFacts, max_queries_for, plan_
     resolve_cost_model
 from .layout import Layout, live_sizes
 from .live_stats import RecallPublisher
+from .milvus_io import AuditConnection
 from .metrics import NULL_METRICS, NullMetrics
 from .plan import SearchPlan, group_by_clusters, plan_search, searches_layout_field
 from .serving import LiveRecall, Routing
@@ -241,6 +242,7 @@ class SearchTelemetry:
         self.metrics = metrics
         self.live = LiveRecall(rate, exact_search(search) if search is not None else None,
                                metrics=metrics, seed=seed)
+        self._search = search
         self.publisher = RecallPublisher(publish_to, interval=publish_interval) \
             if self.live.enabled and publish_to is not None else None
         self._submit = submit
@@ -353,6 +355,9 @@ class SearchTelemetry:
         return drained
 
     def close(self, timeout: float = 10.0) -> None:
-        """Publish the last estimates and stop the live recall's worker."""
+        """Publish the last estimates, stop the live recall's worker and close its own
+        connection (:class:`AuditConnection`) if it has one."""
         self.publish()
         self.live.close(timeout)
+        if isinstance(self._search, AuditConnection):
+            self._search.close()
