@@ -47,7 +47,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     PREFIX + "duration_seconds": (
         "Wall time of the last retrain run, start to end", ()),
     PREFIX + "phase_duration_seconds": (
-        "Wall time of each phase the last retrain run timed (none when it failed)", ("phase",)),
+        "Wall time of each phase the last retrain run timed (of a failed run: the phases that ended)", ("phase",)),
     PREFIX + "gain": (
         "Held-out gain of the last retrain run: the new router's score minus the better of the "
         "live router and centroid routing, on the deciding metric at the deciding nprobe",
@@ -82,6 +82,7 @@ class RunRecord:
     result: object | None = None
     metric: str = "top1"                  # --metric
     previous: dict = field(default_factory=dict)   # read_previous() of the file to replace
+    phases: dict = field(default_factory=dict)     # phase -> seconds, of the phases that ended
 
 
 def outcome_of(exit_code: int, result) -> str:
@@ -108,11 +109,12 @@ def retrain_samples(run: RunRecord) -> list[Sample]:
     out.append(Sample(PREFIX + "exit_code", col, run.exit_code))
     out.append(Sample(PREFIX + "duration_seconds", col, max(0.0, run.finished - run.started)))
     res = run.result
-    if res is None:
-        return out
-    for phase, seconds in (getattr(res, "seconds", None) or {}).items():
+    phases = (getattr(res, "seconds", None) if res is not None else None) or run.phases
+    for phase, seconds in (phases or {}).items():
         out.append(Sample(PREFIX + "phase_duration_seconds", {**col, "phase": str(phase)},
                           seconds))
+    if res is None:
+        return out
     training = getattr(res, "training", None) or {}
     if res.table:                         # the gate ran: the gain is a measured one
         out.append(Sample(PREFIX + "gain", {**col, "metric": run.metric,

@@ -326,12 +326,15 @@ def publish(registry: ModelRegistry, collection: str, path: Path, version: str, 
                   version, collection, exc)
 
 
-def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
+def retrain(client: MilvusClient, cfg: RetrainConfig, *,
+            seconds: dict[str, float] | None = None) -> RetrainResult:
     """Run the whole job once; see the module docstring.
 
     Raises :class:`RetrainInputError` (bad options or input, exit 2) before any
     work, :class:`RetrainError` or another operational error (exit 1), or
-    :class:`~.registry.LockedError` (exit 3); nothing is published then.
+    :class:`~.registry.LockedError` (exit 3); nothing is published then. ``seconds``
+    (optional) is filled with each phase's wall time as it ends: a caller sees the phases
+    that ran before a failure too.
     """
     try:
         import onnx  # noqa: F401
@@ -344,7 +347,7 @@ def retrain(client: MilvusClient, cfg: RetrainConfig) -> RetrainResult:
     from .train import split_indices
 
     registry = ModelRegistry(cfg.model_dir, keep=cfg.keep)
-    seconds: dict[str, float] = {}
+    seconds = {} if seconds is None else seconds
     t0 = time.perf_counter()
     layout = read_layout(client, cfg.collection)
     check_nprobe(cfg.nprobe, layout)

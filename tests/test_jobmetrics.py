@@ -279,7 +279,7 @@ def fake_retrain(monkeypatch):
     from milvus_ltr_router.cli import retrain_cmd
     box = []
 
-    def fake(client, cfg):
+    def fake(client, cfg, seconds=None):
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
@@ -315,6 +315,26 @@ def test_an_unwritable_metrics_file_after_a_publish_keeps_exit_0(fake_retrain, t
     monkeypatch.setattr(jm, "write_textfile", full)
     code, err = run_cli(caplog, *retrain_argv("http://unused:1", tmp_path))
     assert code == EXIT_OK and "metrics not written to" in err and "No space left" in err
+
+
+def test_a_retrain_failing_in_training_writes_the_phases_that_ended(lite, tmp_path, caplog,
+                                                                   fixture_data, monkeypatch):
+    """A real retrain on milvus-lite whose training step fails: the file says failed, exit 1,
+    and has the wall time of the phases that ended before it (queries, label, moments)."""
+    from milvus_ltr_router import candidates
+    from milvus_ltr_router.retrain import RetrainError
+
+    def diverged(*args, **kwargs):
+        raise RetrainError("training diverged")
+    monkeypatch.setattr(candidates, "learned_candidate", diverged)
+    np.save(tmp_path / "q.npy", fixture_data.queries[:400])
+    code, err = run_cli(caplog, *retrain_argv(lite, tmp_path, "--queries", tmp_path / "q.npy"))
+    assert code == EXIT_FAIL and "training diverged" in err
+    f = parse((tmp_path / "prom" / "retrain_docs.prom").read_text())
+    assert outcome(f) == "failed" and one(f, "exit_code") == EXIT_FAIL
+    phases = {dict(k)["phase"]: v for k, v in f[P + "phase_duration_seconds"].items()}
+    assert set(phases) == {"queries", "label", "moments"} and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= one(f, "duration_seconds")
 
 
 def test_a_real_retrain_writes_the_phases_it_timed(lite, tmp_path, caplog, capsys, fixture_data):

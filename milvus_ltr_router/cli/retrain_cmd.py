@@ -132,8 +132,9 @@ def run_retrain(args) -> int:
     if args.metrics_file:
         from ..jobmetrics import check_metrics_path
         check_metrics_path(args.metrics_file)
+    args.retrain_phases = {}        # filled as phases end: a failed run reports them too
     with connected(args) as client:
-        result = retrain(client, cfg)
+        result = retrain(client, cfg, seconds=args.retrain_phases)
     args.retrain_result = result    # for write_metrics_file, once the exit code is known
     if args.report:
         try:
@@ -166,7 +167,8 @@ def write_metrics_file(args, code: int, started: float) -> None:
     from ..jobmetrics import RunRecord, write_retrain_metrics
     run = RunRecord(collection=args.collection, exit_code=code, started=started,
                     finished=time.time(), result=getattr(args, "retrain_result", None),
-                    metric=getattr(args, "metric", "top1"))
+                    metric=getattr(args, "metric", "top1"),
+                    phases=dict(getattr(args, "retrain_phases", None) or {}))
     try:
         write_retrain_metrics(path, run)
     except OSError as exc:
