@@ -78,7 +78,7 @@ def test_retrain_passes_moments_and_names_the_kind_it_published(monkeypatch, cap
                                                      else {})},
         training={"router_kind": kind, "n_test": 60})
 
-    def fake_retrain(client, cfg):
+    def fake_retrain(client, cfg, seconds=None):
         seen.append(cfg.moments)
         return result
     monkeypatch.setattr(job, "retrain", fake_retrain)
