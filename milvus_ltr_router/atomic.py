@@ -28,6 +28,8 @@ def _create_temp(directory: Path, suffix: str) -> tuple[int, Path]:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file beside it; an ``OSError`` (a full
+    disk: ENOSPC) names ``path`` and leaves the old file, if any, as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)     # 0777 less the umask (0755 under 022)
     fd, tmp = _create_temp(path.parent, path.suffix)
@@ -37,6 +39,12 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno is None:
+            raise
+        # a full disk or a quota says so without a file name: name the file being written
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,4 +1,7 @@
 """The publish gate as a pure function, and the argument checks that run before any work."""
+import errno
+import os
+
 import numpy as np
 import pytest
 
@@ -237,3 +240,50 @@ def test_a_report_that_fails_after_a_publish_does_not_fail_the_command(tmp_path,
     assert "report not written to" in caplog.text and "No space left on device" in caplog.text
     out = capsys.readouterr().out
     assert '"version": "v1"' in out and '"report_paths": []' in out
+
+
+def full_disk_for(monkeypatch, suffix: str):
+    """Files written atomically with ``suffix`` go to /dev/full: the kernel's own ENOSPC."""
+    from milvus_ltr_router import atomic
+    real = atomic.os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not name.endswith(suffix):
+            return real(fd, mode, *args, **kwargs)
+        os.close(fd)
+        return open("/dev/full", mode)
+    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
+    from milvus_ltr_router.atomic import write_atomic
+    target = tmp_path / "router.onnx"
+    target.write_bytes(b"old")
+    full_disk_for(monkeypatch, ".onnx")
+    with pytest.raises(OSError) as err:
+        write_atomic(target, b"new" * 1000)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert str(target) in str(err.value) and "No space left on device" in str(err.value)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["router.onnx"]    # no temp left
+
+
+def test_a_retrain_on_a_full_disk_keeps_the_router_and_names_the_path(lite_docs, tmp_path,
+                                                                      monkeypatch, caplog):
+    """Publishing onto a full model dir: exit 1, the error names the router file it could
+    not write, and the router served before stays published."""
+    pytest.importorskip("torch")
+    from milvus_ltr_router import retrain as job
+    client, qfile = lite_docs
+    cfg = job.RetrainConfig(collection="docs", model_dir=str(tmp_path / "m"), queries_file=qfile,
+                            nprobe=2, min_gain=-1.0, max_epochs=3, min_queries=100)
+    first = job.retrain(client, cfg)
+    assert first.decision == "published"
+    full_disk_for(monkeypatch, ".onnx")
+    with pytest.raises(OSError) as err:
+        job.retrain(client, cfg)
+    assert err.value.errno == errno.ENOSPC
+    assert str(tmp_path / "m" / "docs") in str(err.value) and ".onnx" in str(err.value)
+    assert exit_code(err.value) == EXIT_FAIL
+    assert ModelRegistry(tmp_path / "m").current("docs").version == first.version
