@@ -228,7 +228,7 @@ def test_a_report_that_fails_after_a_publish_does_not_fail_the_command(tmp_path,
     published = job.RetrainResult(decision="published", reason="published router v1",
                                   collection="docs", layout_id="L", n_queries=300, nprobe=2,
                                   version="v1")
-    monkeypatch.setattr(job, "retrain", lambda client, cfg: published)
+    monkeypatch.setattr(job, "retrain", lambda client, cfg, seconds=None: published)
     monkeypatch.setattr(retrain_cmd, "connected", lambda args: contextlib.nullcontext(None))
 
     def disk_full(result, report_dir):
