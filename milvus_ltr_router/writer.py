@@ -12,6 +12,7 @@ from pymilvus import DataType, MilvusClient
 from .columns import Columns, columns_to_rows, n_rows_of, take_rows
 from .errors import InputError, OperationalError
 from .milvus_io import is_milvus_lite
+from .pymilvus_compat import has_hook, warn_missing_hook
 from .schema import vector_index_params
 
 WRITE_BYTES = 16 << 20      # payload per insert request (the proxy refuses requests over 64 MB)
@@ -52,7 +53,8 @@ class ColumnInserter:
     Uses pymilvus's gRPC handler with a prebuilt ``InsertRequest`` (its ``insert_param``);
     :attr:`available` is False where that does not apply (milvus-lite, dynamic fields,
     auto ids, nullable or default-valued fields, types other than numbers, strings and
-    float vectors, a pymilvus without these hooks), and callers send row dicts instead.
+    float vectors) or where pymilvus lacks these hooks (which logs a WARNING once per
+    process, :mod:`.pymilvus_compat`), and callers send row dicts instead.
     """
 
     def __init__(self, client: MilvusClient, collection: str):
@@ -61,14 +63,8 @@ class ColumnInserter:
         self.available = self.fields is not None
 
     def _plan(self) -> list[tuple[str, int, int]] | None:
-        if is_milvus_lite(self.client) or not hasattr(self.client, "_get_connection") \
-                or not hasattr(self.client, "_generate_call_context"):
+        if is_milvus_lite(self.client):
             return None
-        try:
-            from pymilvus.grpc_gen import milvus_pb2
-        except ImportError:     # pragma: no cover - every pymilvus 2.x/3.x ships it
-            return None
-        self._pb = milvus_pb2
         desc = self.client.describe_collection(self.collection)
         if desc.get("enable_dynamic_field"):
             return None
@@ -83,7 +79,23 @@ class ColumnInserter:
                 fields.append((f["name"], f["type"], 0))
             else:
                 return None
-        return fields
+        return fields if self._hooks() else None
+
+    def _hooks(self) -> bool:
+        """Whether pymilvus has the internals this path uses (:mod:`.pymilvus_compat` logs
+        a WARNING once per process where one is missing)."""
+        fallback, cost = "bulk inserts fall back to row dicts", "~15 us a row of client CPU"
+        try:
+            from pymilvus.grpc_gen import milvus_pb2
+        except ImportError:     # every pymilvus 2.5-3.x ships it
+            warn_missing_hook("pymilvus.grpc_gen.milvus_pb2", fallback, cost)
+            return False
+        # the call context carries the database name (without it: the default database)
+        for hook in ("_get_connection", "_generate_call_context"):
+            if not has_hook(self.client, hook, fallback, cost, owner="MilvusClient"):
+                return False
+        self._pb = milvus_pb2
+        return True
 
     def accepts(self, columns: Columns) -> bool:
         """Whether ``columns`` can go as one prebuilt request (exactly the collection's fields)."""
