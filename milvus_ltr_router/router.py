@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .blas import serial_blas
 from .calibration import Calibration, fit_calibration
 from .clustering import as_vector_batch, linear_centroid_scorer
 from .contract import ADAPTIVE_INPUT, QUERY_INPUT, SCORES_OUTPUT, ContractError, RouterMetadata, \
@@ -204,8 +205,8 @@ class LinearRouter(BaseRouter):
         return CentroidRouter(layout, temperature)
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore", over="ignore"):   # NaN/inf queries: searched as
-            s = queries @ self._wt                            # pymilvus does, without warnings
+        with np.errstate(invalid="ignore", over="ignore"), serial_blas():
+            s = queries @ self._wt          # NaN/inf queries: searched as pymilvus does, no warnings
             s += self._b
         return s
 
@@ -252,7 +253,8 @@ class MomentRouter(BaseRouter):
         self.metadata = {"metric": layout.metric, "layout_id": self.layout_id}
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
-        return self.scorer.scores(queries)
+        with serial_blas():                 # many threads routing at once: :mod:`.blas`
+            return self.scorer.scores(queries)
 
 
 class Router(BaseRouter):
