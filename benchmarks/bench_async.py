@@ -49,6 +49,7 @@ def main(argv=None) -> dict:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for the JSON (default: results/)")
     p.add_argument("--router", choices=["onnx", "numpy"], default="onnx",
                    help="onnx: the layout's moment router published as a router file (served by "
                         "onnxruntime, as after a retrain; needs the [train] extra's onnx); numpy: "
@@ -188,7 +189,7 @@ def run(args, uri: str, where: str) -> dict:
                "queries": len(queries), "nprobe": args.nprobe, "concurrency": args.concurrency,
                "rounds": args.rounds, "router": args.router, "rows": rows, "async_over_sync": ratio, "same_ids": same,
                "load": loads, "qps_by_round": qps}
-    save("bench_async", payload)
+    save("bench_async", payload, Path(args.out) if args.out else None)
     return payload
 
 

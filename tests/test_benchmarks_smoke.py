@@ -149,3 +149,19 @@ def test_coverage_curve_counts_neighbours_in_the_first_partitions():
             return np.tile([3, 1, 0, 2], (len(queries), 1))[:, :nprobe]
     parts = np.array([[3, 3, 0, 2], [1, 1, 1, 1]])
     assert coverage_curve(Fixed(), np.zeros((2, 1)), parts) == [0.25, 0.75, 0.875, 1.0]
+
+
+def test_async_benchmark_runs_on_lite(tmp_path):
+    """bench_async on a milvus-lite file: every method answers every query, and the two
+    routed clients (async, sync + thread pool) return the same ids."""
+    from benchmarks import bench_async
+    payload = bench_async.main(["--uri", str(tmp_path / "a.db"), "--docs", "2000", "--clusters",
+                                "8", "--queries", "24", "--nprobe", "2", "--concurrency", "4",
+                                "--rounds", "2", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert set(rows) == set(bench_async.METHODS)
+    assert payload["same_ids"] == 1.0
+    assert rows["async_plain"]["recall@10"] == rows["sync_plain_pool"]["recall@10"] == 1.0
+    assert 0 < rows["async_routed"]["recall@10"] < 1.0            # 2 of 8 clusters: a real routing
+    assert all(r["qps"] > 0 for r in rows.values()) and len(payload["qps_by_round"]["async_routed"]) == 2
+    assert (tmp_path / "bench_async.json").exists()
