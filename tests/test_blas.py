@@ -17,18 +17,25 @@ from milvus_ltr_router.router import CentroidRouter
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
 
+CONTROLLED: list = []
+
+
 def blas_threads() -> list[int]:
-    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    """The thread counts of the BLAS libraries serial_blas controls (numpy's, and any other
+    BLAS loaded in the test process)."""
+    return sorted({c.get_num_threads() for c in CONTROLLED})
 
 
 @pytest.fixture
 def two_threads(monkeypatch):
-    """numpy's BLAS at two threads, and serial_blas controlling it."""
+    """Every BLAS loaded at two threads, and serial_blas controlling them."""
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         controllers = blas._threaded_blas()
         assert controllers, threadpoolctl.threadpool_info()
         monkeypatch.setattr(blas, "_controllers", lambda: controllers)
+        CONTROLLED[:] = controllers
         yield
+        CONTROLLED.clear()
 
 
 def test_nothing_is_done_where_numpys_blas_is_single_threaded():
