@@ -458,7 +458,7 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
             return await write(collection_name, data, timeout=timeout,
                                partition_name=partition_name or "", **kwargs)
         return await self._async_writes.write(kind, write, sup.delete, collection_name, state, data,
-                                              timeout, **kwargs)
+                                              timeout, upsert=sup.upsert, **kwargs)
 
     # ------------------------------------------------------------------ life cycle
     async def close(self) -> None:

@@ -3,11 +3,13 @@
 The decisions are the routing core's (:mod:`.placement`: where each row goes, which old
 copies to delete, which questions locate the stored copies); the size bound is kept by the
 same :class:`.writes.RoutedWrites` as in the sync client (its reads of the live sizes run on
-a worker thread). What differs is only how Milvus is asked: every query, write and delete
-here is awaited on the async client.
+a worker thread), and so is the layout-switch protocol (:func:`.write_steps.switch_safe_steps`:
+stamps and the rebuild journal are read and written on a worker thread). What differs is
+only how Milvus is asked: every query, write and delete here is awaited on the async client.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -19,7 +21,8 @@ from .placement import (KeysQuery, RowInputError, every_partition, guess_partiti
                         rows_of, stored_partitions_by_cluster)
 from .serving import Routing
 from .storage import DEFAULT_PARTITION
-from .write_steps import WriteRows, arun_steps, write_steps
+from .write_steps import (Journal, Peek, Writable, WriteRows, arun_steps, switch_safe_steps,
+                          write_steps)
 from .writes import RoutedDataError, RoutedWrites, new_tally
 
 
@@ -42,20 +45,38 @@ class AsyncRoutedWrites:
         self.stray_partition = stray_partition
 
     async def write(self, kind: str, write, delete, collection_name: str, state: Routing, data,
-                    timeout=None, **kwargs):
+                    timeout=None, *, upsert=None, **kwargs):
         """:meth:`.writes.RoutedWrites.write` with awaited I/O: the same requests in the same
-        order and the same errors (:func:`.write_steps.write_steps`), recorded in the same
-        metrics. ``write`` and ``delete`` are the async client's own calls."""
+        order, the same layout-switch protocol (:func:`.write_steps.switch_safe_steps`: the
+        stamp reads and the journal run on a worker thread), the same errors, recorded in the
+        same metrics. ``write``, ``delete`` and ``upsert`` (a write repeated after a switch
+        began) are the async client's own calls."""
         layout = state.layout
         rows = rows_of(data)
         if not rows:
             return await write(collection_name, rows, timeout=timeout, **kwargs)
         tally = new_tally(rows)
-        try:
-            return await self._write(kind, write, delete, collection_name, layout, rows, state,
+        w = self.writes
+
+        async def perform(step):
+            if isinstance(step, Writable):
+                return await self.in_thread(w.writable, step.name, step.layout)
+            if isinstance(step, Journal):
+                return await self.in_thread(w.journal, step.stamp, step.layout, rows)
+            if isinstance(step, Peek):
+                return await self.in_thread(w.peek, step.name, step.before)
+            target = state if step.layout is state.layout else replace(state, layout=step.layout)
+            if step.redo:
+                return await self._write("upsert", upsert or write, delete, step.name,
+                                         step.layout, rows, target, timeout, new_tally([]),
+                                         **kwargs)
+            return await self._write(kind, write, delete, step.name, step.layout, rows, target,
                                      timeout, tally, **kwargs)
+        try:
+            return await arun_steps(switch_safe_steps(kind, collection_name, layout, len(rows)),
+                                    perform)
         finally:
-            self.writes.record_write(layout.collection, tally)
+            w.record_write(layout.collection, tally)
 
     async def _write(self, kind, write, delete, collection_name, layout, rows, state, timeout,
                      tally, **kwargs):

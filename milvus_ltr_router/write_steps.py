@@ -1,5 +1,11 @@
 """The requests of one routed insert/upsert, and what a failure part-way means: sans I/O.
 
+:func:`switch_safe_steps` is the outer protocol (:mod:`.switch`): which layout to write, when
+the keys are journaled for a rebuild that is reading, and when the rows are written again
+because a layout switch began meanwhile. Its steps are :class:`Writable`, :class:`Journal`,
+:class:`Peek` and :class:`WriteTo` (one whole write, itself the steps of
+:func:`write_steps`).
+
 :func:`write_steps` walks a :class:`.placement.WritePlan` as a generator: it yields each
 request (:class:`WriteRows`: write these rows into this partition; :class:`DeleteKeys`:
 delete these keys' stale copies from this partition), is sent each write's response
@@ -10,6 +16,7 @@ partial failure and the error a caller sees are decided once, here.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generator
 
@@ -21,6 +28,9 @@ from .layout import Layout
 from .milvus_io import key_list_literal
 from .placement import stale_copies
 from .storage import DEFAULT_PARTITION
+from .switch import REBUILDING, Stamp
+
+log = logging.getLogger(__name__)
 
 
 class WriteError(OperationalError):
@@ -118,6 +128,82 @@ def write_steps(kind: str, collection_name: str, layout: Layout, plan, clusters:
                          written=len(plan.rows), partitions_done=done) from exc
     key = "upsert_count" if kind == "upsert" else "insert_count"
     return OmitZeroDict({key: total, "ids": ids, "cost": cost})
+
+
+@dataclass(frozen=True)
+class Writable:
+    """Wait until ``name`` can be written; answer ``(stamp, layout)``: its stamp (None where
+    none can be read) and the layout stored in it (``layout`` if it is still the one)."""
+    name: str
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Journal:
+    """Journal the write's keys if ``stamp`` says a rebuild is reading (else nothing)."""
+    stamp: Stamp
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Peek:
+    """The stamp of ``name`` now (None: missing for a moment, as mid-swap; ``before`` where
+    it cannot be read for another reason)."""
+    name: str
+    before: Stamp
+
+
+@dataclass(frozen=True)
+class WriteTo:
+    """Write the rows into the physical collection ``name`` of ``layout``; ``redo``: again,
+    as an upsert (a switch began during the first write), counted apart."""
+    name: str
+    layout: Layout
+    redo: bool = False
+
+
+def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: int) -> Steps:
+    """A routed write into the physical collection of the layout stored behind
+    ``collection_name`` now, safe across a layout switch (:mod:`.switch`): while a rebuild
+    reads the collection the keys are journaled before they are written; if a switch began
+    before the stamp is read again after the write, the rows are written again, as an
+    upsert, into the layout serving once the switch has ended. Returns the first write's
+    result."""
+    stamp, layout = yield Writable(collection_name, layout)
+    if stamp is None:
+        return (yield WriteTo(collection_name, layout))
+    for _ in range(3):
+        try:
+            yield Journal(stamp, layout)
+            break
+        except Exception:               # the journal went with a finished switch: look again
+            stamp, layout = yield Writable(collection_name, layout)
+    out = yield WriteTo(stamp.name, layout)
+    for _ in range(10):
+        after = yield Peek(collection_name, stamp)
+        if after == stamp:
+            return out
+        if after is not None and after.state == REBUILDING and \
+                (after.name, after.layout_id) == (stamp.name, stamp.layout_id):
+            # a rebuild began reading while the rows were written: journal them now
+            # (then look once more: they count if the journal has them before it freezes)
+            try:
+                yield Journal(after, layout)
+                stamp = after
+                continue
+            except Exception as exc:
+                log.debug("journaling after the write failed: %s", exc)
+        # a switch began: once it has ended, write the rows again into what serves then
+        log.info("a layout switch of %r began during a routed %s; writing its %d rows again "
+                 "once it has ended", collection_name, kind, n_rows)
+        stamp, layout = yield Writable(collection_name, layout)
+        if stamp is None:
+            raise WriteError(f"a layout switch of {collection_name!r} began during a routed "
+                             f"{kind} and its layout cannot be read now: repeat the {kind}",
+                             written=n_rows)
+        yield Journal(stamp, layout)
+        yield WriteTo(stamp.name, layout, redo=True)
+    return out
 
 
 def _advance(steps: Steps, outcome, failed: bool):

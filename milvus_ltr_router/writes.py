@@ -25,7 +25,8 @@ from .placement import (ClusterSizes, RowInputError, every_partition, guess_part
                         prepare_rows, rows_of, size_bound_ratio,
                         stored_partitions_by_cluster)
 from .storage import DEFAULT_PARTITION
-from .write_steps import WriteError, WriteRows, run_steps, write_steps
+from .write_steps import (Journal, Peek, Writable, WriteError, WriteRows, run_steps,
+                          switch_safe_steps, write_steps)
 from .switch import (REBUILDING, Stamp, journal_keys, layout_changed, read_stamp,
                      wait_writable)
 
@@ -194,7 +195,7 @@ class RoutedWrites:
             self.record_write(layout.collection, tally)
 
     # ------------------------------------------------------------------ layout switches
-    def _writable(self, collection_name: str, layout: Layout) -> tuple[Stamp | None, Layout]:
+    def writable(self, collection_name: str, layout: Layout) -> tuple[Stamp | None, Layout]:
         """The stamp of ``collection_name`` once it can be written (:mod:`.switch`; waits
         while a switch is under way) and the layout stored in it: ``layout`` when it is
         still the one there, else the new one, read now (and the routing table told).
@@ -229,12 +230,13 @@ class RoutedWrites:
         raise OperationalError(f"the layout behind {collection_name!r} kept changing while a "
                                f"routed write read it; try again")
 
-    def _journal(self, stamp: Stamp | None, layout: Layout, rows: list) -> None:
+    def journal(self, stamp: Stamp | None, layout: Layout, rows: list) -> None:
+        """Journal the keys of ``rows`` if ``stamp`` says a rebuild is reading."""
         if stamp is not None and stamp.state == REBUILDING and stamp.journal:
             pk = layout.primary_field
             journal_keys(self.client, stamp.journal, [r[pk] for r in rows if pk in r])
 
-    def _peek(self, collection_name: str, before: Stamp) -> Stamp | None:
+    def peek(self, collection_name: str, before: Stamp) -> Stamp | None:
         """The stamp now (None: the name is missing for a moment, as mid-swap); ``before``
         where it cannot be read for another reason (nothing says a switch began)."""
         try:
@@ -247,52 +249,26 @@ class RoutedWrites:
 
     def _switch_safe(self, kind, write, delete, collection_name, layout, rows, timeout,
                      stray_partition, tally, **kwargs):
-        """:meth:`_write` into the physical collection of the layout stored behind
-        ``collection_name`` now, safe across a layout switch (:mod:`.switch`): while a
-        rebuild reads the collection the keys are journaled before they are written; if a
-        switch began before the stamp is read again after the write, the rows are written
-        again, as an upsert, into the layout serving once the switch has ended."""
-        stamp, layout = self._writable(collection_name, layout)
-        if stamp is None:
-            return self._write(kind, write, delete, collection_name, layout, rows, timeout,
+        """:meth:`_write` performed as :func:`.write_steps.switch_safe_steps` asks: into the
+        physical collection of the layout stored behind ``collection_name`` now, safe across
+        a layout switch (:mod:`.switch`)."""
+        client = self.client
+
+        def perform(step):
+            if isinstance(step, Writable):
+                return self.writable(step.name, step.layout)
+            if isinstance(step, Journal):
+                return self.journal(step.stamp, step.layout, rows)
+            if isinstance(step, Peek):
+                return self.peek(step.name, step.before)
+            if step.redo:
+                return self._write("upsert", lambda *a, **k: MilvusClient.upsert(client, *a, **k),
+                                   lambda *a, **k: MilvusClient.delete(client, *a, **k), step.name,
+                                   step.layout, rows, timeout, stray_partition, new_tally([]),
+                                   **kwargs)
+            return self._write(kind, write, delete, step.name, step.layout, rows, timeout,
                                stray_partition, tally, **kwargs)
-        for _ in range(3):
-            try:
-                self._journal(stamp, layout, rows)
-                break
-            except Exception:           # the journal went with a finished switch: look again
-                stamp, layout = self._writable(collection_name, layout)
-        out = self._write(kind, write, delete, stamp.name, layout, rows, timeout,
-                          stray_partition, tally, **kwargs)
-        for _ in range(10):
-            after = self._peek(collection_name, stamp)
-            if after == stamp:
-                return out
-            if after is not None and after.state == REBUILDING and \
-                    (after.name, after.layout_id) == (stamp.name, stamp.layout_id):
-                # a rebuild began reading while the rows were written: journal them now
-                # (then look once more: they count if the journal has them before it freezes)
-                try:
-                    self._journal(after, layout, rows)
-                    stamp = after
-                    continue
-                except Exception as exc:
-                    log.debug("journaling after the write failed: %s", exc)
-            # a switch began: once it has ended, write the rows again into what serves then
-            log.info("a layout switch of %r began during a routed %s; writing its %d rows again "
-                     "once it has ended", collection_name, kind, len(rows))
-            stamp, layout = self._writable(collection_name, layout)
-            if stamp is None:
-                raise WriteError(f"a layout switch of {collection_name!r} began during a routed "
-                                 f"{kind} and its layout cannot be read now: repeat the {kind}",
-                                 written=len(rows))
-            self._journal(stamp, layout, rows)
-            client = self.client
-            redo = new_tally([])
-            self._write("upsert", lambda *a, **k: MilvusClient.upsert(client, *a, **k),
-                        lambda *a, **k: MilvusClient.delete(client, *a, **k), stamp.name, layout,
-                        rows, timeout, stray_partition, redo, **kwargs)
-        return out
+        return run_steps(switch_safe_steps(kind, collection_name, layout, len(rows)), perform)
 
     def record_write(self, collection: str, tally: dict) -> None:
         if not self.metrics.enabled:

@@ -166,3 +166,73 @@ def test_overwrite_keeping_the_clusters_keeps_the_routers_binding(lite_app):
     assert np.array_equal(new.centroids, old.centroids)
     assert report.switch["live"] == "a"
 
+
+
+# --------------------------------------------------------------------------- the async client
+def test_async_routed_write_waits_for_a_frozen_layout(lite_app, lite_uri, tmp_path):
+    """AsyncRoutedMilvusClient's writes follow the same switch protocol: a frozen layout is
+    waited for (on a worker thread: the loop keeps serving)."""
+    import asyncio
+    from milvus_ltr_router.async_client import AsyncRoutedMilvusClient
+    client, docs = lite_app
+
+    async def main():
+        routed = AsyncRoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "m"), nprobe=2,
+                                         log_rate=0.0)
+        try:
+            await routed.search("app", data=[docs[0].tolist()], limit=3)
+            set_stamp(client, "a", state=FROZEN)
+            threading.Timer(0.6, lambda: set_stamp(client, "a", state="")).start()
+            ticks = []
+
+            async def ticker():             # the event loop is not blocked by the wait
+                for _ in range(5):
+                    ticks.append(time.monotonic())
+                    await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            await asyncio.gather(routed.insert("app", [_row(71_000, docs[7100])]), ticker())
+            return time.monotonic() - t0, ticks
+        finally:
+            await routed.close()
+    waited, ticks = asyncio.run(main())
+    assert waited >= 0.5 and len(ticks) == 5 and ticks[-1] - ticks[0] < 0.5
+    assert client.query("a", filter="id == 71000", output_fields=["id"])
+
+
+def test_async_write_meeting_a_switch_lands_in_the_new_layout(lite_app, lite_uri, tmp_path,
+                                                              monkeypatch):
+    """The alias moves to another layout while an async routed insert is being written: the
+    insert is written again into the new layout, in its cluster there (before, the async
+    client wrote into the layout it had read and nothing repeated it); a later write goes
+    straight to the new layout."""
+    import asyncio
+    from pymilvus import AsyncMilvusClient
+    from milvus_ltr_router.async_client import AsyncRoutedMilvusClient
+    client, docs = lite_app
+    lb = build_layout(client, "src", "b", n_clusters=5, seed=9).layout
+    real_insert = AsyncMilvusClient.insert
+    moved = []
+
+    async def main():
+        routed = AsyncRoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "m"), nprobe=2,
+                                         log_rate=0.0, reload_interval=600)
+
+        async def insert_then_switch(self, collection_name, data, *args, **kwargs):
+            out = await real_insert(self, collection_name, data, *args, **kwargs)
+            if not moved and self is routed:
+                point_alias(client, "app", "b")     # the switch, right after the write landed
+                moved.append(collection_name)
+            return out
+        try:
+            await routed.search("app", data=[docs[0].tolist()], limit=3)     # serving layout a
+            monkeypatch.setattr(AsyncMilvusClient, "insert", insert_then_switch)
+            await routed.insert("app", [_row(81_000, docs[8100])])
+            await routed.insert("app", [_row(81_001, docs[8101])])
+        finally:
+            await routed.close()
+    asyncio.run(main())
+    assert moved == ["a"]                            # written into a's physical collection first
+    for key, vec in ((81_000, docs[8100]), (81_001, docs[8101])):
+        assert _partition_of(client, "b", key, lb) == \
+            lb.partition_names[int(cluster_of(lb, vec[None])[0])]
+    assert not client.query("a", filter="id == 81001", output_fields=["id"])
