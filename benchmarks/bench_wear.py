@@ -452,6 +452,28 @@ def run_variant(client, uri: str, tmp: str, docs: np.ndarray, queries: np.ndarra
         info["manual_compaction"].update(rows=rows2, load_before_timing=load2,
                                          load_after_timing=os.getloadavg(),
                                          at_09={w: at_09(rows2, w) for w in ("worn+compact", "fresh")})
+    if args.rebuild:            # upkeep: build-layout --overwrite --keep-clusters of the worn one
+        t0 = time.perf_counter()
+        rep = build_layout(client, worn_name, worn_name, overwrite=True, clusters_from=worn_layout,
+                           storage="single")
+        seconds = time.perf_counter() - t0
+        rebuilt = rep.layout
+        rc.reload_router(worn_name)
+        st = rc.router_status(worn_name)
+        configs3 = [c for c in configs if c[0] == "fresh"] + \
+            [("worn+rebuilt",) + tuple(c[1:]) for c in configs if c[0] == "worn"]
+        load3 = os.getloadavg()
+        log.info("%s: after a rebuild keeping the clusters (%.0f s), timing %d configurations "
+                 "again (load %.2f)", label, seconds, len(configs3), load3[0])
+        rows3 = timed_interleaved(configs3, test_q, exact, seed=args.seed + 2)
+        info["keep_clusters_rebuild"] = {
+            "seconds": seconds, "fresh_build_seconds": secs["fresh_build"],
+            "share_of_fresh_build": seconds / secs["fresh_build"],
+            "same_clustering": rebuilt.clustering_id == worn_layout.clustering_id,
+            "router_kept": st.get("version") is not None, "router": st.get("mode"),
+            "segments": segments(client, worn_name), "rows": rows3,
+            "load_before_timing": load3, "load_after_timing": os.getloadavg(),
+            "at_09": {w: at_09(rows3, w) for w in ("worn+rebuilt", "fresh")}}
     rc.close()
     if not args.keep:
         for name in (worn_name, fresh_name):
@@ -537,6 +559,10 @@ def main(argv=None) -> int:
                    help="seconds to wait at most for Milvus's own compaction after the flush")
     p.add_argument("--no-compact", dest="compact", action="store_false",
                    help="skip the manual compaction of the worn collection and the second timing")
+    p.add_argument("--no-rebuild", dest="rebuild", action="store_false",
+                   help="skip the upkeep step: build-layout --overwrite --keep-clusters of the worn "
+                        "collection (rows rewritten in cluster order under the same clusters and "
+                        "router), timed against the fresh build")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the collections")
     p.add_argument("--out", default=None)
@@ -584,6 +610,16 @@ def main(argv=None) -> int:
                   f"{mc['load_after_timing'][0]:.2f} after); cheapest nprobe to recall 0.9: {mc['at_09']}")
             print_table(mc["rows"], ["method", "param", "partitions", "recall@10", "median_ms", "p99_ms"],
                         "second timing (method = collection)")
+        kr = info.get("keep_clusters_rebuild")
+        if kr:
+            print(f"\nafter build-layout --overwrite --keep-clusters of the worn collection "
+                  f"({kr['seconds']:.1f} s = {kr['share_of_fresh_build']:.0%} of the fresh build's "
+                  f"{kr['fresh_build_seconds']:.1f} s; same clustering {kr['same_clustering']}, "
+                  f"router {kr['router']} kept {kr['router_kept']}; segments {kr['segments']}), "
+                  f"timed again beside fresh (load average {kr['load_before_timing'][0]:.2f} before, "
+                  f"{kr['load_after_timing'][0]:.2f} after); cheapest nprobe to recall 0.9: {kr['at_09']}")
+            print_table(kr["rows"], ["method", "param", "partitions", "recall@10", "median_ms", "p99_ms"],
+                        "third timing (method = collection)")
         series = {}
         for which in ("worn", "fresh"):
             rs = [r for r in info["rows"] if r["method"] == which and r["param"].startswith("nprobe")]
@@ -592,6 +628,10 @@ def main(argv=None) -> int:
             rs = [r for r in mc["rows"] if r["method"] == "worn+compact" and r["param"].startswith("nprobe")]
             series["worn + manual compaction (2nd timing)"] = ([r["median_ms"] for r in rs],
                                                                [r["recall@10"] for r in rs])
+        if kr:
+            rs = [r for r in kr["rows"] if r["method"] == "worn+rebuilt" and r["param"].startswith("nprobe")]
+            series["worn + rebuild keeping the clusters (3rd timing)"] = (
+                [r["median_ms"] for r in rs], [r["recall@10"] for r in rs])
         plot_lines(out / f"wear_{info['variant']}.png", series, "median latency (ms), nprobe 2..32",
                    "recall@10", f"worn vs fresh layout, {info['rows_final']} rows ({info['variant']})")
     save("wear", {"server": server_label, "server_version": version, "args": vars(args),
