@@ -334,7 +334,7 @@ def run_variant(client, uri: str, tmp: str, docs: np.ndarray, queries: np.ndarra
     rep = build_layout(client, src0, worn_name, storage="single")
     secs["worn_build"] = time.perf_counter() - t0
     worn_layout = rep.layout
-    client.drop_collection(src0)
+    client.release_collection(src0)     # kept (not loaded) as the rebuild's named source
     info["worn_router"] = publish(worn_name)
     info["segments_after_build"] = segments(client, worn_name)
     info["sizes_after_build"] = skew(cluster_sizes(client, worn_layout))
@@ -454,8 +454,8 @@ def run_variant(client, uri: str, tmp: str, docs: np.ndarray, queries: np.ndarra
                                          at_09={w: at_09(rows2, w) for w in ("worn+compact", "fresh")})
     if args.rebuild:            # upkeep: build-layout --overwrite --keep-clusters of the worn one
         t0 = time.perf_counter()
-        rep = build_layout(client, worn_name, worn_name, overwrite=True, clusters_from=worn_layout,
-                           storage="single")
+        rep = build_layout(client, src0, worn_name, overwrite=True, clusters_from=worn_layout,
+                           storage="single")    # reads the worn collection (the layout in use)
         seconds = time.perf_counter() - t0
         rebuilt = rep.layout
         rc.reload_router(worn_name)
@@ -475,6 +475,7 @@ def run_variant(client, uri: str, tmp: str, docs: np.ndarray, queries: np.ndarra
             "load_before_timing": load3, "load_after_timing": os.getloadavg(),
             "at_09": {w: at_09(rows3, w) for w in ("worn+rebuilt", "fresh")}}
     rc.close()
+    client.drop_collection(src0)
     if not args.keep:
         for name in (worn_name, fresh_name):
             drop_layout(client, name)
