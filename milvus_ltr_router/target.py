@@ -20,8 +20,8 @@ def create_target(client: MilvusClient, info: CollectionInfo, layout: Layout, ov
     target, storage = layout.collection, layout.storage
     if client.has_collection(target) and overwrite:
         drop_layout(client, target)
-    client.create_collection(target, schema=_target_schema(info, layout,
-                                                           _scalar_indexes(client, info)))
+    client.create_collection(target, schema=_target_schema(
+        info, layout, _scalar_indexes(client, info, skip=layout.storage.cluster_field)))
     # indexes before the rows: segments are indexed as they seal, not all after the flush
     client.create_index(target, vector_index_params(client, info.vector_field, layout.metric, index))
     if storage.cluster_field is not None:
@@ -38,13 +38,15 @@ def create_target(client: MilvusClient, info: CollectionInfo, layout: Layout, ov
             raise
 
 
-def _scalar_indexes(client: MilvusClient, info: CollectionInfo) -> list[str]:
-    """Names of the source's indexes on fields other than its vector field."""
+def _scalar_indexes(client: MilvusClient, info: CollectionInfo, skip: str | None = None) -> list[str]:
+    """Names of the source's indexes on fields other than its vector field and ``skip`` (the
+    cluster-id field: a rebuild reads a laid-out collection, and the new layout indexes its
+    own cluster ids)."""
     names = []
     try:
         for name in client.list_indexes(info.name):
             field = (client.describe_index(info.name, name) or {}).get("field_name")
-            if field != info.vector_field:
+            if field not in (info.vector_field, skip):
                 names.append(name)
     except Exception as exc:            # only for a warning: never fail a build on it
         log.debug("could not list the indexes of %r: %s", info.name, exc)

@@ -236,3 +236,16 @@ def test_async_write_meeting_a_switch_lands_in_the_new_layout(lite_app, lite_uri
         assert _partition_of(client, "b", key, lb) == \
             lb.partition_names[int(cluster_of(lb, vec[None])[0])]
     assert not client.query("a", filter="id == 81001", output_fields=["id"])
+
+
+def test_a_rebuild_does_not_warn_about_its_own_cluster_index(lite_app, caplog):
+    """Rebuilding a `single` layout reads the laid-out collection, whose cluster-id field has
+    the layout's own index: the new layout indexes its cluster ids itself, so nothing is
+    reported as not kept (a warning here used to send users looking for a lost index)."""
+    import logging
+    client, _ = lite_app
+    old = build_layout(client, "src", "s", n_clusters=6, seed=0, storage="single").layout
+    with caplog.at_level(logging.WARNING):
+        build_layout(client, "src", "s", overwrite=True, clusters_from=old, storage="single")
+    assert "does not keep" not in caplog.text
+    assert read_layout(client, "s").clustering_id == old.clustering_id
