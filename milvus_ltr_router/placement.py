@@ -19,6 +19,7 @@ from typing import Callable, Generator, Sequence
 
 import numpy as np
 
+from .blas import serial_blas
 from .clustering import as_vector_batch, assign_clusters, assign_with_room, balanced_capacity
 from .errors import InputError
 from .storage import DEFAULT_PARTITION, Storage
@@ -59,7 +60,8 @@ def prepare_rows(kind: str, layout, rows: list, collection: str) -> tuple[list, 
 def nearest_clusters(layout, vectors) -> np.ndarray:
     """Cluster of each vector under the layout's own rule (no size bound)."""
     vecs = as_vector_batch(vectors, layout.dim, f"layout {layout.layout_id}")
-    return assign_clusters(vecs, layout.centroids, layout.algorithm)
+    with serial_blas():                 # concurrent writers' products take turns: :mod:`.blas`
+        return assign_clusters(vecs, layout.centroids, layout.algorithm)
 
 
 def size_bound_ratio(layout) -> float | None:
@@ -94,7 +96,7 @@ class ClusterSizes:
         """Cluster of each new row: its nearest with room under the bound
         (:func:`.clustering.assign_with_room`); the rows count as routed and in flight
         until :meth:`landed`."""
-        with self.lock:
+        with self.lock, serial_blas():      # concurrent writers' products: :mod:`.blas`
             clusters, _ = assign_with_room(vectors, layout.centroids, layout.algorithm,
                                            self.estimate(), self.ratio)
             counts = np.bincount(clusters, minlength=len(self.routed))

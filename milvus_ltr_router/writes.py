@@ -15,7 +15,6 @@ import numpy as np
 from pymilvus import MilvusClient
 from pymilvus.exceptions import DataNotMatchException
 
-from .blas import serial_blas
 from .errors import InputError, OperationalError
 from .layout import Layout, cluster_sizes, read_layout
 from .metrics import NULL_METRICS, NullMetrics
@@ -106,8 +105,7 @@ class RoutedWrites:
         """Cluster of each written row (:func:`.placement.place_rows`) and the sizes that
         counted them. Before this client's first routed write the live sizes are read. With
         metrics on, ``tally["spilled"]`` counts the rows the size bound sent elsewhere."""
-        with serial_blas():         # concurrent writers' products take turns (:mod:`.blas`)
-            clusters, sizes = self._place(layout, vectors)
+        clusters, sizes = self._place(layout, vectors)
         if sizes is not None and tally is not None and self.metrics.enabled:
             tally["spilled"] = int((clusters != nearest_clusters(layout, vectors)).sum())
         return clusters, sizes
