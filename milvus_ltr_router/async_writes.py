@@ -21,8 +21,8 @@ from .placement import (KeysQuery, RowInputError, every_partition, guess_partiti
                         rows_of, stored_partitions_by_cluster)
 from .serving import Routing
 from .storage import DEFAULT_PARTITION
-from .write_steps import (Journal, Peek, Writable, WriteRows, arun_steps, switch_safe_steps,
-                          write_steps)
+from .write_steps import (Journal, LogWritten, Peek, Writable, WriteRows, arun_steps,
+                          switch_safe_steps, write_steps)
 from .writes import RoutedDataError, RoutedWrites, new_tally
 
 
@@ -65,6 +65,8 @@ class AsyncRoutedWrites:
                 return await self.in_thread(w.journal, step.stamp, step.layout, rows)
             if isinstance(step, Peek):
                 return await self.in_thread(w.peek, step.name, step.before)
+            if isinstance(step, LogWritten):
+                return await self.in_thread(w.log_written, step.layout, rows, step.result)
             target = state if step.layout is state.layout else replace(state, layout=step.layout)
             if step.redo:
                 return await self._write("upsert", upsert or write, delete, step.name,

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LAYOUT_SUFFIX = "__ltr_layout"
 MOMENTS_SUFFIX = "__ltr_moments"
+WRITES_SUFFIX = "__ltr_writes"
 META_VERSION = 1
 
 
@@ -92,6 +93,13 @@ class Layout:
             self.clustering_id = self.layout_id
 
     @property
+    def write_log(self) -> str | None:
+        """The key log routed writers record their keys in (``<collection>__ltr_writes``),
+        read by :mod:`.maintain`; None where the layout keeps none (built before write logs,
+        or ``partition`` storage, whose clusters never share a segment)."""
+        return write_log_name(self.collection) if self.extra.get("write_log") else None
+
+    @property
     def n_partitions(self) -> int:
         """Number of clusters (the router's outputs); kept under its historical name."""
         return len(self.partition_names)
@@ -129,6 +137,11 @@ def layout_collection_name(collection: str) -> str:
 def moments_collection_name(collection: str) -> str:
     """Name of the cluster-moments collection of the laid-out ``collection``."""
     return f"{collection}{MOMENTS_SUFFIX}"
+
+
+def write_log_name(collection: str) -> str:
+    """Name of the write log of the laid-out ``collection`` (:attr:`Layout.write_log`)."""
+    return f"{collection}{WRITES_SUFFIX}"
 
 
 def partition_names_for(n_clusters: int) -> list[str]:
@@ -380,10 +393,11 @@ def point_alias(client: MilvusClient, alias: str, collection: str) -> None:
 
 
 def drop_layout(client: MilvusClient, collection: str) -> None:
-    """Drop a laid-out collection, its layout metadata and its moments (never called on a
-    source)."""
+    """Drop a laid-out collection, its layout metadata, its moments and its key logs (never
+    called on a source)."""
     for name in (collection, layout_collection_name(collection),
-                 moments_collection_name(collection), f"{collection}__ltr_journal"):
+                 moments_collection_name(collection), f"{collection}__ltr_journal",
+                 write_log_name(collection)):
         if client.has_collection(name):
             client.drop_collection(name)
 

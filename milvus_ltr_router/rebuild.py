@@ -40,13 +40,13 @@ import numpy as np
 from pymilvus import MilvusClient
 
 from .layout import (Layout, LayoutError, drop_layout, laid_out_name, layout_collection_name,
-                     moments_collection_name, point_alias)
+                     moments_collection_name, point_alias, write_log_name)
 from .milvus_io import key_list_literal
 from .placement import place_rows, plan_write
 from .scan import iter_columns
 from .storage import CLUSTER_FIELD
-from .switch import (FROZEN, REBUILDING, RETIRED, create_journal, journal_name, read_journal,
-                     set_stamp)
+from .switch import (FROZEN, REBUILDING, RETIRED, create_journal, journal_keys, journal_name,
+                     read_journal, set_stamp)
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,8 @@ def catch_up(client: MilvusClient, live: str, layout: Layout, journal: str | Non
         plan = plan_write(layout, rows, place_rows(layout, vectors))
         for batch in plan.batches:
             client.insert(new, plan.batch_rows(batch), partition_name=batch.partition_name)
+        if layout.write_log:                # written out of cluster order: for the next upkeep
+            journal_keys(client, layout.write_log, [r[pk] for r in rows])
     got = _keys(client, new, pk)
     want = _keys(client, live, pk)
     if len(got) != len(set(got)) or set(got) != set(want):
@@ -231,7 +233,7 @@ def _switch(client: MilvusClient, target: str, build_name: str, live: str | None
 def _companions(target: str) -> list[str]:
     """Suffixes of a laid-out collection and its companions, main collection first."""
     return ["", layout_collection_name(target)[len(target):],
-            moments_collection_name(target)[len(target):]]
+            moments_collection_name(target)[len(target):], write_log_name(target)[len(target):]]
 
 
 __all__ = ["live_collection", "staging_name", "replace_layout", "catch_up", "journal_name"]

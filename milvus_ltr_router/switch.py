@@ -8,7 +8,10 @@ metadata call, served from the proxy's cache, that also resolves an alias):
 - ``ltr.switch``: ``""`` (serving), ``"rebuilding"`` (a rebuild is reading it: routed
   writers record the keys they write in ``ltr.journal``, a small collection, before
   writing), ``"frozen"`` (a rebuild is catching up and switching: routed writers wait) or
-  ``"retired"`` (replaced by ``ltr.successor``; nothing should write here any more).
+  ``"retired"`` (replaced by ``ltr.successor``; nothing should write here any more);
+- ``ltr.upkeep``: a counter :mod:`.maintain` bumps each time it freezes the collection to
+  rewrite rows in place, and ``ltr.frozen_until``: the wall-clock time (epoch seconds) a
+  freeze lasts at most - a freeze left behind by a killed process expires on its own.
 
 A routed write (:class:`.writes.RoutedWrites`) reads the stamp before it writes (a new
 layout behind an alias or a rebuilt name is read at once, and the write goes to the
@@ -37,6 +40,8 @@ LAYOUT_ID = "ltr.layout_id"
 SWITCH = "ltr.switch"
 JOURNAL = "ltr.journal"
 SUCCESSOR = "ltr.successor"
+UPKEEP = "ltr.upkeep"
+FROZEN_UNTIL = "ltr.frozen_until"
 JOURNAL_SUFFIX = "__ltr_journal"
 REBUILDING, FROZEN, RETIRED = "rebuilding", "frozen", "retired"
 
@@ -53,10 +58,20 @@ class Stamp:
     state: str = ""
     journal: str = ""
     successor: str = ""
+    upkeep: str = ""            # bumped by each upkeep freeze: a write spanning one is redone
+    until: str = ""             # a freeze with a lease: writable again after this epoch time
 
     @property
     def writable(self) -> bool:
-        return self.state != FROZEN
+        return self.state != FROZEN or self.expired()
+
+    def expired(self, now: float | None = None) -> bool:
+        """A freeze whose lease has run out (its holder died or stalled)."""
+        try:
+            until = float(self.until) if self.until else 0.0
+        except ValueError:
+            return False
+        return until > 0 and (time.time() if now is None else now) > until
 
 
 def read_stamp(client: MilvusClient, collection: str) -> Stamp:
@@ -64,13 +79,16 @@ def read_stamp(client: MilvusClient, collection: str) -> Stamp:
     desc = client.describe_collection(collection)
     props = desc.get("properties") or {}
     return Stamp(desc["collection_name"], props.get(LAYOUT_ID) or None, props.get(SWITCH, ""),
-                 props.get(JOURNAL, ""), props.get(SUCCESSOR, ""))
+                 props.get(JOURNAL, ""), props.get(SUCCESSOR, ""), props.get(UPKEEP, ""),
+                 props.get(FROZEN_UNTIL, ""))
 
 
 def set_stamp(client: MilvusClient, name: str, **values: str) -> bool:
     """Set collection properties of ``name`` (keyword ``layout_id``, ``state``, ``journal``,
-    ``successor``); False where the backend has no collection properties (milvus-lite)."""
-    keys = {"layout_id": LAYOUT_ID, "state": SWITCH, "journal": JOURNAL, "successor": SUCCESSOR}
+    ``successor``, ``upkeep``, ``until``); False where the backend has no collection
+    properties (milvus-lite)."""
+    keys = {"layout_id": LAYOUT_ID, "state": SWITCH, "journal": JOURNAL, "successor": SUCCESSOR,
+            "upkeep": UPKEEP, "until": FROZEN_UNTIL}
     try:
         client.alter_collection_properties(name, {keys[k]: str(v) for k, v in values.items()})
         return True
@@ -79,14 +97,17 @@ def set_stamp(client: MilvusClient, name: str, **values: str) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------- the write journal
+# --------------------------------------------------------------------------- key logs
+# Two small collections record written keys: a rebuild's journal (the keys written while it
+# reads) and a layout's write log (the keys written since its last upkeep, :mod:`.maintain`).
+# One row per recorded key (an auto-id ``seq``, the key, and the 2-d vector Milvus 2.3 needs).
+
 def journal_name(collection: str) -> str:
     return f"{collection}{JOURNAL_SUFFIX}"
 
 
-def create_journal(client: MilvusClient, collection: str, key_type) -> str:
-    """An empty journal for the keys written into ``collection`` during its rebuild."""
-    name = journal_name(collection)
+def create_key_log(client: MilvusClient, name: str, key_type) -> str:
+    """An empty key log ``name`` (replacing any) for keys of ``key_type`` (INT64/VARCHAR)."""
     if client.has_collection(name):
         client.drop_collection(name)
     schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
@@ -103,24 +124,45 @@ def create_journal(client: MilvusClient, collection: str, key_type) -> str:
     return name
 
 
+def create_journal(client: MilvusClient, collection: str, key_type) -> str:
+    """An empty journal for the keys written into ``collection`` during its rebuild."""
+    return create_key_log(client, journal_name(collection), key_type)
+
+
 def journal_keys(client: MilvusClient, journal: str, keys: list) -> None:
-    """Record ``keys`` as written (before they are written: an intent)."""
+    """Record ``keys`` as written in the key log ``journal`` (before they are written: an
+    intent)."""
     if keys:
         client.insert(journal, [{"key": k.item() if isinstance(k, np.generic) else k,
                                  "v": [0.0, 0.0]} for k in keys])
 
 
+def read_entries(client: MilvusClient, log_name: str, page: int = 16384) -> tuple[list, list]:
+    """Every entry of a key log, as ``(seqs, keys)`` in seq order (Strong: every recorded key)."""
+    seqs: list = []
+    keys: list = []
+    last = -1                                   # auto ids are positive
+    while True:
+        rows = client.query(log_name, filter=f"seq > {last}", output_fields=["seq", "key"],
+                            limit=page, consistency_level="Strong")
+        if not rows:
+            break
+        rows.sort(key=lambda r: r["seq"])
+        seqs.extend(r["seq"] for r in rows)
+        keys.extend(r["key"] for r in rows)
+        last = rows[-1]["seq"]
+    return seqs, keys
+
+
+def delete_entries(client: MilvusClient, log_name: str, seqs: list, chunk: int = 4096) -> None:
+    """Delete the entries ``seqs`` of a key log (those an upkeep has dealt with)."""
+    for i in range(0, len(seqs), chunk):
+        client.delete(log_name, filter=f"seq in {list(map(int, seqs[i:i + chunk]))}")
+
+
 def read_journal(client: MilvusClient, journal: str) -> set:
     """Every key recorded in ``journal`` (Strong: every recorded key)."""
-    keys: set = set()
-    last = -1
-    while True:
-        rows = client.query(journal, filter=f"seq > {last}", output_fields=["seq", "key"],
-                            limit=16384, consistency_level="Strong")
-        if not rows:
-            return keys
-        keys.update(r["key"] for r in rows)
-        last = max(r["seq"] for r in rows)
+    return set(read_entries(client, journal)[1])
 
 
 # --------------------------------------------------------------------------- waiting for a switch
@@ -142,7 +184,7 @@ def wait_writable(client: MilvusClient, collection: str, timeout: float = 300.0,
             raise SwitchTimeout(f"{collection!r} was not writable within {timeout:.0f} s (a layout "
                                 f"switch under way? last: {last})")
         time.sleep(poll)
-        poll = min(poll * 1.5, 0.5)
+        poll = min(poll * 1.5, 0.25)
 
 
 # --------------------------------------------------------------------------- telling searchers

@@ -7,9 +7,10 @@ from typing import Sequence
 
 from pymilvus import DataType, MilvusClient
 
-from .layout import Layout, LayoutError, drop_layout
+from .layout import Layout, LayoutError, drop_layout, write_log_name
 from .milvus_io import DEFAULT_PARTITION
 from .schema import CollectionInfo, clone_schema, vector_index_params
+from .switch import create_key_log
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ def create_target(client: MilvusClient, info: CollectionInfo, layout: Layout, ov
                 raise LayoutError(f"server refused partition {name}: {exc}; raise "
                                   f"rootCoord.maxPartitionNum (default 1024)") from exc
             raise
+    if storage.cluster_field is not None:
+        # routed writers record the keys they write here, for the layout's upkeep
+        key_type = next(f["type"] for f in info.fields if f["name"] == info.primary_field)
+        create_key_log(client, write_log_name(target), key_type)
+        layout.extra["write_log"] = True
 
 
 def _scalar_indexes(client: MilvusClient, info: CollectionInfo, skip: str | None = None) -> list[str]:

@@ -3,8 +3,8 @@
 :func:`switch_safe_steps` is the outer protocol (:mod:`.switch`): which layout to write, when
 the keys are journaled for a rebuild that is reading, and when the rows are written again
 because a layout switch began meanwhile. Its steps are :class:`Writable`, :class:`Journal`,
-:class:`Peek` and :class:`WriteTo` (one whole write, itself the steps of
-:func:`write_steps`).
+:class:`Peek`, :class:`WriteTo` (one whole write, itself the steps of :func:`write_steps`)
+and :class:`LogWritten` (the written keys into the layout's write log).
 
 :func:`write_steps` walks a :class:`.placement.WritePlan` as a generator: it yields each
 request (:class:`WriteRows`: write these rows into this partition; :class:`DeleteKeys`:
@@ -162,6 +162,15 @@ class WriteTo:
     redo: bool = False
 
 
+@dataclass(frozen=True)
+class LogWritten:
+    """Record the keys just written (``result``: the write's result, whose ids name keys
+    Milvus generated) in ``layout``'s write log, for its upkeep (:mod:`.maintain`). Never
+    fails the write: a key not recorded only keeps its row where it landed."""
+    layout: Layout
+    result: Any
+
+
 def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: int) -> Steps:
     """A routed write into the physical collection of the layout stored behind
     ``collection_name`` now, safe across a layout switch (:mod:`.switch`): while a rebuild
@@ -171,7 +180,10 @@ def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: i
     result."""
     stamp, layout = yield Writable(collection_name, layout)
     if stamp is None:
-        return (yield WriteTo(collection_name, layout))
+        out = yield WriteTo(collection_name, layout)
+        if layout.write_log:
+            yield LogWritten(layout, out)
+        return out
     for _ in range(3):
         try:
             yield Journal(stamp, layout)
@@ -179,6 +191,8 @@ def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: i
         except Exception:               # the journal went with a finished switch: look again
             stamp, layout = yield Writable(collection_name, layout)
     out = yield WriteTo(stamp.name, layout)
+    if layout.write_log:
+        yield LogWritten(layout, out)
     for _ in range(10):
         after = yield Peek(collection_name, stamp)
         if after == stamp:
@@ -202,7 +216,9 @@ def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: i
                              f"{kind} and its layout cannot be read now: repeat the {kind}",
                              written=n_rows)
         yield Journal(stamp, layout)
-        yield WriteTo(stamp.name, layout, redo=True)
+        again = yield WriteTo(stamp.name, layout, redo=True)
+        if layout.write_log:
+            yield LogWritten(layout, again)
     return out
 
 

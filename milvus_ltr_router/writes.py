@@ -24,7 +24,7 @@ from .placement import (ClusterSizes, RowInputError, every_partition, guess_part
                         prepare_rows, rows_of, size_bound_ratio,
                         stored_partitions_by_cluster)
 from .storage import DEFAULT_PARTITION
-from .write_steps import (Journal, Peek, Writable, WriteError, WriteRows, run_steps,
+from .write_steps import (Journal, LogWritten, Peek, Writable, WriteError, WriteRows, run_steps,
                           switch_safe_steps, write_steps)
 from .switch import (REBUILDING, Stamp, journal_keys, layout_changed, read_stamp,
                      wait_writable)
@@ -69,6 +69,7 @@ class RoutedWrites:
         self._lock = threading.Lock()
         self._layouts: dict[tuple, Layout] = {}     # (collection, layout id) -> layout met by a write
         self.switch_timeout = 300.0                 # seconds a write waits for a layout switch
+        self._log_warned = -1e9                     # when a failed write-log append was last logged
 
     # ------------------------------------------------------------------ size bound
     def _bound(self, layout: Layout) -> tuple[ClusterSizes, threading.Lock] | None:
@@ -234,6 +235,26 @@ class RoutedWrites:
             pk = layout.primary_field
             journal_keys(self.client, stamp.journal, [r[pk] for r in rows if pk in r])
 
+    def log_written(self, layout: Layout, rows: list, result) -> None:
+        """Record the keys of ``rows`` just written into ``layout`` (``result``'s ids where
+        Milvus generated them) in its write log (:attr:`.layout.Layout.write_log`), for its
+        upkeep. A failure is logged, never raised: the rows were written."""
+        name = layout.write_log
+        if not name:
+            return
+        pk = layout.primary_field
+        keys = [r[pk] for r in rows if pk in r]
+        if len(keys) < len(rows):
+            keys = [k for k in ((result or {}).get("ids") or []) if k is not None]
+        try:
+            journal_keys(self.client, name, keys)
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._log_warned > 60:
+                self._log_warned = now
+                log.warning("recording written keys in %r failed (%s: %s); those rows stay "
+                            "where they landed until a rebuild", name, type(exc).__name__, exc)
+
     def peek(self, collection_name: str, before: Stamp) -> Stamp | None:
         """The stamp now (None: the name is missing for a moment, as mid-swap); ``before``
         where it cannot be read for another reason (nothing says a switch began)."""
@@ -259,6 +280,8 @@ class RoutedWrites:
                 return self.journal(step.stamp, step.layout, rows)
             if isinstance(step, Peek):
                 return self.peek(step.name, step.before)
+            if isinstance(step, LogWritten):
+                return self.log_written(step.layout, rows, step.result)
             if step.redo:
                 return self._write("upsert", lambda *a, **k: MilvusClient.upsert(client, *a, **k),
                                    lambda *a, **k: MilvusClient.delete(client, *a, **k), step.name,

@@ -9,19 +9,19 @@ import argparse
 
 from .common import Command, HelpFormatter, run
 from .demo_cmd import DEMO
-from .layout_cmds import ADOPT_LAYOUT, BUILD_LAYOUT, DROP_LAYOUT, REPAIR_LAYOUT
+from .layout_cmds import ADOPT_LAYOUT, BUILD_LAYOUT, DROP_LAYOUT, MAINTAIN_LAYOUT, REPAIR_LAYOUT
 from .retrain_cmd import RETRAIN, retrain_parser
 from .router_cmds import EVALUATE, ROLLBACK, STATUS
 
-COMMANDS: tuple[Command, ...] = (BUILD_LAYOUT, ADOPT_LAYOUT, REPAIR_LAYOUT, DROP_LAYOUT, STATUS,
-                                 RETRAIN, EVALUATE, ROLLBACK, DEMO)
+COMMANDS: tuple[Command, ...] = (BUILD_LAYOUT, ADOPT_LAYOUT, MAINTAIN_LAYOUT, REPAIR_LAYOUT,
+                                 DROP_LAYOUT, STATUS, RETRAIN, EVALUATE, ROLLBACK, DEMO)
 
 MAIN_EPILOG = """\
 typical use (README: "After the demo"); URI is http://host:19530 or an existing .db file:
   milvus-ltr-router demo             # ~1 min on milvus-lite, no server needed
   milvus-ltr-router build-layout --uri URI --source docs --target docs_ivf --alias docs_app
   # applications search docs_app through RoutedMilvusClient(URI, model_dir="onnx_models")
-  retrain-router --uri URI --collection docs_ivf --since 7d       # nightly, from cron
+  retrain-router --uri URI --collection docs_ivf --since 7d --maintain   # nightly, from cron
   milvus-ltr-router status --uri URI --collection docs_ivf
 
 'milvus-ltr-router COMMAND --help' shows a command's options and their defaults.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 from ..errors import EXIT_OK
 from .common import (Command, HelpFormatter, connected, connection_args, model_dir_arg,
@@ -10,7 +11,7 @@ from .common import (Command, HelpFormatter, connected, connection_args, model_d
 
 RETRAIN_EPILOG = """\
 example (cron, nightly):
-  15 3 * * *  retrain-router --uri http://milvus:19530 --collection docs_ivf --since 7d \\
+  15 3 * * *  retrain-router --uri http://milvus:19530 --collection docs_ivf --since 7d --maintain \\
               --model-dir /srv/onnx_models --report /srv/onnx_models/reports \\
               --metrics-file /var/lib/node_exporter/textfile/retrain_docs_ivf.prom
 
@@ -80,6 +81,10 @@ def retrain_args(p: argparse.ArgumentParser) -> None:
                         "vectors), 'local' streams every vector here (faster on one machine); "
                         "default auto: local until the vectors to stream pass 8 GiB, then "
                         "milvus where its search is exact")
+    p.add_argument("--maintain", action="store_true",
+                   help="first run the layout's upkeep (maintain-layout: rewrite the rows written "
+                        "since the last one in cluster order); a failed upkeep is logged and the "
+                        "retrain goes on")
     p.add_argument("--dry-run", action="store_true", help="train and evaluate, publish nothing")
     p.add_argument("--report", metavar="DIR",
                    help="write a JSON and PNG report into this directory (default: none)")
@@ -134,6 +139,8 @@ def run_retrain(args) -> int:
         check_metrics_path(args.metrics_file)
     args.retrain_phases = {}        # filled as phases end: a failed run reports them too
     with connected(args) as client:
+        if args.maintain and not args.dry_run:
+            maintain_before_retrain(client, args)
         result = retrain(client, cfg, seconds=args.retrain_phases)
     args.retrain_result = result    # for write_metrics_file, once the exit code is known
     if args.report:
@@ -154,6 +161,26 @@ def run_retrain(args) -> int:
         for path in result.report_paths:
             print(f"report: {path}")
     return EXIT_OK
+
+
+def maintain_before_retrain(client, args) -> None:
+    """``--maintain``: the layout's upkeep before training (the retrain reads the rows'
+    clusters, which upkeep keeps). Its failure is reported, never fatal: the layout serves
+    as it did, and the next run finishes the upkeep."""
+    from ..maintain import maintain_layout
+    from .layout_cmds import print_maintain_report
+    t0 = time.perf_counter()
+    try:
+        report = maintain_layout(client, args.collection)
+    except Exception as exc:
+        logging.getLogger("milvus-ltr-router").error("upkeep of %r failed, retraining anyway: "
+                                                     "%s: %s", args.collection,
+                                                     type(exc).__name__, exc)
+        return
+    finally:
+        args.retrain_phases["maintain"] = time.perf_counter() - t0
+    if not args.json:
+        print_maintain_report(report)
 
 
 def write_metrics_file(args, code: int, started: float) -> None:
