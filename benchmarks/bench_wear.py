@@ -430,6 +430,28 @@ def run_variant(client, uri: str, tmp: str, docs: np.ndarray, queries: np.ndarra
                         "median_ms": r90["median_ms"], "p99_ms": r90["p99_ms"]}
     for which in colls:
         per[which]["nprobe@0.9"] = at_09(rows, which)
+    if args.maintain:           # upkeep: maintain-layout (only the rows written since the build)
+        from milvus_ltr_router.maintain import maintain_layout
+        t0 = time.perf_counter()
+        mrep = maintain_layout(client, worn_name, flush=args.maintain_flush)
+        seconds = time.perf_counter() - t0
+        trace = wait_compaction(client, worn_name, args.compaction_wait, poll=3.0)
+        configs_m = [c for c in configs if c[0] == "fresh"] + \
+            [("worn+maintained",) + tuple(c[1:]) for c in configs if c[0] == "worn"]
+        load_m = os.getloadavg()
+        log.info("%s: after maintain-layout (%.1f s, %d rows rewritten), timing %d configurations "
+                 "again (load %.2f)", label, seconds, mrep.rewritten, len(configs_m), load_m[0])
+        rows_m = timed_interleaved(configs_m, test_q, exact, seed=args.seed + 3)
+        # physical order now: build rows in cluster order, then the rewritten rows in cluster order
+        seq_m = np.concatenate([np.sort(cid_by_key[built], kind="stable"),
+                                np.sort(cid_by_key[~built], kind="stable")])
+        info["maintain"] = {
+            "seconds": seconds, "report": mrep.to_dict(),
+            "fresh_build_seconds": secs["fresh_build"],
+            "share_of_fresh_build": seconds / secs["fresh_build"],
+            "compaction_trace": trace, "segments": trace[-1], **order_measures(seq_m),
+            "rows": rows_m, "load_before_timing": load_m, "load_after_timing": os.getloadavg(),
+            "at_09": {w: at_09(rows_m, w) for w in ("worn+maintained", "fresh")}}
     if args.compact:            # upkeep: a manual compaction of the worn collection, timed again
         t0 = time.perf_counter()
         job = client.compact(worn_name)
@@ -529,6 +551,10 @@ def summary_rows(info: dict, args) -> list[dict]:
     return out
 
 
+def _fmt_secs(seconds: dict) -> str:
+    return ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+
+
 def main(argv=None) -> int:
     from benchmarks.common import RESULTS, plot_lines, print_table, save, setup_logging
     from benchmarks.datasets import load_or_build
@@ -558,6 +584,11 @@ def main(argv=None) -> int:
     p.add_argument("--recall-target", type=float, default=0.9)
     p.add_argument("--compaction-wait", type=float, default=150.0,
                    help="seconds to wait at most for Milvus's own compaction after the flush")
+    p.add_argument("--no-maintain", dest="maintain", action="store_false",
+                   help="skip maintain-layout of the worn collection (the rows written since the "
+                        "build rewritten in cluster order, in place) and its timing")
+    p.add_argument("--maintain-no-flush", dest="maintain_flush", action="store_false",
+                   help="maintain-layout --no-flush (Milvus seals the rewritten rows itself)")
     p.add_argument("--no-compact", dest="compact", action="store_false",
                    help="skip the manual compaction of the worn collection and the second timing")
     p.add_argument("--no-rebuild", dest="rebuild", action="store_false",
@@ -611,6 +642,18 @@ def main(argv=None) -> int:
                   f"{mc['load_after_timing'][0]:.2f} after); cheapest nprobe to recall 0.9: {mc['at_09']}")
             print_table(mc["rows"], ["method", "param", "partitions", "recall@10", "median_ms", "p99_ms"],
                         "second timing (method = collection)")
+        mt = info.get("maintain")
+        if mt:
+            r = mt["report"]
+            print(f"\nafter maintain-layout of the worn collection ({mt['seconds']:.1f} s = "
+                  f"{mt['share_of_fresh_build']:.0%} of the fresh build's {mt['fresh_build_seconds']:.1f} s; "
+                  f"{r['rewritten']} rows rewritten in {r['chunks']} chunks, writers held "
+                  f"{r['frozen_seconds']:.1f} s in all; phases {_fmt_secs(r['seconds'])}; segments "
+                  f"{mt['segments']}; fragments per cluster {mt['fragments_per_cluster']:.1f}), timed "
+                  f"again beside fresh (load average {mt['load_before_timing'][0]:.2f} before, "
+                  f"{mt['load_after_timing'][0]:.2f} after); cheapest nprobe to recall 0.9: {mt['at_09']}")
+            print_table(mt["rows"], ["method", "param", "partitions", "recall@10", "median_ms", "p99_ms"],
+                        "after upkeep (method = collection)")
         kr = info.get("keep_clusters_rebuild")
         if kr:
             print(f"\nafter build-layout --overwrite --keep-clusters of the worn collection "
@@ -629,6 +672,9 @@ def main(argv=None) -> int:
             rs = [r for r in mc["rows"] if r["method"] == "worn+compact" and r["param"].startswith("nprobe")]
             series["worn + manual compaction (2nd timing)"] = ([r["median_ms"] for r in rs],
                                                                [r["recall@10"] for r in rs])
+        if mt:
+            rs = [r for r in mt["rows"] if r["method"] == "worn+maintained" and r["param"].startswith("nprobe")]
+            series["worn + maintain-layout"] = ([r["median_ms"] for r in rs], [r["recall@10"] for r in rs])
         if kr:
             rs = [r for r in kr["rows"] if r["method"] == "worn+rebuilt" and r["param"].startswith("nprobe")]
             series["worn + rebuild keeping the clusters (3rd timing)"] = (

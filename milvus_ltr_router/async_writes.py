@@ -57,6 +57,7 @@ class AsyncRoutedWrites:
             return await write(collection_name, rows, timeout=timeout, **kwargs)
         tally = new_tally(rows)
         w = self.writes
+        last = {"tally": tally}                 # the tally of the latest WriteTo
 
         async def perform(step):
             if isinstance(step, Writable):
@@ -66,12 +67,14 @@ class AsyncRoutedWrites:
             if isinstance(step, Peek):
                 return await self.in_thread(w.peek, step.name, step.before)
             if isinstance(step, LogWritten):
-                return await self.in_thread(w.log_written, step.layout, rows, step.result)
+                return await self.in_thread(w.log_written, step.layout, last["tally"])
             target = state if step.layout is state.layout else replace(state, layout=step.layout)
             if step.redo:
+                last["tally"] = new_tally([])
                 return await self._write("upsert", upsert or write, delete, step.name,
-                                         step.layout, rows, target, timeout, new_tally([]),
+                                         step.layout, rows, target, timeout, last["tally"],
                                          **kwargs)
+            last["tally"] = tally
             return await self._write(kind, write, delete, step.name, step.layout, rows, target,
                                      timeout, tally, **kwargs)
         try:

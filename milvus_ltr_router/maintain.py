@@ -7,9 +7,9 @@ and searches at a fixed recall get slower (``benchmarks/bench_wear.py``: 1.18x a
 rows), while recall holds. A rebuild restores the order but reads and writes every row.
 
 Upkeep rewrites only the rows written since the last upkeep. Routed writers record the keys
-they write in the layout's write log (``<collection>__ltr_writes``,
-:attr:`.layout.Layout.write_log`); :func:`maintain_layout` reads the log, looks up the
-cluster of each logged key, and upserts those rows again - same key, same vector, same
+they write, with the cluster each row went to, in the layout's write log
+(``<collection>__ltr_writes``, :attr:`.layout.Layout.write_log`); :func:`maintain_layout`
+reads the log, orders the keys by cluster, and upserts those rows again - same key, same vector, same
 cluster - in cluster order, so they land as one contiguous run per cluster in new
 segments (Milvus marks their old copies deleted). Clusters do not change, so routers stay
 valid and searches are never routed on clusters they were not trained on.
@@ -20,8 +20,8 @@ freeze (:mod:`.switch`: the stamp ``frozen``, the counter ``ltr.upkeep`` bumped,
 ``ltr.frozen_until``): routed writers wait while it lasts, and a write that spanned its
 start sees the counter change and is written again once it ends. Searches go on
 throughout. A freeze left by a killed upkeep expires with its lease; the log entries are
-deleted only after their rows are rewritten and flushed, so a killed upkeep is finished by
-the next run (rewriting a row as itself is harmless).
+deleted only after their rows are rewritten (acknowledged upserts are durable), so a killed
+upkeep is finished by the next run (rewriting a row as itself is harmless).
 
 A backend without collection properties runs the upkeep without freezes (do not write
 while it runs there).
@@ -45,12 +45,12 @@ from .layout import LayoutError, read_layout
 from .milvus_io import count_rows, key_list_literal
 from .placement import plan_write
 from .progress import ProgressCounter
-from .switch import FROZEN, REBUILDING, RETIRED, delete_entries, read_entries, read_stamp, set_stamp
+from .switch import (FROZEN, REBUILDING, RETIRED, FreezeLease, delete_entries, read_entries,
+                     read_stamp, set_stamp)
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20          # vector bytes per rewrite request (under gRPC's 64 MB)
-LOOKUP_KEYS = 4096              # keys per cluster-id lookup
 
 
 class UpkeepBusy(OperationalError):
@@ -68,7 +68,7 @@ class RewritePlan:
     chunks: list
     seqs: list
     logged: int = 0                 # log entries read
-    missing: int = 0                # logged keys no longer stored (deleted since)
+    missing: int = 0                # logged keys no longer stored (counted as rows are read)
     outside: int = 0                # logged keys whose cluster id is not one of the layout's
 
     @property
@@ -84,24 +84,27 @@ def chunk_rows_for(dim: int, chunk_rows: int, chunk_bytes: int = CHUNK_BYTES) ->
     return max(1, min(chunk_rows, chunk_bytes // max(1, 4 * int(dim))))
 
 
-def plan_rewrite(seqs: Sequence, logged_keys: Sequence, stored: dict, n_clusters: int,
-                 chunk_rows: int) -> RewritePlan:
-    """The rewrite of the logged keys: each distinct key still stored (``stored``: key ->
-    its cluster id now) once, ordered by (cluster, key), in chunks of ``chunk_rows``.
-    Keys whose cluster id lies outside ``range(n_clusters)`` were not placed by a routed
-    writer (stray rows: ``repair-layout``) and are left where they are."""
-    if len(seqs) != len(logged_keys):
-        raise ValueError(f"{len(seqs)} log entries but {len(logged_keys)} keys")
-    distinct = list(dict.fromkeys(logged_keys))
-    missing = sum(1 for k in distinct if k not in stored)
-    inside = [(int(stored[k]), k) for k in distinct
-              if k in stored and 0 <= int(stored[k]) < n_clusters]
-    outside = len(distinct) - missing - len(inside)
+def plan_rewrite(seqs: Sequence, logged_keys: Sequence, logged_clusters: Sequence,
+                 n_clusters: int, chunk_rows: int) -> RewritePlan:
+    """The rewrite of the logged keys: each distinct key once, at the cluster its latest
+    entry names (``seqs`` ascending), ordered by (cluster, key), in chunks of ``chunk_rows``.
+    A cluster id outside ``range(n_clusters)`` was not placed by a routed writer of this
+    layout (stray rows: ``repair-layout``); those keys are left where they are. Which keys
+    were deleted since is known only when their rows are read (:func:`maintain_layout`)."""
+    if not len(seqs) == len(logged_keys) == len(logged_clusters):
+        raise ValueError(f"{len(seqs)} log entries but {len(logged_keys)} keys and "
+                         f"{len(logged_clusters)} cluster ids")
+    latest: dict = {}
+    for key, cluster in zip(logged_keys, logged_clusters):
+        latest.pop(key, None)
+        latest[key] = int(cluster)
+    inside = [(c, k) for k, c in latest.items() if 0 <= c < n_clusters]
+    outside = len(latest) - len(inside)
     inside.sort(key=lambda ck: (ck[0], _sort_key(ck[1])))
     keys = [k for _, k in inside]
     clusters = np.asarray([c for c, _ in inside], dtype=np.int64)
     chunks = [slice(i, min(i + chunk_rows, len(keys))) for i in range(0, len(keys), chunk_rows)]
-    return RewritePlan(keys, clusters, chunks, list(seqs), len(seqs), missing, outside)
+    return RewritePlan(keys, clusters, chunks, list(seqs), len(seqs), 0, outside)
 
 
 def _sort_key(key):
@@ -135,18 +138,23 @@ class MaintainReport:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def maintain_layout(client: MilvusClient, collection: str, *, chunk_rows: int = 4096,
+def maintain_layout(client: MilvusClient, collection: str, *, chunk_rows: int = 8192,
                     min_share: float = 0.0, lease: float = 60.0, pause: float = 0.1,
-                    grace: float = 0.05, dry_run: bool = False, show_progress: bool | None = None,
+                    grace: float = 0.05, flush: bool = True, dry_run: bool = False,
+                    show_progress: bool | None = None,
                     after_chunk: Callable[[int], None] | None = None) -> MaintainReport:
     """Rewrite the rows written into ``collection`` (a laid-out collection or an alias) since
     its last upkeep in cluster order, as the module docstring says; returns what was done.
 
     ``chunk_rows`` rows are rewritten under each freeze (fewer for wide vectors), ``pause``
-    seconds apart so waiting writers get their turn; a freeze lasts at most ``lease``
-    seconds (a chunk that could not start its rewrite within half of it is given up, and
-    the upkeep fails: nothing lost, the log kept). ``min_share``: do nothing unless the
+    seconds apart so waiting writers get their turn; a freeze's lease (``lease`` seconds,
+    renewed while the upkeep lives, :class:`.switch.FreezeLease`) ends it if the upkeep
+    dies; a chunk whose lease may have lapsed is not written and the upkeep fails (nothing
+    lost, the log kept). ``min_share``: do nothing unless the
     logged rows are at least that share of the collection. ``dry_run``: plan only.
+    ``flush``: seal the rewritten rows at the end (searches then scan them in indexed,
+    sealed segments at once; without it Milvus seals them on its own schedule - the upkeep
+    needs no flush to be safe: acknowledged upserts survive a restart).
     ``after_chunk(i)`` is called after chunk ``i`` is written (tests kill the process there).
     """
     t_start = time.perf_counter()
@@ -161,8 +169,9 @@ def maintain_layout(client: MilvusClient, collection: str, *, chunk_rows: int = 
                           f"--keep-clusters to start one")
     _check_free(read_stamp(client, name))
 
+    log.info("upkeep of %r: reading the write log %r", name, layout.write_log)
     t0 = time.perf_counter()
-    seqs, logged = read_entries(client, layout.write_log)
+    seqs, logged, logged_clusters = read_entries(client, layout.write_log, clusters=True)
     seconds["read_log"] = time.perf_counter() - t0
     report.logged = len(seqs)
     total = count_rows(client, name)
@@ -172,34 +181,40 @@ def maintain_layout(client: MilvusClient, collection: str, *, chunk_rows: int = 
         seconds["total"] = time.perf_counter() - t_start
         return report
 
-    t0 = time.perf_counter()
-    stored = _clusters_of(client, name, layout.primary_field, layout.storage.cluster_field,
-                          list(dict.fromkeys(logged)))
-    plan = plan_rewrite(seqs, logged, stored, layout.n_clusters,
+    plan = plan_rewrite(seqs, logged, logged_clusters, layout.n_clusters,
                         chunk_rows_for(layout.dim, chunk_rows))
-    seconds["locate"] = time.perf_counter() - t0
-    report.missing, report.outside, report.chunks = plan.missing, plan.outside, len(plan.chunks)
+    report.outside, report.chunks = plan.outside, len(plan.chunks)
     if dry_run:
         report.skipped = "dry run"
         seconds["total"] = time.perf_counter() - t_start
         return report
 
+    log.info("upkeep of %r: rewriting %d rows in %d chunks", name, plan.rows, len(plan.chunks))
     t0 = time.perf_counter()
+    freeze = FreezeLease(client, lease)
     with ProgressCounter(plan.rows, f"rewriting {name}", enabled=show_progress) as bar:
-        for i, chunk in enumerate(plan.chunks):
-            held = _rewrite_chunk(client, layout, plan.keys[chunk], lease=lease, grace=grace)
-            report.frozen_seconds += held
-            report.longest_freeze = max(report.longest_freeze, held)
-            report.rewritten += chunk.stop - chunk.start
-            bar.update(chunk.stop - chunk.start)
-            if after_chunk is not None:
-                after_chunk(i)
-            if pause > 0 and i + 1 < len(plan.chunks):
-                time.sleep(pause)
+        try:
+            for i, chunk in enumerate(plan.chunks):
+                held, written = _rewrite_chunk(client, layout, plan.keys[chunk], freeze,
+                                               grace=grace)
+                report.frozen_seconds += held
+                report.longest_freeze = max(report.longest_freeze, held)
+                report.rewritten += written
+                report.missing += chunk.stop - chunk.start - written
+                bar.update(chunk.stop - chunk.start)
+                if after_chunk is not None:
+                    after_chunk(i)
+                if pause > 0 and i + 1 < len(plan.chunks):
+                    time.sleep(pause)
+        finally:
+            freeze.stop()
     seconds["rewrite"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    client.flush(name)
-    seconds["flush"] = time.perf_counter() - t0
+    if flush:
+        log.info("upkeep of %r: flushing", name)
+        t0 = time.perf_counter()
+        client.flush(name)
+        seconds["flush"] = time.perf_counter() - t0
+    log.info("upkeep of %r: trimming the write log", name)
     t0 = time.perf_counter()
     delete_entries(client, layout.write_log, plan.seqs)     # only now: a killed run redoes them
     seconds["trim_log"] = time.perf_counter() - t0
@@ -223,51 +238,37 @@ def _check_free(stamp) -> None:
                          f"{stamp.until or 'its end'}); try again later")
 
 
-def _clusters_of(client: MilvusClient, name: str, pk: str, cluster_field: str,
-                 keys: list) -> dict:
-    """Key -> its stored cluster id, for the ``keys`` still stored (Strong)."""
-    out: dict = {}
-    for i in range(0, len(keys), LOOKUP_KEYS):
-        rows = client.query(name, filter=f"{pk} in {key_list_literal(keys[i:i + LOOKUP_KEYS])}",
-                            output_fields=[pk, cluster_field], consistency_level="Strong")
-        out.update((r[pk], r[cluster_field]) for r in rows)
-    return out
-
-
-def _rewrite_chunk(client: MilvusClient, layout, keys: list, *, lease: float,
-                   grace: float) -> float:
+def _rewrite_chunk(client: MilvusClient, layout, keys: list, freeze: FreezeLease, *,
+                   grace: float) -> tuple[float, int]:
     """Upsert the stored rows of ``keys`` again, in the given (cluster) order, under a
-    freeze; returns the seconds writers were held."""
+    freeze; returns the seconds writers were held and the rows rewritten."""
     name, pk, cfield = layout.collection, layout.primary_field, layout.storage.cluster_field
     t0 = time.perf_counter()
-    deadline = time.time() + lease
     stamp = read_stamp(client, name)
     _check_free(stamp)
-    bumped = str(int(stamp.upkeep or 0) + 1)
-    freeze = set_stamp(client, name, state=FROZEN, upkeep=bumped, until=f"{deadline:.3f}")
-    if freeze:
+    frozen = freeze.freeze(name, upkeep=str(int(stamp.upkeep or 0) + 1))
+    if frozen:
         time.sleep(grace)           # a stamp read by a writer just before: its write lands now
     try:
         rows = client.query(name, filter=f"{pk} in {key_list_literal(keys)}",
                             output_fields=["*"], consistency_level="Strong")
         by_key = {r[pk]: r for r in rows}
         # each row keeps the cluster it is stored in now (a writer may have moved the key
-        # since it was located): same key, vector and cluster, only its place changes
+        # since it was logged): same key, vector and cluster, only its place changes
         ordered = [by_key[k] for k in keys if k in by_key
                    and 0 <= int(by_key[k][cfield]) < layout.n_clusters]
         now = np.asarray([int(r[cfield]) for r in ordered], dtype=np.int64)
         rows = [{k: v for k, v in r.items() if k != cfield} for r in ordered]
-        if freeze and time.time() > deadline - lease / 2:
-            raise OperationalError(f"reading {len(keys)} rows of {name!r} took over half the "
-                                   f"freeze's lease ({lease:.0f} s); upkeep stopped, nothing "
-                                   f"lost (rerun it, with a smaller --chunk-rows)")
+        if frozen:
+            freeze.check()          # writers were held since the rows were read
         plan = plan_write(layout, rows, now)
         for batch in plan.batches:
             client.upsert(name, plan.batch_rows(batch), partition_name=batch.partition_name)
     finally:
-        if freeze:
+        if frozen:
+            freeze.release(name)
             set_stamp(client, name, state="", until="")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, len(rows)
 
 
 __all__ = ["RewritePlan", "MaintainReport", "UpkeepBusy", "plan_rewrite", "worth_running",

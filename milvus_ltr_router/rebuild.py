@@ -45,8 +45,8 @@ from .milvus_io import key_list_literal
 from .placement import place_rows, plan_write
 from .scan import iter_columns
 from .storage import CLUSTER_FIELD
-from .switch import (FROZEN, REBUILDING, RETIRED, create_journal, journal_keys, journal_name,
-                     read_journal, set_stamp)
+from .switch import (REBUILDING, RETIRED, FreezeLease, create_journal, journal_keys,
+                     journal_name, read_journal, set_stamp)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def aliases_of(client: MilvusClient, name: str) -> list[str]:
 
 def replace_layout(client: MilvusClient, *, target: str, build_name: str, live: str | None,
                    alias: str | None, overwrite: bool, build: Callable, key_type,
-                   grace: float = 0.5):
+                   grace: float = 0.5, lease: float = 60.0):
     """Run ``build()`` (a :class:`.build.BuildReport` of a layout written into
     ``build_name``, read from ``live`` when given) and switch applications to it as the
     module docstring says; returns the report with ``report.switch`` (what was done)."""
@@ -100,25 +100,29 @@ def replace_layout(client: MilvusClient, *, target: str, build_name: str, live: 
                         "caught up by key only", live)
         time.sleep(grace)           # writers that read the stamp just before: their keys too
     switched = False
+    freeze = FreezeLease(client, lease)     # a killed rebuild holds writers <= lease seconds
     try:
         report = build()
         layout = report.layout
-        set_stamp(client, build_name, layout_id=layout.layout_id, state=FROZEN)
+        freeze.freeze(build_name, layout_id=layout.layout_id)
         caught = {}
         frozen_at = time.perf_counter()
         if live is not None:
-            set_stamp(client, live, state=FROZEN)
+            freeze.freeze(live)
             time.sleep(grace)
             caught = catch_up(client, live, layout, journal)
-        moved = _switch(client, target, build_name, live, alias, overwrite, layout, grace)
+        freeze.check()                      # writers were held all along: safe to switch
+        moved = _switch(client, target, build_name, live, alias, overwrite, layout, grace,
+                        freeze)
         switched = True
         unfrozen_at = moved.pop("unfrozen_at", frozen_at)
         report.switch = {"live": live, "built_as": build_name, **caught, **moved,
                          "writes_waited_s": unfrozen_at - frozen_at}
     except BaseException as exc:
         if not switched:
+            freeze.stop()
             if live is not None:
-                set_stamp(client, live, state="", journal="")
+                set_stamp(client, live, state="", journal="", until="")
             drop_layout(client, build_name)             # new: never a collection in use
             if isinstance(exc, Exception):
                 kept = f"{live!r} serves on, untouched" if live else f"{target!r} is untouched"
@@ -126,6 +130,7 @@ def replace_layout(client: MilvusClient, *, target: str, build_name: str, live: 
                                   f"{kept}") from exc
         raise
     finally:
+        freeze.stop()
         if journal is not None and client.has_collection(journal):
             client.drop_collection(journal)
     return report
@@ -153,7 +158,7 @@ def catch_up(client: MilvusClient, live: str, layout: Layout, journal: str | Non
         for batch in plan.batches:
             client.insert(new, plan.batch_rows(batch), partition_name=batch.partition_name)
         if layout.write_log:                # written out of cluster order: for the next upkeep
-            journal_keys(client, layout.write_log, [r[pk] for r in rows])
+            journal_keys(client, layout.write_log, [r[pk] for r in plan.rows], plan.clusters)
     got = _keys(client, new, pk)
     want = _keys(client, live, pk)
     if len(got) != len(set(got)) or set(got) != set(want):
@@ -186,7 +191,8 @@ def _drop_later(client: MilvusClient, name: str, grace: float) -> None:
 
 
 def _switch(client: MilvusClient, target: str, build_name: str, live: str | None,
-            alias: str | None, overwrite: bool, layout: Layout, grace: float) -> dict:
+            alias: str | None, overwrite: bool, layout: Layout, grace: float,
+            freeze: FreezeLease) -> dict:
     """Applications to ``build_name``: aliases moved, names swapped; the replaced collection
     dropped (overwrite) or retired."""
     moved = []
@@ -207,7 +213,8 @@ def _switch(client: MilvusClient, target: str, build_name: str, live: str | None
                 client.rename_collection(build_name + suffix, target + suffix)
         gap = time.perf_counter() - t0
         layout.collection = target
-        set_stamp(client, target, state="")
+        freeze.stop()
+        set_stamp(client, target, state="", until="")
         unfrozen_at = time.perf_counter()
         _drop_later(client, prev, grace)
         return {"aliases_moved": moved, "renamed": True, "rename_seconds": gap,
@@ -219,13 +226,14 @@ def _switch(client: MilvusClient, target: str, build_name: str, live: str | None
     if alias and alias not in moved:
         point_alias(client, alias, build_name)
         moved.append(alias)
-    set_stamp(client, build_name, state="")
+    freeze.stop()
+    set_stamp(client, build_name, state="", until="")
     done = {"aliases_moved": moved, "renamed": False, "unfrozen_at": time.perf_counter()}
     if old is not None and old != build_name:
         if overwrite:
             _drop_later(client, old, grace)
             return {**done, "replaced": "dropped"}
-        set_stamp(client, old, state=RETIRED, journal="", successor=build_name)
+        set_stamp(client, old, state=RETIRED, journal="", successor=build_name, until="")
         return {**done, "replaced": "retired"}
     return {**done, "replaced": None}
 

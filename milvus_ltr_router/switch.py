@@ -106,8 +106,9 @@ def journal_name(collection: str) -> str:
     return f"{collection}{JOURNAL_SUFFIX}"
 
 
-def create_key_log(client: MilvusClient, name: str, key_type) -> str:
-    """An empty key log ``name`` (replacing any) for keys of ``key_type`` (INT64/VARCHAR)."""
+def create_key_log(client: MilvusClient, name: str, key_type, clusters: bool = False) -> str:
+    """An empty key log ``name`` (replacing any) for keys of ``key_type`` (INT64/VARCHAR),
+    with each key's cluster id where ``clusters`` (a layout's write log)."""
     if client.has_collection(name):
         client.drop_collection(name)
     schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
@@ -116,6 +117,8 @@ def create_key_log(client: MilvusClient, name: str, key_type) -> str:
         schema.add_field("key", DataType.VARCHAR, max_length=65535)
     else:
         schema.add_field("key", DataType.INT64)
+    if clusters:
+        schema.add_field("cluster", DataType.INT64)
     schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)         # Milvus 2.3 needs a vector field
     index = client.prepare_index_params()
     index.add_index(field_name="v", index_type="FLAT", metric_type="L2")
@@ -129,29 +132,39 @@ def create_journal(client: MilvusClient, collection: str, key_type) -> str:
     return create_key_log(client, journal_name(collection), key_type)
 
 
-def journal_keys(client: MilvusClient, journal: str, keys: list) -> None:
-    """Record ``keys`` as written in the key log ``journal`` (before they are written: an
-    intent)."""
-    if keys:
-        client.insert(journal, [{"key": k.item() if isinstance(k, np.generic) else k,
-                                 "v": [0.0, 0.0]} for k in keys])
+def journal_keys(client: MilvusClient, journal: str, keys: list, clusters=None) -> None:
+    """Record ``keys`` as written in the key log ``journal`` (a rebuild's journal: before
+    they are written, an intent), with their ``clusters`` in a write log."""
+    if not len(keys):
+        return
+    rows = [{"key": k.item() if isinstance(k, np.generic) else k, "v": [0.0, 0.0]} for k in keys]
+    if clusters is not None:
+        for r, c in zip(rows, clusters):
+            r["cluster"] = int(c)
+    client.insert(journal, rows)
 
 
-def read_entries(client: MilvusClient, log_name: str, page: int = 16384) -> tuple[list, list]:
-    """Every entry of a key log, as ``(seqs, keys)`` in seq order (Strong: every recorded key)."""
+def read_entries(client: MilvusClient, log_name: str, page: int = 16384,
+                 clusters: bool = False) -> tuple:
+    """Every entry of a key log, as ``(seqs, keys)`` in seq order, or ``(seqs, keys,
+    clusters)`` with ``clusters`` (a write log's) - Strong: every recorded key."""
     seqs: list = []
     keys: list = []
+    cids: list = []
+    fields = ["seq", "key"] + (["cluster"] if clusters else [])
     last = -1                                   # auto ids are positive
     while True:
-        rows = client.query(log_name, filter=f"seq > {last}", output_fields=["seq", "key"],
+        rows = client.query(log_name, filter=f"seq > {last}", output_fields=fields,
                             limit=page, consistency_level="Strong")
         if not rows:
             break
         rows.sort(key=lambda r: r["seq"])
         seqs.extend(r["seq"] for r in rows)
         keys.extend(r["key"] for r in rows)
+        if clusters:
+            cids.extend(r["cluster"] for r in rows)
         last = rows[-1]["seq"]
-    return seqs, keys
+    return (seqs, keys, cids) if clusters else (seqs, keys)
 
 
 def delete_entries(client: MilvusClient, log_name: str, seqs: list, chunk: int = 4096) -> None:
@@ -163,6 +176,75 @@ def delete_entries(client: MilvusClient, log_name: str, seqs: list, chunk: int =
 def read_journal(client: MilvusClient, journal: str) -> set:
     """Every key recorded in ``journal`` (Strong: every recorded key)."""
     return set(read_entries(client, journal)[1])
+
+
+# --------------------------------------------------------------------------- freezes with a lease
+class LeaseLapsed(OperationalError):
+    """A freeze's lease ran out before its holder finished: writers may have written."""
+
+
+class FreezeLease:
+    """Freezes that end on their own if their holder dies: each frozen collection's
+    ``ltr.frozen_until`` is set ``lease`` seconds ahead and renewed by a background thread
+    every quarter lease while held. Routed writers treat a freeze past its time as over
+    (:attr:`Stamp.writable`), so a killed rebuild or upkeep holds them at most ``lease``
+    seconds. :meth:`check` before acting on the freeze (a switch): it raises if a renewal
+    failed long enough for the lease to have lapsed. Clocks of the hosts involved must agree
+    to well within ``lease`` (NTP)."""
+
+    def __init__(self, client: MilvusClient, lease: float = 60.0):
+        self.client, self.lease = client, float(lease)
+        self._names: list[str] = []
+        self._ok_at = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def until(self) -> str:
+        return f"{time.time() + self.lease:.3f}"
+
+    def freeze(self, name: str, **values: str) -> bool:
+        """Stamp ``name`` frozen (plus ``values``) under this lease and keep renewing it."""
+        if not self._names:
+            self._ok_at = time.time()
+        ok = set_stamp(self.client, name, state=FROZEN, until=self.until(), **values)
+        if ok and name not in self._names:
+            self._names.append(name)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._renew, daemon=True,
+                                                name="ltr-freeze-lease")
+                self._thread.start()
+        return ok
+
+    def release(self, name: str) -> None:
+        """Stop renewing ``name`` (its stamp is the caller's to clear)."""
+        if name in self._names:
+            self._names.remove(name)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease / 4):
+            ok = True
+            for name in list(self._names):
+                try:
+                    self.client.alter_collection_properties(name, {FROZEN_UNTIL: self.until()})
+                except Exception as exc:        # renamed or dropped by the switch: fine
+                    if "not" not in str(exc).lower():
+                        ok = False
+                        log.warning("renewing the freeze of %r failed: %s", name, exc)
+            if ok:
+                self._ok_at = time.time()
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLapsed` if the lease may have run out since the last renewal."""
+        if time.time() > self._ok_at + self.lease * 0.8:
+            raise LeaseLapsed(f"the freeze's lease ({self.lease:.0f} s) was not renewed since "
+                              f"{time.time() - self._ok_at:.0f} s: writers may have written; "
+                              f"nothing was switched")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._names.clear()
 
 
 # --------------------------------------------------------------------------- waiting for a switch

@@ -40,7 +40,7 @@ def create_target(client: MilvusClient, info: CollectionInfo, layout: Layout, ov
     if storage.cluster_field is not None:
         # routed writers record the keys they write here, for the layout's upkeep
         key_type = next(f["type"] for f in info.fields if f["name"] == info.primary_field)
-        create_key_log(client, write_log_name(target), key_type)
+        create_key_log(client, write_log_name(target), key_type, clusters=True)
         layout.extra["write_log"] = True
 
 

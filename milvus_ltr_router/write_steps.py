@@ -119,6 +119,9 @@ def write_steps(kind: str, collection_name: str, layout: Layout, plan, clusters:
     finally:
         if landed is not None:
             landed(clusters, written)
+        if layout.write_log:                # what the write log records (LogWritten)
+            pk = layout.primary_field
+            tally["logged"] = ([plan.rows[i].get(pk) for i in written], clusters[written])
     try:
         tally["moved"] = yield from delete_steps(layout, plan.rows, clusters, old_parts)
     except Exception as exc:
@@ -164,11 +167,10 @@ class WriteTo:
 
 @dataclass(frozen=True)
 class LogWritten:
-    """Record the keys just written (``result``: the write's result, whose ids name keys
-    Milvus generated) in ``layout``'s write log, for its upkeep (:mod:`.maintain`). Never
-    fails the write: a key not recorded only keeps its row where it landed."""
+    """Record the keys just written, with their clusters (the ``tally["logged"]`` of the
+    last :class:`WriteTo`), in ``layout``'s write log, for its upkeep (:mod:`.maintain`).
+    Never fails the write: a key not recorded only keeps its row where it landed."""
     layout: Layout
-    result: Any
 
 
 def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: int) -> Steps:
@@ -182,7 +184,7 @@ def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: i
     if stamp is None:
         out = yield WriteTo(collection_name, layout)
         if layout.write_log:
-            yield LogWritten(layout, out)
+            yield LogWritten(layout)
         return out
     for _ in range(3):
         try:
@@ -192,7 +194,7 @@ def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: i
             stamp, layout = yield Writable(collection_name, layout)
     out = yield WriteTo(stamp.name, layout)
     if layout.write_log:
-        yield LogWritten(layout, out)
+        yield LogWritten(layout)
     for _ in range(10):
         after = yield Peek(collection_name, stamp)
         if after == stamp:
@@ -218,7 +220,7 @@ def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: i
         yield Journal(stamp, layout)
         again = yield WriteTo(stamp.name, layout, redo=True)
         if layout.write_log:
-            yield LogWritten(layout, again)
+            yield LogWritten(layout)
     return out
 
 

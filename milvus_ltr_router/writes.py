@@ -70,6 +70,7 @@ class RoutedWrites:
         self._layouts: dict[tuple, Layout] = {}     # (collection, layout id) -> layout met by a write
         self.switch_timeout = 300.0                 # seconds a write waits for a layout switch
         self._log_warned = -1e9                     # when a failed write-log append was last logged
+        self._log_missing: dict[str, float] = {}    # write log -> when it was found missing
 
     # ------------------------------------------------------------------ size bound
     def _bound(self, layout: Layout) -> tuple[ClusterSizes, threading.Lock] | None:
@@ -235,21 +236,23 @@ class RoutedWrites:
             pk = layout.primary_field
             journal_keys(self.client, stamp.journal, [r[pk] for r in rows if pk in r])
 
-    def log_written(self, layout: Layout, rows: list, result) -> None:
-        """Record the keys of ``rows`` just written into ``layout`` (``result``'s ids where
-        Milvus generated them) in its write log (:attr:`.layout.Layout.write_log`), for its
-        upkeep. A failure is logged, never raised: the rows were written."""
+    def log_written(self, layout: Layout, tally: dict) -> None:
+        """Record the keys a write just wrote into ``layout``, with their clusters
+        (``tally["logged"]``, :func:`.write_steps.write_steps`), in its write log
+        (:attr:`.layout.Layout.write_log`), for its upkeep. A failure is logged, never
+        raised: the rows were written. A log that does not exist (dropped to stop recording)
+        is not tried again for a minute."""
         name = layout.write_log
-        if not name:
+        now = time.monotonic()
+        keys, clusters = tally.get("logged") or ([], [])
+        if not name or not keys or now - self._log_missing.get(name, -1e9) < 60:
             return
-        pk = layout.primary_field
-        keys = [r[pk] for r in rows if pk in r]
-        if len(keys) < len(rows):
-            keys = [k for k in ((result or {}).get("ids") or []) if k is not None]
         try:
-            journal_keys(self.client, name, keys)
+            journal_keys(self.client, name, keys, clusters)
         except Exception as exc:
-            now = time.monotonic()
+            text = str(exc).lower()
+            if "not found" in text or "not exist" in text:
+                self._log_missing[name] = now
             if now - self._log_warned > 60:
                 self._log_warned = now
                 log.warning("recording written keys in %r failed (%s: %s); those rows stay "
@@ -272,6 +275,7 @@ class RoutedWrites:
         physical collection of the layout stored behind ``collection_name`` now, safe across
         a layout switch (:mod:`.switch`)."""
         client = self.client
+        last = {"tally": tally}                 # the tally of the latest WriteTo
 
         def perform(step):
             if isinstance(step, Writable):
@@ -281,12 +285,14 @@ class RoutedWrites:
             if isinstance(step, Peek):
                 return self.peek(step.name, step.before)
             if isinstance(step, LogWritten):
-                return self.log_written(step.layout, rows, step.result)
+                return self.log_written(step.layout, last["tally"])
             if step.redo:
+                last["tally"] = new_tally([])
                 return self._write("upsert", lambda *a, **k: MilvusClient.upsert(client, *a, **k),
                                    lambda *a, **k: MilvusClient.delete(client, *a, **k), step.name,
-                                   step.layout, rows, timeout, stray_partition, new_tally([]),
+                                   step.layout, rows, timeout, stray_partition, last["tally"],
                                    **kwargs)
+            last["tally"] = tally
             return self._write(kind, write, delete, step.name, step.layout, rows, timeout,
                                stray_partition, tally, **kwargs)
         return run_steps(switch_safe_steps(kind, collection_name, layout, len(rows)), perform)

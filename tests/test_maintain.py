@@ -16,23 +16,23 @@ from milvus_ltr_router.writer import create_vector_collection
 
 
 # --------------------------------------------------------------------------- the plan (pure)
-def test_plan_orders_distinct_stored_keys_by_cluster_and_chunks_them():
+def test_plan_orders_distinct_keys_by_their_latest_cluster_and_chunks_them():
     seqs = [10, 11, 12, 13, 14, 15, 16]
-    keys = [7, 3, 7, 9, 1, 4, 5]                     # 7 logged twice, 9 deleted since
-    stored = {7: 2, 3: 0, 1: 2, 4: 0, 5: 99}        # 5: cluster id outside the layout
-    plan = plan_rewrite(seqs, keys, stored, n_clusters=4, chunk_rows=2)
-    assert plan.keys == [3, 4, 1, 7]                 # (cluster, key) order
-    assert plan.clusters.tolist() == [0, 0, 2, 2]
-    assert [(c.start, c.stop) for c in plan.chunks] == [(0, 2), (2, 4)]
+    keys = [7, 3, 7, 9, 1, 4, 5]                     # 7 logged twice: its latest cluster counts
+    clusters = [3, 0, 2, 1, 2, 0, 99]               # 5: cluster id outside the layout
+    plan = plan_rewrite(seqs, keys, clusters, n_clusters=4, chunk_rows=2)
+    assert plan.keys == [3, 4, 9, 1, 7]              # (cluster, key) order
+    assert plan.clusters.tolist() == [0, 0, 1, 2, 2]
+    assert [(c.start, c.stop) for c in plan.chunks] == [(0, 2), (2, 4), (4, 5)]
     assert plan.seqs == seqs and plan.logged == 7
-    assert (plan.missing, plan.outside, plan.rows) == (1, 1, 4)
+    assert (plan.outside, plan.rows) == (1, 5)
 
 
 def test_plan_handles_string_keys_and_rejects_mismatched_log():
-    plan = plan_rewrite([1, 2, 3], ["b", "a", "c"], {"a": 1, "b": 1, "c": 0}, 2, 10)
+    plan = plan_rewrite([1, 2, 3], ["b", "a", "c"], [1, 1, 0], 2, 10)
     assert plan.keys == ["c", "a", "b"]
     with pytest.raises(ValueError, match="2 log entries but 3 keys"):
-        plan_rewrite([1, 2], ["a", "b", "c"], {}, 2, 10)
+        plan_rewrite([1, 2], ["a", "b", "c"], [0, 0, 0], 2, 10)
 
 
 def test_chunk_rows_bounded_by_bytes_and_worth_running():
@@ -79,14 +79,18 @@ def test_routed_writes_are_logged_and_upkeep_rewrites_them_in_place(lite_layout,
         routed.delete("docs", ids=[50_000, 50_001])
     finally:
         routed.close()
-    seqs, keys = read_entries(client, layout.write_log)
+    seqs, keys, clusters = read_entries(client, layout.write_log, clusters=True)
     assert len(seqs) == 340 and set(keys) == set(range(50_000, 50_300)) | set(range(40))
+    stored = {r["id"]: r["_ltr_cluster"] for r in client.query(
+        "docs", filter="id in [0, 1, 2, 50002, 50299]", output_fields=["id", "_ltr_cluster"])}
+    logged = dict(zip(keys, clusters))
+    assert all(logged[k] == c for k, c in stored.items())       # the cluster each row went to
     before = _snapshot(client, "docs")
     assert len(before) == 2000 + 300 - 2
 
     report = maintain_layout(client, "docs", chunk_rows=64, pause=0)
     assert (report.logged, report.rewritten, report.missing) == (340, 338, 2)
-    assert report.chunks == -(-338 // 64) and report.skipped == ""
+    assert report.chunks == -(-340 // 64) and report.skipped == ""
     after = _snapshot(client, "docs")
     assert after == before                              # same keys, vectors, fields, clusters
     assert client.query("docs", filter="", output_fields=["count(*)"])[0]["count(*)"] == 2298
@@ -144,3 +148,39 @@ def test_upkeep_of_a_layout_without_write_log_says_how_to_start_one(lite_uri, fi
             maintain_layout(client, "parts")
     finally:
         client.close()
+
+
+def test_writes_go_on_when_the_write_log_is_dropped(lite_layout, lite_uri, tmp_path, caplog):
+    client, docs = lite_layout
+    client.drop_collection("docs__ltr_writes")          # an operator stops the recording
+    routed = RoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "m"), nprobe=2, log_rate=0.0)
+    try:
+        with caplog.at_level("WARNING", logger="milvus_ltr_router.writes"):
+            for i in range(3):
+                routed.insert("docs", _rows(range(70_000 + 10 * i, 70_010 + 10 * i), docs, 8000))
+    finally:
+        routed.close()
+    assert client.query("docs", filter="id >= 70000", output_fields=["count(*)"])[0]["count(*)"] == 30
+    warned = [r for r in caplog.records
+              if r.name == "milvus_ltr_router.writes" and "docs__ltr_writes" in r.getMessage()]
+    assert len(warned) == 1                              # once, then not tried for a minute
+
+
+def test_a_freeze_lease_is_renewed_while_held_and_lapses_after(lite_layout):
+    from milvus_ltr_router.switch import FreezeLease, LeaseLapsed
+    import time
+    client, _ = lite_layout
+    freeze = FreezeLease(client, lease=0.8)
+    assert freeze.freeze("docs")
+    time.sleep(1.5)                                  # past one lease: renewed meanwhile
+    assert not read_stamp(client, "docs").writable
+    freeze.check()
+    freeze.stop()                                    # the holder is gone: no more renewals
+    time.sleep(1.0)
+    stamp = read_stamp(client, "docs")
+    assert stamp.state == FROZEN and stamp.writable  # the freeze lapsed on its own
+    stale = FreezeLease(client, lease=0.8)
+    stale._ok_at -= 10                               # as if its renewals had failed for 10 s
+    stale._names.append("docs")
+    with pytest.raises(LeaseLapsed, match="nothing was switched"):
+        stale.check()

@@ -259,12 +259,18 @@ DROP_LAYOUT = Command(
 # --------------------------------------------------------------------------- maintain-layout
 def maintain_layout_args(p: argparse.ArgumentParser) -> None:
     collection_args("laid-out collection (or an alias of one)")(p)
-    p.add_argument("--chunk-rows", type=int, default=4096,
+    p.add_argument("--chunk-rows", type=int, default=8192,
                    help="rows rewritten under one short freeze of routed writers (fewer for wide "
                         "vectors)")
     p.add_argument("--min-share", type=float, default=0.0,
                    help="do nothing unless the rows written since the last upkeep are at least "
                         "this share of the collection (e.g. 0.05)")
+    p.add_argument("--lease", type=float, default=60.0,
+                   help="seconds one freeze may last at most: a freeze left by a killed upkeep "
+                        "lets routed writers through again after this long")
+    p.add_argument("--no-flush", dest="flush", action="store_false",
+                   help="do not seal the rewritten rows at the end (faster; Milvus seals them on "
+                        "its own schedule, and searches scan them as growing rows until then)")
     p.add_argument("--dry-run", action="store_true", help="say what would be rewritten, write nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -274,14 +280,16 @@ def check_maintain_args(args) -> None:
         raise InputError(f"--chunk-rows must be positive, got {args.chunk_rows}")
     if not 0.0 <= args.min_share <= 1.0:
         raise InputError(f"--min-share must lie in [0, 1], got {args.min_share}")
+    if not args.lease > 0:
+        raise InputError(f"--lease must be positive, got {args.lease}")
 
 
 def run_maintain_layout(args) -> int:
     from ..maintain import maintain_layout
-    check_maintain_args(args)
     with connected(args) as client:
         report = maintain_layout(client, args.collection, chunk_rows=args.chunk_rows,
-                                 min_share=args.min_share, dry_run=args.dry_run)
+                                 min_share=args.min_share, lease=args.lease,
+                                 flush=args.flush, dry_run=args.dry_run)
     print_maintain_report(report, args.json)
     return EXIT_OK
 
@@ -310,5 +318,7 @@ MAINTAIN_LAYOUT = Command(
     "since the last upkeep (their keys are in COLLECTION__ltr_writes), each chunk under a\n"
     "short freeze of routed writers; searches go on, clusters and routers stay. A killed run\n"
     "is finished by the next one. Run it from cron, e.g. nightly before retrain-router\n"
-    "(or retrain-router --maintain).",
-    maintain_layout_args, run_maintain_layout)
+    "(or retrain-router --maintain).\n\n"
+    "example (cron, nightly):\n  0 3 * * *  milvus-ltr-router maintain-layout --uri "
+    "http://milvus:19530 --collection docs_ivf --min-share 0.05",
+    maintain_layout_args, run_maintain_layout, check_maintain_args)

@@ -63,6 +63,7 @@ def format_status(status: dict) -> str:
                           f"(max/mean {sizes['max_over_mean']:.2f}), {sizes['empty']} empty"),
         ("rows outside layout", f"{strays}" + (" (see the warning below)" if strays else "")),
         ("query log", f"{status['logged_queries']} queries logged"),
+        ("upkeep", _upkeep_line(status)),
         ("model dir", f"{status['model_dir']} (looked in {status['router_dir']}"
                       + ("" if status.get("router_dir_exists", True) else ", which does not exist")
                       + ")"),
@@ -146,10 +147,20 @@ def router_info(registry, layout) -> tuple[dict, object]:
     return info, current
 
 
+def _upkeep_line(status: dict) -> str:
+    logged = status.get("writes_since_upkeep")
+    if logged is None:
+        return "no write log (maintain-layout does not apply; README 'When to rebuild')"
+    share = logged / max(1, status["rows_live"])
+    return (f"{logged} routed writes logged since the last maintain-layout ({share:.1%} of the "
+            f"rows; writes land in arrival order until it runs)")
+
+
 def run_status(args) -> int:
     from ..clustering import size_summary
     from ..layout import cluster_sizes, read_layout
     from ..live_stats import describe_estimate, read_live_recall
+    from ..milvus_io import count_rows
     from ..querylog import log_size
     from ..registry import ModelRegistry
     from ..repair import stray_rows
@@ -159,6 +170,7 @@ def run_status(args) -> int:
         n_logged = log_size(client, lay.collection)
         live = cluster_sizes(client, lay)
         strays = stray_rows(client, lay)
+        since_upkeep = count_rows(client, lay.write_log) if lay.write_log else None
     registry = ModelRegistry(args.model_dir)
     info, current = router_info(registry, lay)
     live_recall = read_live_recall(args.model_dir, lay.collection, layout_id=lay.layout_id,
@@ -171,7 +183,7 @@ def run_status(args) -> int:
               "dim": lay.dim, "created_at": lay.created_at, "source": lay.source,
               "storage": storage_status(lay.storage), "rows_live": int(live.sum()),
               "cluster_sizes": size_summary(live), "rows_outside_layout": strays,
-              "router": info, "logged_queries": n_logged,
+              "router": info, "logged_queries": n_logged, "writes_since_upkeep": since_upkeep,
               "versions": registry.versions(lay.collection), "live_recall": live_recall}
     if args.json:
         print(json.dumps(status, indent=2))
