@@ -87,17 +87,16 @@ def test_upkeep_under_load_loses_nothing_and_fails_nothing(client, milvus_server
                    models) as load:
             load.acked.update(pre)
             time.sleep(2)
-            report = maintain_layout(client, alias, chunk_rows=40, pause=0.05)
+            report = maintain_layout(client, alias, chunk_rows=100, pause=0.05)
             time.sleep(2)
-        inserted_before = sum(1 for k in pre if k >= 10_000_000)
-        out = _check_final(client, alias, load, N_SOURCE + inserted_before, target)
+        out = _check_final(client, alias, load, N_SOURCE, target)    # acked includes pre
         figures = {**_figures(load, out), "rewritten": report.rewritten, "chunks": report.chunks,
                    "frozen_s": round(report.frozen_seconds, 2),
                    "longest_freeze_s": round(report.longest_freeze, 3),
                    "seconds": {k: round(v, 2) for k, v in report.seconds.items()}}
         print("\nUPKEEP GOAL FIGURES", figures)
         _assert_clean(load, out)
-        assert report.rewritten >= 500 and report.chunks >= 12
+        assert report.rewritten >= 500 and report.chunks >= 5
         assert load.writes > 20 and load.ok > 100
         stamp_layout = read_layout(client, alias)
         assert stamp_layout.layout_id == layout.layout_id          # clusters and router kept
@@ -111,6 +110,7 @@ def test_upkeep_under_load_loses_nothing_and_fails_nothing(client, milvus_server
 PHASES = [  # (phase, log line that starts it; the kill follows after the delay)
     ("reading the log", "reading the write log", 0.0),
     ("mid-rewrite", "rewriting", 0.6),
+    ("during a freeze", "rewriting", "frozen"),     # killed once the stamp reads frozen
     ("flush", "flushing", 0.0),
     ("trimming the log", "trimming the write log", 0.0),
 ]
@@ -139,7 +139,7 @@ def test_upkeep_killed_in_each_phase_leaves_a_serving_layout_and_finishes_next_r
     from milvus_ltr_router.build import build_layout
     from milvus_ltr_router.layout import drop_layout
     from milvus_ltr_router.maintain import maintain_layout
-    from milvus_ltr_router.switch import read_stamp
+    from milvus_ltr_router.switch import FROZEN, read_stamp
     src = _source(client, fixture_data, N_SOURCE)
     target, alias = f"mk_{uuid.uuid4().hex[:6]}", f"mk_app_{uuid.uuid4().hex[:6]}"
     models = str(tmp_path / "models")
@@ -155,7 +155,13 @@ def test_upkeep_killed_in_each_phase_leaves_a_serving_layout_and_finishes_next_r
                 out_path = tmp_path / f"maintain_{phase.replace(' ', '_')}.log"
                 proc = _maintain_process(milvus_server.uri, alias, out_path)
                 seen = _wait_line(out_path, line, proc)
-                time.sleep(delay)
+                if delay == "frozen":
+                    deadline = time.monotonic() + 60
+                    while proc.poll() is None and time.monotonic() < deadline and \
+                            read_stamp(client, target).state != FROZEN:
+                        time.sleep(0.005)
+                else:
+                    time.sleep(delay)
                 if proc.poll() is None:
                     os.kill(proc.pid, signal.SIGKILL)
                 rc = proc.wait(30)
@@ -165,13 +171,14 @@ def test_upkeep_killed_in_each_phase_leaves_a_serving_layout_and_finishes_next_r
                 # the log's trim is one delete request: the run may end before the kill lands
                 assert rc == -signal.SIGKILL or (phase == "trimming the log" and rc == 0), \
                     f"{phase}: rc {rc}: {open(out_path).read()[-2000:]}"
-                time.sleep(1)
-            time.sleep(4.5)                     # any freeze left behind has expired by now
+                # a freeze left behind holds writers (and refuses the next upkeep) until its
+                # lease lapses: 4 s
+                time.sleep(4.5 if stamp.state == FROZEN else 1)
+            assert any("during a freeze" in o and "stamp frozen" in o for o in outcomes), outcomes
             assert read_stamp(client, target).writable
             report = maintain_layout(client, alias, chunk_rows=200, pause=0.05)
             time.sleep(2)
-        inserted_before = sum(1 for k in pre if k >= 10_000_000)
-        out = _check_final(client, alias, load, N_SOURCE + inserted_before, target)
+        out = _check_final(client, alias, load, N_SOURCE, target)    # acked includes pre
         figures = {**_figures(load, out), "kills": outcomes, "final_rewritten": report.rewritten}
         print("\nUPKEEP KILL FIGURES", figures)
         _assert_clean(load, out)

@@ -147,7 +147,10 @@ def journal_keys(client: MilvusClient, journal: str, keys: list, clusters=None) 
 def read_entries(client: MilvusClient, log_name: str, page: int = 16384,
                  clusters: bool = False) -> tuple:
     """Every entry of a key log, as ``(seqs, keys)`` in seq order, or ``(seqs, keys,
-    clusters)`` with ``clusters`` (a write log's) - Strong: every recorded key."""
+    clusters)`` with ``clusters`` (a write log's) - Strong: every key recorded before the
+    call. Pages of ``page`` entries by ascending seq (a query with a limit returns the
+    lowest keys); a short page ends the read, so entries that writers keep adding meanwhile
+    do not keep it going."""
     seqs: list = []
     keys: list = []
     cids: list = []
@@ -164,6 +167,8 @@ def read_entries(client: MilvusClient, log_name: str, page: int = 16384,
         if clusters:
             cids.extend(r["cluster"] for r in rows)
         last = rows[-1]["seq"]
+        if len(rows) < page:
+            break
     return (seqs, keys, cids) if clusters else (seqs, keys)
 
 
