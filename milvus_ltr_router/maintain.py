@@ -152,9 +152,10 @@ def maintain_layout(client: MilvusClient, collection: str, *, chunk_rows: int = 
     dies; a chunk whose lease may have lapsed is not written and the upkeep fails (nothing
     lost, the log kept). ``min_share``: do nothing unless the
     logged rows are at least that share of the collection. ``dry_run``: plan only.
-    ``flush``: seal the rewritten rows at the end (searches then scan them in indexed,
-    sealed segments at once; without it Milvus seals them on its own schedule - the upkeep
-    needs no flush to be safe: acknowledged upserts survive a restart).
+    ``flush``: seal the rewritten rows at the end. The upkeep needs no flush to be safe
+    (acknowledged upserts survive a restart), but searches do: on 2.3.5, 42k rewritten rows
+    left in a growing segment made routed searches ~4x slower until Milvus sealed it
+    (bench_wear ``--maintain-no-flush``), so only benchmarks turn it off.
     ``after_chunk(i)`` is called after chunk ``i`` is written (tests kill the process there).
     """
     t_start = time.perf_counter()

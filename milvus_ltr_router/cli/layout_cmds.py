@@ -268,9 +268,6 @@ def maintain_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease", type=float, default=60.0,
                    help="seconds one freeze may last at most: a freeze left by a killed upkeep "
                         "lets routed writers through again after this long")
-    p.add_argument("--no-flush", dest="flush", action="store_false",
-                   help="do not seal the rewritten rows at the end (faster; Milvus seals them on "
-                        "its own schedule, and searches scan them as growing rows until then)")
     p.add_argument("--dry-run", action="store_true", help="say what would be rewritten, write nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -289,7 +286,7 @@ def run_maintain_layout(args) -> int:
     with connected(args) as client:
         report = maintain_layout(client, args.collection, chunk_rows=args.chunk_rows,
                                  min_share=args.min_share, lease=args.lease,
-                                 flush=args.flush, dry_run=args.dry_run)
+                                 dry_run=args.dry_run)
     print_maintain_report(report, args.json)
     return EXIT_OK
 
