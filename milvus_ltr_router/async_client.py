@@ -128,6 +128,7 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
     Takes :class:`.client.RoutedMilvusClient`'s keyword arguments, with the same meaning:
     ``model_dir``, ``nprobe``, ``log_rate``, ``log_ttl_seconds``, ``reload_interval``,
     ``log_queue_size``, ``router_threads``, ``seed``, ``size_refresh_interval``,
+    ``concurrent_writers``,
     ``batch_planning``, ``cost_model``, ``metrics``, ``recall_sample``, ``recall_uri``; ``max_workers`` is
     the number of worker threads for the reads that must not run on the event loop (a
     search's requests themselves run concurrently on the loop, however many).
@@ -145,9 +146,11 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
                  seed: int | None = None, size_refresh_interval: float | None = None,
                  batch_planning: bool = True, cost_model: CostModel | str | None = None,
                  metrics=None, recall_sample: float | None = None,
-                 recall_uri: str | None = None, **kwargs):
+                 recall_uri: str | None = None, concurrent_writers: int = 1, **kwargs):
         if not 0.0 <= log_rate <= 1.0:
             raise ValueError(f"log_rate must be in [0, 1], got {log_rate}")
+        if not isinstance(concurrent_writers, int) or concurrent_writers < 1:
+            raise ValueError(f"concurrent_writers must be a positive int, got {concurrent_writers!r}")
         check_client_nprobe(nprobe)
         self.metrics = metrics_recorder(metrics)      # before connecting: a missing extra raises
         super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
@@ -163,7 +166,8 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
                                           router_threads, metrics=self.metrics)
         self._writes = RoutedWrites(self._sync, submit=self._pool.submit, is_lite=self._is_lite_sync,
                                     refresh_interval=reload_interval if size_refresh_interval is None
-                                    else size_refresh_interval, metrics=self.metrics)
+                                    else size_refresh_interval, metrics=self.metrics,
+                                    writers=concurrent_writers)
         self._planner = SearchPlanner(self._sync, batch_planning=batch_planning, cost_model=cost_model,
                                       submit=self._pool.submit, cluster_sizes=self._writes.sizes,
                                       is_lite=self._is_lite_sync,

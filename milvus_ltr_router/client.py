@@ -55,7 +55,9 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
     partition-restricted searches, ``log_queue_size``, ``router_threads``,
     ``size_refresh_interval`` seconds between re-reads of the cluster sizes that
     routed writes into a size-bounded layout go by (default: ``reload_interval``;
-    see :meth:`insert`); ``batch_planning`` (default True) lets queries of one search whose
+    see :meth:`insert`); ``concurrent_writers`` (default 1) how many processes write into
+    the same size-bounded layouts at once: each then takes 1/W of a cluster's room between
+    size reads, so together they keep the bound; ``batch_planning`` (default True) lets queries of one search whose
     clusters overlap share a request (see :meth:`search`) under ``cost_model`` (a
     :class:`.costs.CostModel`, the path of its JSON - ``benchmarks/bench_costs.py``
     writes one for your server - or None: the model measured on Milvus 2.3.5);
@@ -79,9 +81,11 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
                  seed: int | None = None, size_refresh_interval: float | None = None,
                  batch_planning: bool = True, cost_model: CostModel | str | None = None,
                  metrics=None, recall_sample: float | None = None,
-                 recall_uri: str | None = None, **kwargs):
+                 recall_uri: str | None = None, concurrent_writers: int = 1, **kwargs):
         if not 0.0 <= log_rate <= 1.0:
             raise ValueError(f"log_rate must be in [0, 1], got {log_rate}")
+        if not isinstance(concurrent_writers, int) or concurrent_writers < 1:
+            raise ValueError(f"concurrent_writers must be a positive int, got {concurrent_writers!r}")
         check_client_nprobe(nprobe)
         self.metrics = metrics_recorder(metrics)      # before connecting: a missing extra raises
         super().__init__(uri=uri, user=user, password=password, db_name=db_name, token=token,
@@ -96,7 +100,8 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
                                      metrics=self.metrics)
         self._writes = RoutedWrites(self, submit=self._pool.submit, is_lite=self._is_lite,
                                     refresh_interval=reload_interval if size_refresh_interval is None
-                                    else size_refresh_interval, metrics=self.metrics)
+                                    else size_refresh_interval, metrics=self.metrics,
+                                    writers=concurrent_writers)
         self._planner = SearchPlanner(self, batch_planning=batch_planning, cost_model=cost_model,
                                       submit=self._pool.submit, cluster_sizes=self._writes.sizes,
                                       is_lite=self._is_lite,

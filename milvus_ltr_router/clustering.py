@@ -419,7 +419,7 @@ def assign_balanced(vectors: np.ndarray, centroids: np.ndarray, algorithm: str,
 
 
 def assign_with_room(vectors: np.ndarray, centroids: np.ndarray, algorithm: str, sizes,
-                     max_cluster_ratio: float | None, block_rows: int = 8192
+                     max_cluster_ratio: float | None, block_rows: int = 8192, share: int = 1
                      ) -> tuple[np.ndarray, int | None]:
     """Clusters of new rows joining clusters that hold ``sizes`` rows, under a size bound.
 
@@ -431,6 +431,12 @@ def assign_with_room(vectors: np.ndarray, centroids: np.ndarray, algorithm: str,
     A cluster already at or over the capacity takes no row. The rows always fit, since
     ``L x capacity >= sizes.sum() + n``. ``sizes`` is not modified. Returns ``(clusters,
     capacity)``; ``max_cluster_ratio=None`` is :func:`assign_clusters` with capacity None.
+
+    ``share`` = W > 1: one of W writers placing rows at the same time, each seeing only its
+    own rows between reads of the live sizes. The capacity is reckoned as if every writer
+    wrote ``n`` rows now, and these rows get only ``1/W`` (rounded up) of each cluster's
+    room, so W writers together keep the bound (``sizes`` should count this writer's rows
+    since the last read W times: :meth:`.placement.ClusterSizes.estimate`).
     """
     check_algorithm(algorithm)
     sizes = np.asarray(sizes)
@@ -440,9 +446,14 @@ def assign_with_room(vectors: np.ndarray, centroids: np.ndarray, algorithm: str,
     vectors = np.asarray(vectors, dtype=np.float32)
     if max_cluster_ratio is None:
         return assign_clusters(vectors, centroids, algorithm, block_rows), None
-    capacity = balanced_capacity(int(sizes.sum()) + len(vectors), k, max_cluster_ratio)
-    out = assign_balanced(vectors, centroids, algorithm, capacity, sizes.astype(np.int64),
-                          block_rows)
+    if share < 1:
+        raise ValueError(f"share must be a positive number of writers, got {share}")
+    capacity = balanced_capacity(int(sizes.sum()) + share * len(vectors), k, max_cluster_ratio)
+    taken = sizes.astype(np.int64)
+    if share > 1:               # leave (W-1)/W of each cluster's room to the other writers
+        room = np.maximum(capacity - taken, 0)
+        taken = np.where(room > 0, capacity - -(-room // share), taken)
+    out = assign_balanced(vectors, centroids, algorithm, capacity, taken, block_rows)
     return out, capacity
 
 

@@ -75,13 +75,19 @@ class ClusterSizes:
     ``read`` is the last count read from Milvus (the layout's build-time sizes until the
     first read); ``routed`` the rows this client sent to each cluster since that read's
     snapshot; ``inflight`` those of them whose write has not returned yet. The estimate is
-    ``read + routed``. Every method is atomic (``lock``); reading the live sizes is the
-    shell's (``begin_read`` before it starts, ``finish_read`` with what it read).
+    ``read + writers x routed``: with ``writers`` = W processes writing at once, each
+    assumed to route like this one between reads, and each placing its rows in 1/W of the
+    room (:func:`.clustering.assign_with_room`'s ``share``), so together they keep the
+    bound. Every method is atomic (``lock``); reading the live sizes is the shell's
+    (``begin_read`` before it starts, ``finish_read`` with what it read).
     """
 
-    def __init__(self, layout, ratio: float):
+    def __init__(self, layout, ratio: float, writers: int = 1):
+        if int(writers) < 1:
+            raise ValueError(f"writers must be a positive number of processes, got {writers}")
         self.layout_id = layout.layout_id
         self.ratio = float(ratio)
+        self.writers = int(writers)
         self.read = np.asarray(layout.sizes, dtype=np.int64).copy()
         self.routed = np.zeros(layout.n_clusters, dtype=np.int64)
         self.inflight = np.zeros(layout.n_clusters, dtype=np.int64)
@@ -90,7 +96,7 @@ class ClusterSizes:
         self.lock = threading.Lock()
 
     def estimate(self) -> np.ndarray:
-        return self.read + self.routed
+        return self.read + self.writers * self.routed
 
     def place(self, layout, vectors: np.ndarray) -> np.ndarray:
         """Cluster of each new row: its nearest with room under the bound
@@ -98,7 +104,7 @@ class ClusterSizes:
         until :meth:`landed`."""
         with self.lock, serial_blas():      # concurrent writers' products: :mod:`.blas`
             clusters, _ = assign_with_room(vectors, layout.centroids, layout.algorithm,
-                                           self.estimate(), self.ratio)
+                                           self.estimate(), self.ratio, share=self.writers)
             counts = np.bincount(clusters, minlength=len(self.routed))
             self.routed += counts
             self.inflight += counts
@@ -141,7 +147,7 @@ class ClusterSizes:
         with self.lock:
             est, read_at = self.estimate(), self.read_at
         rows = int(est.sum())
-        return {"max_cluster_ratio": self.ratio,
+        return {"max_cluster_ratio": self.ratio, "writers": self.writers,
                 "capacity": balanced_capacity(rows, len(est), self.ratio), "rows": rows,
                 "largest": int(est.max()),
                 "sizes_age_s": None if read_at is None else now - read_at}

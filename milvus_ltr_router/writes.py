@@ -56,10 +56,17 @@ class RoutedWrites:
     backend is milvus-lite, whose upsert already replaces a key in every partition.
     ``metrics`` (:func:`.metrics.metrics_recorder`; default: none) records each routed write
     (``routed_write``: rows written, spilled by the size bound, keys moved, rows not written).
+    ``writers``: how many processes write into the same layouts at once; each then takes
+    only its share of a cluster's room under the size bound (:class:`.placement.ClusterSizes`).
     """
 
     def __init__(self, client: MilvusClient, *, submit: Callable, is_lite: Callable[[], bool],
-                 refresh_interval: float = 10.0, metrics: NullMetrics = NULL_METRICS):
+                 refresh_interval: float = 10.0, metrics: NullMetrics = NULL_METRICS,
+                 writers: int = 1):
+        if int(writers) < 1:
+            raise InputError(f"concurrent_writers must be a positive number of processes, "
+                             f"got {writers}")
+        self.writers = int(writers)
         self.client = client
         self.submit = submit
         self.is_lite = is_lite
@@ -82,7 +89,8 @@ class RoutedWrites:
         with self._lock:
             entry = self._sizes.get(layout.collection)
             if entry is None or entry[0].layout_id != layout.layout_id:   # new or rebuilt
-                entry = self._sizes[layout.collection] = (ClusterSizes(layout, ratio), threading.Lock())
+                entry = self._sizes[layout.collection] = (ClusterSizes(layout, ratio, self.writers),
+                                                          threading.Lock())
         return entry
 
     def sizes(self, layout: Layout) -> ClusterSizes | None:

@@ -264,3 +264,41 @@ def test_layout_without_a_bound_routes_every_row_to_its_nearest(lite_uri, fixtur
         assert cluster_sizes(routed, layout)[target] == layout.sizes[target] + 400
     finally:
         routed.close()
+
+
+# --------------------------------------------------------------------------- several writers
+def _two_writers(rng, writers, rounds=12, batch=60):
+    """Two ClusterSizes (one per writing process) routing batches that all want the same few
+    clusters, never reading each other's rows: the true sizes at the end, and the bound."""
+    from types import SimpleNamespace
+    from milvus_ltr_router.placement import ClusterSizes
+    k, d = 10, 16
+    centroids = normalize_rows(rng.standard_normal((k, d)).astype(np.float32))
+    layout = SimpleNamespace(layout_id="l1", sizes=np.full(k, 100, dtype=np.int64),
+                             n_clusters=k, centroids=centroids, algorithm="spherical")
+    a, b = ClusterSizes(layout, 1.5, writers), ClusterSizes(layout, 1.5, writers)
+    for _ in range(rounds):
+        for w in (a, b):
+            x = normalize_rows((centroids[2] + 0.3 * rng.standard_normal((batch, d))).astype(np.float32))
+            w.place(layout, x)
+    true = layout.sizes + a.routed + b.routed
+    return true, balanced_capacity(int(true.sum()), k, 1.5)
+
+
+def test_two_writers_keep_the_bound_when_each_knows_there_are_two(rng):
+    true, cap = _two_writers(rng, writers=1)
+    assert true.max() > cap * 1.1                 # each took the whole room: the bound is broken
+    true, cap = _two_writers(rng, writers=2)
+    assert true.max() <= cap                      # each took half of it: the bound holds
+    assert true.sum() == 10 * 100 + 2 * 12 * 60   # every row placed
+
+
+def test_assign_with_room_share_gives_a_writer_its_part_of_the_room(rng):
+    centroids = normalize_rows(rng.standard_normal((4, 8)).astype(np.float32))
+    x = normalize_rows((centroids[0] + 0.05 * rng.standard_normal((40, 8))).astype(np.float32))
+    sizes = np.asarray([10, 10, 10, 10], dtype=np.int64)
+    out, cap = assign_with_room(x, centroids, "spherical", sizes, 1.5, share=2)
+    assert cap == balanced_capacity(40 + 2 * 40, 4, 1.5)          # as if both wrote 40 rows
+    assert np.bincount(out, minlength=4)[0] == -(-(cap - 10) // 2)  # half the room, rounded up
+    with pytest.raises(ValueError, match="share"):
+        assign_with_room(x, centroids, "spherical", sizes, 1.5, share=0)
