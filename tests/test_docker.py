@@ -26,6 +26,7 @@ def test_compose_file_parses_and_names_services_and_images():
     assert job["environment"]["MILVUS_URI"] == "http://milvus:19530"
     assert job["depends_on"]["milvus"]["condition"] == "service_healthy"
     assert any(v.startswith("models:") for v in job["volumes"])
+    assert "--maintain" in job["environment"]["RETRAIN_ARGS"]      # the layout's upkeep too
 
 
 def test_dockerfile_installs_console_scripts_with_cpu_torch():
@@ -41,6 +42,7 @@ def test_cron_script_runs_retrain_router_per_collection():
     text = (DOCKER / "retrain-cron.sh").read_text()
     assert 'retrain-router --uri "$MILVUS_URI" --collection "$c"' in text
     assert "sleep \"$RETRAIN_INTERVAL\"" in text
+    assert "--nprobe 8 --maintain}" in text
 
 
 def test_dockerignore_sends_only_what_the_image_is_built_from():

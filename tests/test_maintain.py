@@ -184,3 +184,24 @@ def test_a_freeze_lease_is_renewed_while_held_and_lapses_after(lite_layout):
     stale._names.append("docs")
     with pytest.raises(LeaseLapsed, match="nothing was switched"):
         stale.check()
+
+
+def test_retrain_maintain_step_runs_the_upkeep_and_never_fails_the_retrain(lite_layout, lite_uri,
+                                                                           tmp_path, caplog, capsys):
+    from types import SimpleNamespace
+    from milvus_ltr_router.cli.retrain_cmd import maintain_before_retrain
+    client, docs = lite_layout
+    routed = RoutedMilvusClient(lite_uri, model_dir=str(tmp_path / "m"), nprobe=2, log_rate=0.0)
+    try:
+        routed.insert("docs", _rows(range(80_000, 80_050), docs, 9000))
+    finally:
+        routed.close()
+    args = SimpleNamespace(collection="docs", json=False, retrain_phases={})
+    maintain_before_retrain(client, args)
+    assert "50 rows written since the last upkeep rewritten" in capsys.readouterr().out
+    assert read_entries(client, "docs__ltr_writes") == ([], [])
+    assert args.retrain_phases["maintain"] > 0
+    bad = SimpleNamespace(collection="no_such_collection", json=False, retrain_phases={})
+    with caplog.at_level("ERROR"):
+        maintain_before_retrain(client, bad)          # logged, not raised: the retrain goes on
+    assert any("upkeep of 'no_such_collection' failed" in r.getMessage() for r in caplog.records)
