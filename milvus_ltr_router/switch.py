@@ -74,6 +74,13 @@ class Stamp:
         return until > 0 and (time.time() if now is None else now) > until
 
 
+def collection_missing(exc: BaseException) -> bool:
+    """Whether ``exc`` says a collection does not exist (dropped, or between the two renames
+    of a swap) rather than that Milvus failed."""
+    text = str(exc).lower()
+    return "not found" in text or "not exist" in text
+
+
 def read_stamp(client: MilvusClient, collection: str) -> Stamp:
     """The stamp of ``collection`` (or of the collection an alias names): one metadata call."""
     desc = client.describe_collection(collection)
@@ -232,7 +239,7 @@ class FreezeLease:
                 try:
                     self.client.alter_collection_properties(name, {FROZEN_UNTIL: self.until()})
                 except Exception as exc:        # renamed or dropped by the switch: fine
-                    if "not" not in str(exc).lower():
+                    if not collection_missing(exc):
                         ok = False
                         log.warning("renewing the freeze of %r failed: %s", name, exc)
             if ok:

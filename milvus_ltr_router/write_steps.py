@@ -173,6 +173,15 @@ class LogWritten:
     layout: Layout
 
 
+def _write_to(name: str, layout: Layout, redo: bool = False) -> Steps:
+    """One :class:`WriteTo`, then :class:`LogWritten` where the layout keeps a write log;
+    returns the write's result."""
+    out = yield WriteTo(name, layout, redo)
+    if layout.write_log:
+        yield LogWritten(layout)
+    return out
+
+
 def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: int) -> Steps:
     """A routed write into the physical collection of the layout stored behind
     ``collection_name`` now, safe across a layout switch (:mod:`.switch`): while a rebuild
@@ -182,19 +191,14 @@ def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: i
     result."""
     stamp, layout = yield Writable(collection_name, layout)
     if stamp is None:
-        out = yield WriteTo(collection_name, layout)
-        if layout.write_log:
-            yield LogWritten(layout)
-        return out
+        return (yield from _write_to(collection_name, layout))
     for _ in range(3):
         try:
             yield Journal(stamp, layout)
             break
         except Exception:               # the journal went with a finished switch: look again
             stamp, layout = yield Writable(collection_name, layout)
-    out = yield WriteTo(stamp.name, layout)
-    if layout.write_log:
-        yield LogWritten(layout)
+    out = yield from _write_to(stamp.name, layout)
     for _ in range(10):
         after = yield Peek(collection_name, stamp)
         if after == stamp:
@@ -218,9 +222,7 @@ def switch_safe_steps(kind: str, collection_name: str, layout: Layout, n_rows: i
                              f"{kind} and its layout cannot be read now: repeat the {kind}",
                              written=n_rows)
         yield Journal(stamp, layout)
-        again = yield WriteTo(stamp.name, layout, redo=True)
-        if layout.write_log:
-            yield LogWritten(layout)
+        yield from _write_to(stamp.name, layout, redo=True)
     return out
 
 

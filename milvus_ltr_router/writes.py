@@ -26,8 +26,8 @@ from .placement import (ClusterSizes, RowInputError, every_partition, guess_part
 from .storage import DEFAULT_PARTITION
 from .write_steps import (Journal, LogWritten, Peek, Writable, WriteError, WriteRows, run_steps,
                           switch_safe_steps, write_steps)
-from .switch import (REBUILDING, Stamp, journal_keys, layout_changed, read_stamp,
-                     wait_writable)
+from .switch import (REBUILDING, Stamp, collection_missing, journal_keys, layout_changed,
+                     read_stamp, wait_writable)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class RoutedWrites:
             try:
                 stamp = read_stamp(self.client, collection_name)
             except Exception as exc:
-                if "not found" not in str(exc).lower() and "not exist" not in str(exc).lower():
+                if not collection_missing(exc):
                     return None, layout     # no stamp to read here: the write reports errors
                 # missing for a moment, e.g. between the two renames of a swap
                 stamp = wait_writable(self.client, collection_name, self.switch_timeout)
@@ -258,8 +258,7 @@ class RoutedWrites:
         try:
             journal_keys(self.client, name, keys, clusters)
         except Exception as exc:
-            text = str(exc).lower()
-            if "not found" in text or "not exist" in text:
+            if collection_missing(exc):
                 self._log_missing[name] = now
             if now - self._log_warned > 60:
                 self._log_warned = now
@@ -272,7 +271,7 @@ class RoutedWrites:
         try:
             return read_stamp(self.client, collection_name)
         except Exception as exc:
-            if "not found" in str(exc).lower() or "not exist" in str(exc).lower():
+            if collection_missing(exc):
                 return None
             log.debug("re-reading the stamp of %r failed: %s", collection_name, exc)
             return before
