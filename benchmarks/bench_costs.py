@@ -8,6 +8,9 @@ adds ``_ltr_cluster in [...]``), varying what the model says a request costs:
 * queries per request (``nq``),
 * collection size (N: a subsample of the documents, all of them, and tiled copies),
 * sealed segments (the same rows flushed as one segment and as several),
+* storage parts (the same rows as ``--parts`` partitions, laid out like ``--storage grouped``:
+  a request names the partitions of its clusters, so it searches their segments and walks
+  only their rows),
 
 plus whole-collection searches without a filter (shown, not fitted: another code path). Every
 configuration runs once per round in a fresh random order per round (server drift spreads
@@ -38,7 +41,7 @@ import numpy as np
 from benchmarks.common import print_table, save, setup_logging
 from benchmarks.datasets import DATASETS
 from milvus_ltr_router.costs import CostModel
-from milvus_ltr_router.storage import CLUSTER_FIELD, cluster_filter
+from milvus_ltr_router.storage import CLUSTER_FIELD, cluster_filter, group_names_for
 
 log = logging.getLogger("benchmarks.costs")
 
@@ -84,9 +87,11 @@ def server(no_compaction: bool = True):
 
 
 def write_collection(client, name: str, vectors: np.ndarray, clusters: np.ndarray, segments: int,
-                     batch: int = 8192) -> dict:
+                     batch: int = 8192, group_of: np.ndarray | None = None) -> dict:
     """A ``single``-storage-like collection: rows in cluster order, FLAT (IP) on the vector,
-    STL_SORT on the cluster id; flushed ``segments`` times (one sealed segment per part)."""
+    STL_SORT on the cluster id; flushed ``segments`` times (one sealed segment per part).
+    With ``group_of`` (a group per cluster) a ``grouped``-like one instead: group ``g``'s rows
+    in partition ``g000``... (``part_segments``: sealed segments per group)."""
     from pymilvus import DataType, MilvusClient
     order = np.argsort(clusters, kind="stable")
     vectors, clusters = vectors[order], clusters[order]
@@ -100,24 +105,49 @@ def write_collection(client, name: str, vectors: np.ndarray, clusters: np.ndarra
     client.create_collection(name, schema=schema, index_params=index)
     client.release_collection(name)
     t0 = time.perf_counter()
-    bounds = np.linspace(0, len(vectors), segments + 1).astype(int)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+
+    def put(lo, hi, partition=""):
         for s in range(lo, hi, batch):
             e = min(s + batch, hi)
             client.insert(name, [{"id": int(i), "vector": v, CLUSTER_FIELD: int(c)} for i, v, c in
-                                 zip(range(s, e), vectors[s:e].tolist(), clusters[s:e].tolist())])
+                                 zip(range(s, e), vectors[s:e].tolist(), clusters[s:e].tolist())],
+                          partition_name=partition)
+
+    if group_of is None:
+        bounds = np.linspace(0, len(vectors), segments + 1).astype(int)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            put(lo, hi)
+            client.flush(name)
+    else:
+        row_group = np.asarray(group_of)[clusters]
+        names = group_names_for(int(np.max(group_of)) + 1)
+        for g, part in enumerate(names):
+            client.create_partition(name, part)
+            rows = np.flatnonzero(row_group == g)       # contiguous: rows are in cluster order
+            if len(rows):                               # ... and groups are cluster-id ranges
+                put(int(rows[0]), int(rows[-1]) + 1, part)
         client.flush(name)
     insert_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     client.load_collection(name)
     load_s = time.perf_counter() - t0
-    return {"collection": name, "rows": len(vectors), "insert_s": insert_s, "load_s": load_s,
-            **segment_info(client, name)}
+    out = {"collection": name, "rows": len(vectors), "insert_s": insert_s, "load_s": load_s,
+           **segment_info(client, name)}
+    if group_of is not None:
+        out["group_of"] = np.asarray(group_of)
+        out["part_rows"] = np.bincount(np.asarray(group_of)[clusters], minlength=len(names))
+    return out
 
 
 def segment_info(client, name: str) -> dict:
     segs = client.list_loaded_segments(name)
-    return {"segments": len(segs), "segment_rows": sorted(int(s.num_rows) for s in segs)}
+    # partitions are numbered in creation order: per-partition counts in that order (the
+    # empty _default partition holds none)
+    by_part = {}
+    for s in segs:
+        by_part[s.partition_id] = by_part.get(s.partition_id, 0) + 1
+    return {"segments": len(segs), "segment_rows": sorted(int(s.num_rows) for s in segs),
+            "part_segments": [by_part[p] for p in sorted(by_part)]}
 
 
 def cluster_sets(sizes: np.ndarray, ks: list[int], seed: int = 0) -> list[tuple[str, np.ndarray]]:
@@ -178,6 +208,9 @@ def main(argv=None) -> int:
     parser.add_argument("--split-scale", type=float, default=1.0,
                         help="the size that is also written as --split-segments sealed segments")
     parser.add_argument("--split-segments", type=int, default=4)
+    parser.add_argument("--parts", type=int, default=8,
+                        help="the --split-scale size also laid out as this many partitions of "
+                             "clusters (grouped storage); 0: not")
     parser.add_argument("--clusters", type=int, default=None, help="L (default round(sqrt(N)))")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64],
                         help="clusters named per request")
@@ -215,6 +248,8 @@ def main(argv=None) -> int:
     layouts = [(s, 1) for s in args.scales]
     if args.split_segments > 1:
         layouts.append((args.split_scale, args.split_segments))
+    if args.parts > 1:
+        layouts.append((args.split_scale, -args.parts))     # negative: partitions
     load_avg = None
     with server() as (uri, label):
         client = MilvusClient(uri)
@@ -222,8 +257,10 @@ def main(argv=None) -> int:
         colls = []
         for scale, segs in layouts:
             vecs, labs = scaled(scale)
-            name = f"costs_{str(scale).replace('.', '_')}_{segs}_{tag}"
-            info = write_collection(client, name, vecs, labs, segs)
+            name = f"costs_{str(scale).replace('.', '_')}_{segs}_{tag}".replace("-", "p")
+            # groups: ranges of cluster ids, so a request's clusters fall into 1 .. P of them
+            group_of = (np.arange(L) * -segs // L) if segs < 0 else None
+            info = write_collection(client, name, vecs, labs, max(segs, 1), group_of=group_of)
             info.update(scale=scale, written_segments=segs,
                         sizes=np.bincount(labs, minlength=L).astype(np.int64))
             colls.append(info)
@@ -237,9 +274,16 @@ def main(argv=None) -> int:
                     configs.append((info, nq, name, cl))
                 configs.append((info, nq, "all, no filter", None))
 
+        def named_parts(info, cl) -> np.ndarray | None:
+            return None if "group_of" not in info or cl is None else np.unique(info["group_of"][cl])
+
         def run(cfg, qrows) -> float:
             info, nq, _, cl = cfg
             kw = {"filter": cluster_filter(CLUSTER_FIELD, cl)} if cl is not None else {}
+            parts = named_parts(info, cl)
+            if parts is not None:
+                names = group_names_for(len(info["part_rows"]))
+                kw["partition_names"] = [names[p] for p in parts]
             t0 = time.perf_counter()
             client.search(info["collection"], data=queries[qrows].tolist(), limit=10,
                           search_params={"metric_type": "IP"}, **kw)
@@ -264,9 +308,15 @@ def main(argv=None) -> int:
     for (info, nq, name, cl), ms in zip(configs, lat):
         filtered = cl is not None
         rows = float(info["sizes"][cl].sum()) if filtered else float(info["rows"])
-        points.append({"N": info["rows"], "segments": info["segments"], "nq": nq, "set": name,
+        parts = named_parts(info, cl)
+        segments, walked = info["segments"], float(info["rows"])
+        if parts is not None:
+            segments = int(np.asarray(info["part_segments"])[parts].sum())
+            walked = float(info["part_rows"][parts].sum())
+        points.append({"N": info["rows"], "segments": segments, "nq": nq, "set": name,
+                       "parts": 0 if parts is None else len(parts),
                        "k": len(cl) if filtered else 0, "scanned": rows,
-                       "walked": float(info["rows"]) if filtered else 0.0,
+                       "walked": walked if filtered else 0.0,
                        "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
                        "min_ms": float(np.min(ms)), "lat_ms": [round(x, 4) for x in ms]})
     # the model prices filtered requests (what routed search sends in the cluster-id modes);
@@ -294,7 +344,7 @@ def main(argv=None) -> int:
                                     "insert_s", "load_s")} for c in colls],
                 ["collection", "rows", "written_segments", "segments", "segments_after", "insert_s",
                  "load_s"], "collections")
-    print_table(points, ["N", "segments", "nq", "set", "k", "scanned", "median_ms", "p90_ms", "fit_ms",
+    print_table(points, ["N", "segments", "parts", "nq", "set", "k", "scanned", "median_ms", "p90_ms", "fit_ms",
                          "fit_err"], "median ms per request, and the fit")
     print_table([{"term": t, "value": coef[t], "unit": unit} for t, unit in zip(TERMS, (
         "ms per request", "ms per cluster named", "ms per sealed segment searched",
@@ -305,11 +355,13 @@ def main(argv=None) -> int:
     print("  the same fit on each configuration's fastest request (a quieter machine): " +
           ", ".join(f"{t} {v:.3g}" for t, v in coef_min.items()))
     for info in colls:
+        if "group_of" in info:
+            continue
         fixed = coef["request_ms"] + coef["segment_ms"] * info["segments"] + coef["row_walked_ms"] * info["rows"]
         print(f"  N={info['rows']}, {info['segments']} segment(s): a filtered request's fixed cost "
               f"{fixed:.3f} ms, + {coef['query_ms'] + coef['query_row_walked_ms'] * info['rows']:.3f} ms "
               f"per query before scanning")
-    biggest = max(colls, key=lambda c: (c["rows"], -c["segments"]))
+    biggest = max((c for c in colls if "group_of" not in c), key=lambda c: (c["rows"], -c["segments"]))
     plans = planner_rows(model, biggest["sizes"], biggest["segments"], centroids, queries)
     print_table(plans, ["nprobe", "nq", "requests", "extra_clusters", "predicted_ms", "per_set_ms",
                         "saving", "plan_cpu_ms"],
@@ -319,7 +371,7 @@ def main(argv=None) -> int:
     save(name, {"server": label, "server_version": version, "dataset": args.dataset, "dim": dim, "L": L,
                 "rounds": args.rounds, "load_average_before": load_avg, "load_average_after": load_after,
                 "collections": [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in c.items()
-                                 if k != "sizes"} for c in colls],
+                                 if k not in ("sizes", "group_of")} for c in colls],
                 "points": points, "fit": {"median_abs_err": float(np.median(errs)),
                                           "max_abs_err": float(errs.max()), "on": "median_ms",
                                           "coef_on_min_ms": coef_min},

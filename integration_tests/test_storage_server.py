@@ -219,3 +219,54 @@ def test_rows_written_around_a_partition_layout_stay_visible_and_are_repaired(
         routed.delete(lay.collection, ids=[20_000_001])
     finally:
         routed.close()
+
+
+def test_auto_storage_from_logged_queries_follows_the_cost_model(client, milvus_uri, tmp_path,
+                                                                 wordnet_source, wordnet_layout,
+                                                                 fixture_data):
+    """``auto`` with logged queries: the cost model over their co-probes decides; ``grouped``
+    then holds the clusters the queries probe together, and routed searches through it find
+    what the same probes find through ``single`` storage."""
+    from milvus_ltr_router.costs import CostModel
+    from milvus_ltr_router.grouping import centroid_probes, coprobe_groups
+    base = wordnet_layout.layout
+    queries = np.asarray(fixture_data.queries[:1500], dtype=np.float32)
+    walk_is_dear = CostModel(request_ms=1.0, cluster_ms=0.0, segment_ms=0.0, row_walked_ms=1e-3,
+                             query_ms=0.0, row_scanned_ms=1e-6, query_row_walked_ms=0.0)
+    target = f"{base.collection}_auto"
+    report = build_layout(client, wordnet_source, target, storage="auto", groups=4,
+                          clusters_from=base, queries=queries, probe_nprobe=8,
+                          cost_model=walk_is_dear)
+    try:
+        lay = report.layout
+        choice = report.storage_choice
+        assert lay.storage.mode == "grouped" == choice.mode and lay.storage.n_groups == 4
+        assert set(choice.predicted_ms) == {"single", "grouped:4"}
+        # the groups are the co-probe groups of those queries over these clusters
+        expect = coprobe_groups(centroid_probes(queries, base.centroids, base.metric, 8),
+                                np.asarray(base.sizes, dtype=float), 4)
+        index = {p: i for i, p in enumerate(lay.storage.partitions)}
+        got = np.array([index[p] for p in lay.storage.cluster_partitions])
+        assert np.array_equal(got, expect)
+        np.testing.assert_array_equal(cluster_sizes(client, read_layout(client, target)), base.sizes)
+        # routed search through the groups = through single storage, probe for probe
+        held_out = np.asarray(fixture_data.queries[-20:], dtype=np.float32).tolist()
+        routed = RoutedMilvusClient(milvus_uri, model_dir=str(tmp_path / "none"), log_rate=0)
+        try:      # one query a request: a batch plan would merge queries differently per storage
+            a = [routed.search(target, data=[q], limit=10, nprobe=8)[0] for q in held_out]
+            b = [routed.search(base.collection, data=[q], limit=10, nprobe=8)[0] for q in held_out]
+        finally:
+            routed.close()
+        assert [[h["id"] for h in r] for r in a] == [[h["id"] for h in r] for r in b]
+        # segments dear: the same queries keep single storage
+        segments_are_dear = CostModel(request_ms=1.0, cluster_ms=0.0, segment_ms=100.0,
+                                      row_walked_ms=1e-9, query_ms=0.0, row_scanned_ms=1e-6,
+                                      query_row_walked_ms=0.0)
+        drop_layout(client, target)
+        single = build_layout(client, wordnet_source, target, storage="auto", groups=4,
+                              clusters_from=base, queries=queries, probe_nprobe=8,
+                              cost_model=segments_are_dear)
+        assert single.layout.storage.mode == "single" == single.storage_choice.mode
+        assert client.list_partitions(target) == ["_default"]
+    finally:
+        drop_layout(client, target)

@@ -25,8 +25,11 @@ from typing import Iterator
 import numpy as np
 from pymilvus import MilvusClient
 
-from .clustering import (assign_balanced, balanced_capacity, check_algorithm, default_n_clusters,
-                         fit_centroids, refine_centroids, resolve_sample_size)
+from .clustering import (assign_balanced, assign_clusters, balanced_capacity, check_algorithm,
+                         default_n_clusters, fit_centroids, refine_centroids, resolve_sample_size)
+from .costs import resolve_cost_model
+from .errors import InputError
+from .grouping import StorageChoice, centroid_probes, choose_storage, coprobe_groups
 from .columns import Columns, concat_columns, n_rows_of, take_rows
 from .labels import check_metric
 from .keyed_sampling import keyed_sample
@@ -34,6 +37,7 @@ from .layout import (Layout, LayoutError, layout_collection_name, new_layout_id,
                      partition_names_for, point_alias, utc_now, write_layout_meta, write_moments)
 from .milvus_io import SERVER_PARTITION_LIMIT, count_rows, is_milvus_lite
 from .moments import MomentAccumulator
+from .plan import FALLBACK_NPROBE
 from .progress import ProgressCounter
 from .scan import SCAN_ROWS, iter_columns
 from .schema import CollectionInfo, describe
@@ -57,6 +61,7 @@ class BuildReport:
     seconds: dict[str, float]        # read / cluster / refine / assign / write / index_load /
                                      # moments / verify
     switch: dict | None = None       # a layout in use replaced (:mod:`.rebuild`): what was done
+    storage_choice: StorageChoice | None = None   # ``auto`` / ``grouped`` decided from logged queries
 
     @property
     def moment_seconds(self) -> float:
@@ -86,6 +91,7 @@ class _Plan:
     refine_passes: int               # Lloyd passes over the whole source (0 when reused)
     clusters_from: Layout | None
     live: str | None = None          # the laid-out collection read instead of the source
+    storage_asked: str = ""          # the storage mode asked for (``auto`` before resolving)
 
 
 def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int | None = None,
@@ -98,7 +104,8 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
                  spill_dir: str | None = None, refine_passes: int = 0,
                  max_cluster_ratio: float | None = None, readers: int = 2,
                  writers: int = 2, request_bytes: int = WRITE_BYTES, from_source: bool = False,
-                 switch_grace: float = 0.5) -> BuildReport:
+                 switch_grace: float = 0.5, queries: np.ndarray | None = None,
+                 probe_nprobe: int = FALLBACK_NPROBE, cost_model=None) -> BuildReport:
     """Cluster ``source`` into a new collection ``target`` stored by cluster, and store its layout.
 
     The source is read once, column-wise with ``readers`` requests of about
@@ -120,6 +127,15 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
     is pointed at the new collection once it is verified, so applications
     switch atomically.
 
+    ``queries`` (sampled logged query vectors, e.g. :func:`.querylog.sample_queries`) let
+    the build decide from real traffic: each is routed over the new clusters (its top
+    ``probe_nprobe`` centroids), ``grouped`` storage then groups clusters probed together
+    (:func:`.grouping.coprobe_groups`) rather than by centroid geometry, and ``auto`` on a
+    server picks ``single`` or ``grouped`` by the ``cost_model`` (:func:`.grouping.choose_storage`;
+    a :class:`.costs.CostModel`, its JSON path, or None for the default). ``report.storage_choice``
+    says what was decided and the predicted costs. Without queries ``auto`` is ``single`` on a
+    server.
+
     Replacing a layout in use (``overwrite`` of a laid-out ``target``, or an ``alias`` that
     names a laid-out collection now) reads that collection rather than the source (it holds
     what applications wrote through the routed client; ``from_source=True`` reads the
@@ -134,12 +150,13 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
                  clustering_key=clustering_key, clusters_from=clusters_from,
                  refine_passes=refine_passes, max_cluster_ratio=max_cluster_ratio, live=live)
     build_name = staging_name(client, target) if client.has_collection(target) else target
+    traffic = _Traffic.of(queries, probe_nprobe, cost_model, plan.info.dim)
 
     def build() -> BuildReport:
         return _build(client, plan, build_name, seed=seed, max_iter=max_iter, groups=groups,
                       clustering_key=clustering_key, index=index, spill_dir=spill_dir,
                       max_cluster_ratio=max_cluster_ratio, batch_size=batch_size, readers=readers,
-                      writers=writers, request_bytes=request_bytes)
+                      writers=writers, request_bytes=request_bytes, traffic=traffic)
 
     if live is None and build_name == target:
         report = build()
@@ -156,17 +173,20 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
 def _build(client: MilvusClient, plan: _Plan, name: str, *, seed: int, max_iter: int,
            groups: int | None, clustering_key: bool, index: dict | None, spill_dir: str | None,
            max_cluster_ratio: float | None, batch_size: int, readers: int, writers: int,
-           request_bytes: int) -> BuildReport:
+           request_bytes: int, traffic: "_Traffic | None" = None) -> BuildReport:
     """The pipeline (stages 2-6) writing the layout into the new collection ``name``."""
     seconds: dict[str, float] = {}
     spill = RowSpill(spill_dir)
     try:
         sample = _read_source(client, plan, spill, batch_size, readers, seed, seconds)
         centroids, names, clustering_id = _fit_clusters(plan, sample, seed, max_iter, seconds)
-        del sample                  # up to every vector of the source: freed before the passes below
         centroids = _refine(plan, spill, centroids, seconds)
+        choice = None
+        if traffic is not None:
+            choice = _storage_from_traffic(plan, traffic, centroids, sample, groups)
+        del sample                  # up to every vector of the source
         layout = _new_layout(name, plan, centroids, names, clustering_id, groups, seed,
-                             clustering_key)
+                             clustering_key, choice)
         try:
             seconds.update(_write_target(client, plan, layout, spill, name != plan.target, index,
                                          spill_dir, max_cluster_ratio, writers, request_bytes))
@@ -181,7 +201,8 @@ def _build(client: MilvusClient, plan: _Plan, name: str, *, seed: int, max_iter:
         log.info("layout %s: %d rows in %d clusters of %r, storage %s (%d partitions, %d empty clusters)",
                  layout.layout_id, plan.n_rows, plan.n_clusters, name, plan.mode,
                  layout.storage.n_groups, len(empty))
-        return BuildReport(layout=layout, rows=plan.n_rows, empty_partitions=empty, seconds=seconds)
+        return BuildReport(layout=layout, rows=plan.n_rows, empty_partitions=empty, seconds=seconds,
+                           storage_choice=choice)
     finally:
         spill.close()
 
@@ -235,7 +256,7 @@ def _plan(client: MilvusClient, source: str, target: str, *, n_clusters: int | N
     return _Plan(source=source, target=target, info=info, metric=metric, algorithm=algorithm,
                  mode=mode, lite=lite, n_rows=n_rows, n_clusters=n_clusters,
                  sample_size=sample_size, refine_passes=refine_passes, clusters_from=clusters_from,
-                 live=live)
+                 live=live, storage_asked=storage)
 
 
 def _storage_mode(client: MilvusClient, storage: str, lite: bool, clustering_key: bool) -> str:
@@ -350,11 +371,66 @@ def _spilled_vectors(spill: RowSpill, vector_field: str, bar: ProgressCounter) -
 
 
 # --------------------------------------------------------------------------- 4. the layout
+@dataclass(frozen=True)
+class _Traffic:
+    """Logged queries a build decides storage and groups from (see :func:`build_layout`)."""
+    queries: np.ndarray
+    nprobe: int
+    cost_model: object
+
+    @classmethod
+    def of(cls, queries, nprobe: int, cost_model, dim: int) -> "_Traffic | None":
+        if queries is None:
+            return None
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise LayoutError(f"queries must be [n, {dim}] vectors of the collection's dimension, "
+                              f"got shape {q.shape}")
+        q = q[np.isfinite(q).all(axis=1)]
+        if not len(q):
+            return None
+        if not isinstance(nprobe, int) or nprobe < 1:
+            raise LayoutError(f"probe_nprobe must be a positive int, got {nprobe!r}")
+        try:
+            model = resolve_cost_model(cost_model)
+        except InputError as exc:
+            raise LayoutError(str(exc)) from exc
+        return cls(q, nprobe, model)
+
+
+def _storage_from_traffic(plan: _Plan, traffic: _Traffic, centroids: np.ndarray,
+                          sample: np.ndarray | None, groups: int | None) -> StorageChoice | None:
+    """The storage mode and groups the logged queries' co-probes call for: ``auto`` on a
+    server chooses by the cost model, ``grouped`` groups by co-probes; others keep theirs."""
+    auto = plan.storage_asked == "auto" and not plan.lite
+    if not auto and plan.mode != "grouped":
+        return None
+    if sample is not None and len(sample):
+        labels = assign_clusters(sample, centroids, plan.algorithm)
+        sizes = np.bincount(labels, minlength=plan.n_clusters) * (plan.n_rows / len(sample))
+    else:                           # clusters reused: their sizes
+        sizes = np.asarray(plan.clusters_from.sizes, dtype=np.float64)
+    probed = centroid_probes(traffic.queries, centroids, plan.metric, traffic.nprobe)
+    if auto:
+        choice = choose_storage(probed, sizes, traffic.cost_model, dim=plan.info.dim,
+                                candidates=[groups] if groups else None)
+    else:
+        G = groups or default_groups(plan.n_clusters)
+        choice = StorageChoice("grouped", coprobe_groups(probed, sizes, min(G, plan.n_clusters)),
+                               queries=len(probed))
+    plan.mode = choice.mode
+    log.info("%s", choice.summary())
+    return choice
+
+
 def _new_layout(target: str, plan: _Plan, centroids: np.ndarray, names: list[str],
-                clustering_id: str, groups: int | None, seed: int, clustering_key: bool) -> Layout:
+                clustering_id: str, groups: int | None, seed: int, clustering_key: bool,
+                choice: StorageChoice | None = None) -> Layout:
     """The layout of ``target`` before any row is written (sizes zero: assignment counts them)."""
     group_of = None
-    if plan.mode == "grouped":
+    if choice is not None and choice.group_of_cluster is not None:
+        group_of = choice.group_of_cluster
+    elif plan.mode == "grouped":
         n_groups = groups or default_groups(plan.n_clusters)
         try:
             group_of = group_clusters(centroids, n_groups, plan.algorithm, seed=seed)

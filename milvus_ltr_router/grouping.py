@@ -139,6 +139,26 @@ def coprobe_groups(probed, sizes, n_groups: int, *, max_group_ratio: float = 1.5
     return renum[owner]
 
 
+def centroid_probes(queries, centroids, metric: str, nprobe: int) -> np.ndarray:
+    """``[Q, nprobe]`` clusters each query probes under centroid routing (IP and COSINE by
+    inner product, L2 by distance): the co-probes of logged queries over new clusters, which
+    no trained router knows yet."""
+    from .clustering import linear_centroid_scorer
+    q = np.asarray(queries, dtype=np.float32)
+    c = np.asarray(centroids, dtype=np.float32)
+    if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1]:
+        raise InputError(f"queries {q.shape} and centroids {c.shape} must be 2-d of one dimension")
+    if not 1 <= nprobe:
+        raise InputError(f"nprobe must be >= 1, got {nprobe}")
+    nprobe = min(int(nprobe), len(c))
+    if metric.upper() == "COSINE":
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    W, b = linear_centroid_scorer(c, metric)
+    s = q @ W.T + b
+    top = np.argpartition(-s, nprobe - 1, axis=1)[:, :nprobe]
+    return np.sort(top, axis=1)
+
+
 def mean_request_ms(probed, facts: StorageFacts, model: CostModel | None = None) -> float:
     """Predicted mean ms of one single-query request per sampled query under ``facts``."""
     model = model or DEFAULT_COST_MODEL
@@ -173,10 +193,14 @@ class StorageChoice:
         return None if self.group_of_cluster is None else int(self.group_of_cluster.max()) + 1
 
     def summary(self) -> str:
+        what = f"storage {self.mode}" + (f" ({self.n_groups} groups of clusters probed together)"
+                                         if self.n_groups else "")
+        if not self.predicted_ms:
+            return f"{what}, from the probes of {self.queries} logged queries"
         ranked = sorted(self.predicted_ms.items(), key=lambda kv: kv[1])
         shown = ", ".join(f"{k} {v:.3f} ms" for k, v in ranked[:5])
-        return (f"storage {self.mode}" + (f" ({self.n_groups} groups)" if self.n_groups else "")
-                + f" by the cost model over {self.queries} logged queries' probes: {shown}")
+        return (f"{what}, chosen by the cost model over the probes of {self.queries} logged "
+                f"queries (predicted ms a request: {shown})")
 
 
 def choose_storage(probed, sizes, model: CostModel | None = None, *, dim: int,

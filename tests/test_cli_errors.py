@@ -309,3 +309,63 @@ def test_demo_bad_options_exit_2(caplog):
     assert code == EXIT_USAGE and "--nprobe must be >= 1, got 0" in err
     code, err, _ = run(caplog, "demo", "--clusters", "0")
     assert code == EXIT_USAGE and "--clusters must be >= 1, got 0" in err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--log-sample", "0", "--log-sample must be >= 1, got 0"),
+    ("--probe-nprobe", "0", "--probe-nprobe must be >= 1, got 0"),
+    ("--cost-model", "/nonexistent/costs.json", "cannot read the cost model '/nonexistent/costs.json'"),
+])
+def test_build_layout_bad_storage_choice_options_exit_2(caplog, flag, value, message):
+    code, err, _ = run(caplog, "build-layout", "--uri", DEAD, "--source", "a", "--target", "b",
+                       flag, value)
+    assert code == EXIT_USAGE and message in err
+
+
+def test_build_layout_groups_clusters_the_logged_queries_probe_together(lite, caplog, capsys,
+                                                                        fixture_data):
+    """With a query log of the target, ``grouped`` storage groups clusters by the logged
+    queries' co-probes (and says so); with --no-query-log by centroid geometry."""
+    from milvus_ltr_router.grouping import centroid_probes, coprobe_groups
+    from milvus_ltr_router.layout import drop_layout, read_layout
+    from milvus_ltr_router.querylog import ensure_log_collection, write_queries
+    queries = np.asarray(fixture_data.queries[:300], dtype=np.float32)
+    client = MilvusClient(lite)
+    try:
+        ensure_log_collection(client, "grp", queries.shape[1])
+        write_queries(client, "grp", queries)
+    finally:
+        client.close()
+        release_lite(lite)
+    argv = ["build-layout", "--uri", lite, "--source", "src", "--target", "grp", "--storage",
+            "grouped", "--groups", "3", "--clusters", "12", "--probe-nprobe", "4"]
+    capsys.readouterr()
+    code, err, _ = run(caplog, *argv)
+    out = capsys.readouterr().out
+    assert code == 0, err
+    assert "storage grouped (3 groups of clusters probed together), from the probes of 300 " \
+           "logged queries" in out
+    client = MilvusClient(lite)
+    try:
+        lay = read_layout(client, "grp")
+        index = {p: i for i, p in enumerate(lay.storage.partitions)}
+        got = np.array([index[p] for p in lay.storage.cluster_partitions])
+        probed = centroid_probes(queries, lay.centroids, lay.metric, 4)
+        # sizes at build time are estimated from the k-means sample (here: every row)
+        expect = coprobe_groups(probed, np.asarray(lay.sizes, dtype=float), 3)
+        assert np.array_equal(got, expect)
+        drop_layout(client, "grp")
+    finally:
+        client.close()
+        release_lite(lite)
+    code, err, _ = run(caplog, *argv, "--no-query-log")
+    out = capsys.readouterr().out
+    assert code == 0, err
+    assert "logged queries" not in out
+    client = MilvusClient(lite)
+    try:
+        assert read_layout(client, "grp").storage.n_groups == 3
+        drop_layout(client, "grp")
+    finally:
+        client.close()
+        release_lite(lite)

@@ -4,7 +4,7 @@ import pytest
 
 from milvus_ltr_router.costs import CostModel, StorageFacts
 from milvus_ltr_router.errors import InputError
-from milvus_ltr_router.grouping import (choose_storage, coprobe_groups, default_group_candidates,
+from milvus_ltr_router.grouping import (centroid_probes, choose_storage, coprobe_groups, default_group_candidates,
                                         mean_request_ms, rows_per_segment)
 from milvus_ltr_router.storage import group_clusters
 
@@ -138,6 +138,7 @@ def test_choose_storage_follows_the_cost_model():
     assert choice.mode == "grouped" and choice.n_groups in (2, 4)
     assert choice.predicted_ms[f"grouped:{choice.n_groups}"] < choice.predicted_ms["single"]
     assert "grouped" in choice.summary() and f"{len(probed)} logged queries" in choice.summary()
+    assert "cost model" in choice.summary()
     # queries spread over every cluster: groups add segments to each request and save few rows
     rng = np.random.default_rng(0)
     spread = [rng.choice(L, 8, replace=False) for _ in range(200)]
@@ -159,3 +160,15 @@ def test_candidates_and_segments():
     assert default_group_candidates(1000) == [2, 4, 8, 16, 32]
     assert default_group_candidates(3) == [2]
     assert rows_per_segment(256) == 512 * 1024 * 1024 // 1024
+
+
+def test_centroid_probes_rank_by_the_metric():
+    cent = np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0]], dtype=np.float32)
+    q = np.array([[0.9, 0.1], [0.1, 2.0]], dtype=np.float32)
+    # inner product: the big centroid wins for both; L2: the nearest
+    assert centroid_probes(q, cent, "IP", 1).ravel().tolist() == [2, 2]
+    assert centroid_probes(q, cent, "L2", 1).ravel().tolist() == [0, 1]
+    assert centroid_probes(q, cent, "COSINE", 2).tolist() == [[0, 2], [1, 2]]
+    assert centroid_probes(q, cent, "IP", 10).shape == (2, 3)       # clipped to L
+    with pytest.raises(InputError, match="dimension"):
+        centroid_probes(q[:, :1], cent, "IP", 1)

@@ -19,7 +19,21 @@ def build_layout_args(p: argparse.ArgumentParser) -> None:
                         "(servers' default, fastest measured), 'grouped' G partitions + the filter, "
                         "'partition' one partition per cluster (milvus-lite's default)")
     p.add_argument("--groups", type=int,
-                   help="partitions for --storage grouped (default ~cube root of L)")
+                   help="partitions for --storage grouped (default ~cube root of L; with --storage "
+                        "auto and a query log: the only G tried)")
+    p.add_argument("--no-query-log", dest="query_log", action="store_false",
+                   help="decide storage without the query log. By default, when the collection "
+                        "applications search (--alias, else --target) has a query log of at "
+                        "least 100 queries, up to --log-sample of them are routed over the new "
+                        "clusters: 'grouped' then groups clusters probed together, and 'auto' "
+                        "picks 'single' or 'grouped' by the cost model")
+    p.add_argument("--log-sample", type=int, default=5000,
+                   help="logged queries to decide storage from (default 5000)")
+    p.add_argument("--probe-nprobe", type=int, default=16,
+                   help="clusters each logged query is taken to probe (default 16)")
+    p.add_argument("--cost-model", metavar="FILE",
+                   help="JSON of the server's cost model (benchmarks/bench_costs.py output) for "
+                        "--storage auto; default: the packaged one")
     p.add_argument("--clustering-key", action="store_true",
                    help="Milvus >= 2.4.7 only: make the cluster-id field the clustering key and run "
                         "clustering compaction (segment pruning); refused on older servers")
@@ -97,6 +111,13 @@ def check_build_layout_args(args, count_source_rows=None) -> None:
                          f"got {args.max_cluster_ratio}")
     if args.groups is not None and args.groups < 1:
         raise InputError(f"--groups must be >= 1, got {args.groups}")
+    if args.log_sample < 1:
+        raise InputError(f"--log-sample must be >= 1, got {args.log_sample}")
+    if args.probe_nprobe < 1:
+        raise InputError(f"--probe-nprobe must be >= 1, got {args.probe_nprobe}")
+    if args.cost_model is not None:
+        from ..costs import resolve_cost_model
+        resolve_cost_model(args.cost_model)         # InputError naming the file
     try:
         params = json.loads(args.index_params)
     except ValueError as exc:
@@ -143,6 +164,7 @@ def run_build_layout(args) -> int:
                 raise InputError("--keep-clusters needs a layout in use to keep: --overwrite of a "
                                  "laid-out --target, or an --alias naming one")
             clusters_from = read_layout(client, live)
+        queries = _logged_queries(client, args) if args.query_log else None
         report = build_layout(client, args.source, args.target, n_clusters=args.clusters,
                               algorithm=args.algorithm, sample_size=args.sample_size, seed=args.seed,
                               metric=args.metric, vector_field=args.field, index=index,
@@ -151,13 +173,17 @@ def run_build_layout(args) -> int:
                               groups=args.groups, clustering_key=args.clustering_key,
                               refine_passes=args.refine_passes,
                               max_cluster_ratio=args.max_cluster_ratio,
-                              from_source=args.from_source, clusters_from=clusters_from)
+                              from_source=args.from_source, clusters_from=clusters_from,
+                              queries=queries, probe_nprobe=args.probe_nprobe,
+                              cost_model=args.cost_model)
     lay = report.layout
     read = (report.switch or {}).get("live") or args.source
     print(f"layout {lay.layout_id}: {report.rows} rows of {read!r} -> {lay.n_clusters} "
           f"clusters of {lay.collection!r} ({lay.algorithm}, {lay.metric}); storage "
           f"{lay.storage.mode} ({lay.storage.n_groups} partition(s)); "
           f"{len(report.empty_partitions)} empty clusters")
+    if report.storage_choice is not None:
+        print(report.storage_choice.summary())
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
     sw = report.switch
     if sw:
@@ -166,6 +192,21 @@ def run_build_layout(args) -> int:
               f"deleted; aliases moved: {', '.join(sw['aliases_moved']) or 'none'}; old "
               f"collection {sw['replaced'] or 'kept'}")
     return EXIT_OK
+
+
+MIN_LOGGED_QUERIES = 100
+
+
+def _logged_queries(client, args):
+    """Up to ``--log-sample`` logged queries of the collection applications search (the
+    alias, else the target), or None when its log holds fewer than :data:`MIN_LOGGED_QUERIES`."""
+    from ..querylog import log_collection_name, log_size, sample_queries
+    for name in (args.alias, args.target):
+        if name and client.has_collection(log_collection_name(name)):
+            if log_size(client, name) < MIN_LOGGED_QUERIES:
+                return None
+            return sample_queries(client, name, args.log_sample)
+    return None
 
 
 BUILD_LAYOUT = Command(
