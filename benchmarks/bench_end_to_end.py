@@ -126,7 +126,13 @@ def coverage_curve(router, queries: np.ndarray, neighbour_parts: np.ndarray,
 
 
 def storage_label(mode: str) -> str:
-    return {"partition": "partition/cluster", "grouped": "grouped+filter", "single": "cid filter"}[mode]
+    return {"partition": "partition/cluster", "grouped": "grouped+filter", "single": "cid filter",
+            GEOMETRIC: "grouped by centroids+filter"}.get(mode, mode)
+
+
+# --storage choice of this benchmark only: grouped storage whose groups come from centroid
+# geometry even with --coprobe-groups (to time both groupings side by side)
+GEOMETRIC = "grouped-centroids"
 
 
 def throughput(configs: list[tuple[str, str, object]], queries: np.ndarray, clients: int,
@@ -345,10 +351,19 @@ def main(argv=None) -> int:
     parser.add_argument("--unit-norm", action="store_true",
                         help="normalise documents and queries to unit length (cosine data, the "
                              "common production case); exact neighbours recomputed")
-    parser.add_argument("--storage", nargs="+", default=["auto"], choices=STORAGE_CHOICES,
+    parser.add_argument("--storage", nargs="+", default=["auto"],
+                        choices=list(STORAGE_CHOICES) + [GEOMETRIC],
                         help="storage modes to build from the same clusters and time side by side "
                              "(the first also carries centroid and paper routing; default: auto)")
     parser.add_argument("--groups", type=int, default=None, help="G for --storage grouped")
+    parser.add_argument("--coprobe-groups", action="store_true",
+                        help="give build-layout up to 5000 training queries as the query log: "
+                             "'grouped' groups clusters they probe together (nprobe 16) and "
+                             "'auto' chooses by the cost model (--cost-model); "
+                             f"'{GEOMETRIC}' keeps centroid groups for comparison")
+    parser.add_argument("--train-queries", type=int, default=None,
+                        help="train the router on this many of the training queries (default all; "
+                             "labels over 1M rows take ~17 min for all 58k here)")
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries to time")
     parser.add_argument("--nprobes", type=int, nargs="*", default=list(NPROBES),
                         help="nprobe values to sweep for every method")
@@ -408,6 +423,9 @@ def main(argv=None) -> int:
     if args.unit_norm:
         docs, queries = normalize_rows(docs), normalize_rows(queries)
     train_q, test_q = queries[train_idx], queries[test_idx]
+    if args.train_queries is not None and args.train_queries < len(train_q):
+        keep = np.random.default_rng(1).choice(len(train_q), args.train_queries, replace=False)
+        train_q = train_q[np.sort(keep)]
     # row index = primary key: create_vector_collection numbers rows 0..N-1
     if args.unit_norm or args.quick:
         exact = exact_knn(test_q, array_blocks(docs, np.zeros(len(docs), int)), k=10).ids
@@ -425,15 +443,24 @@ def main(argv=None) -> int:
         layouts, first = {}, None
         for mode in dict.fromkeys(args.storage):
             t0 = time.perf_counter()
-            report = build_layout(client, src, f"e2e_{mode}_{tag}", storage=mode, groups=args.groups,
-                                  clusters_from=first)
+            traffic = {}
+            if args.coprobe_groups and mode != GEOMETRIC:
+                traffic = dict(queries=train_q[:5000], probe_nprobe=16, cost_model=args.cost_model)
+            report = build_layout(client, src, f"e2e_{mode.replace('-', '_')}_{tag}",
+                                  storage="grouped" if mode == GEOMETRIC else mode,
+                                  groups=args.groups, clusters_from=first, **traffic)
             first = first or report.layout
             lay = report.layout
             load_s, segments = load_seconds(client, lay.collection)
-            layouts[lay.storage.mode] = lay.collection
-            storage_rows.append({"storage": lay.storage.mode, "collection": lay.collection,
+            key = GEOMETRIC if mode == GEOMETRIC else lay.storage.mode
+            layouts[key] = lay.collection
+            choice = report.storage_choice
+            if choice is not None:
+                log.info("%s: %s", mode, choice.summary())
+            storage_rows.append({"storage": key, "collection": lay.collection,
                                  "partitions": lay.storage.n_groups, "build_s": time.perf_counter() - t0,
-                                 "load_s": load_s, "segments": segments})
+                                 "load_s": load_s, "segments": segments,
+                                 "choice": choice.summary() if choice is not None else ""})
         n_parts = first.n_partitions
         bounded, balance = None, {}
         if args.max_cluster_ratio is not None:      # same centroids, rows assigned under the bound
@@ -589,6 +616,9 @@ def main(argv=None) -> int:
           f"{timings['load_average_after'][0]:.2f} after")
     print_table(storage_rows, ["storage", "partitions", "segments", "build_s", "load_s"],
                 "collections: partitions, loaded segments, build and load seconds")
+    for row in storage_rows:
+        if row.get("choice"):
+            print(f"  {row['storage']}: {row['choice']}")
     print_table(rows, ["method", "param", "recall@10", "qps", "mean_ms", "median_ms", "p99_ms"],
                 "recall@10 vs latency, single-query requests")
     win = [w for t in (0.7, 0.8, 0.9, 0.95) for w in winners(rows, t)]

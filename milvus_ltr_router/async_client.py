@@ -53,6 +53,7 @@ from .routed_calls import WHY, call_requests, check_client_nprobe, check_hybrid_
 from .search_planning import SearchPlanner, SearchTelemetry, layout_reason, passthrough_reason
 from .serving import RoutedParamError, Routing, RoutingTable, routing_status, search_queries
 from .storage import DEFAULT_PARTITION
+from .switch import retrying_alias_miss_async
 from .writes import RoutedDataError, RoutedWrites, WriteError
 
 __all__ = ["AsyncRoutedMilvusClient", "RoutedParamError", "RoutedDataError", "WriteError"]
@@ -368,7 +369,9 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
 
     @staticmethod
     async def _send(plan, run):
-        """The answer to ``plan``: its requests (``run(request)``, coroutines) gathered, merged."""
+        """The answer to ``plan``: its requests (``run(request)``, coroutines) gathered, merged
+        (a request failing with the alias-cache transient of a freeze is sent once more)."""
+        run = retrying_alias_miss_async(run)
         if len(plan.requests) == 1:
             return merge(plan, [await run(plan.requests[0])])
         tasks = [asyncio.ensure_future(run(r)) for r in plan.requests]

@@ -37,6 +37,7 @@ from .routed_calls import WHY, call_requests, check_client_nprobe, check_hybrid_
     hybrid_reason, iterator_request, pins_clusters, plan_hybrid, probe
 from .search_planning import SearchPlanner, SearchTelemetry, layout_reason, passthrough_reason
 from .serving import RoutedParamError, Routing, RoutingTable, routing_status, search_queries
+from .switch import retrying_alias_miss
 from .writes import RoutedDataError, RoutedWrites, WriteError
 
 __all__ = ["RoutedMilvusClient", "RoutedParamError", "RoutedDataError", "WriteError"]
@@ -286,7 +287,9 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
         return result
 
     def _send(self, plan, run):
-        """The answer to ``plan``: ``run(request)`` for each of its requests, merged."""
+        """The answer to ``plan``: ``run(request)`` for each of its requests, merged (a request
+        failing with the alias-cache transient of a freeze is sent once more)."""
+        run = retrying_alias_miss(run)
         requests = plan.requests
         if len(requests) == 1:
             return merge(plan, [run(requests[0])])

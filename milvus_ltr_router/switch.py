@@ -23,6 +23,7 @@ layout check (:mod:`.serving`).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -79,6 +80,47 @@ def collection_missing(exc: BaseException) -> bool:
     of a swap) rather than that Milvus failed."""
     text = str(exc).lower()
     return "not found" in text or "not exist" in text
+
+
+# Milvus 2.3.5's proxy can miss an alias in its meta cache for a moment while a collection's
+# properties are altered (a freeze set or cleared): a search through the alias then fails once
+# with "can't find collection name default:<alias>" and succeeds when sent again.
+ALIAS_RETRY_PAUSE = 0.05
+
+
+def alias_cache_miss(exc: BaseException) -> bool:
+    """Whether ``exc`` is the transient "can't find collection" of a search through an alias."""
+    return "can't find collection" in str(exc).lower()
+
+
+def retrying_alias_miss(run, pause: float = ALIAS_RETRY_PAUSE):
+    """``run`` (a search request) sent once more, after ``pause`` s, when it fails with
+    :func:`alias_cache_miss`; any other failure, or a second miss, is raised."""
+    def attempt(request):
+        try:
+            return run(request)
+        except Exception as exc:
+            if not alias_cache_miss(exc):
+                raise
+            log.info("search failed with %r; sending it again once", str(exc)[:200])
+            time.sleep(pause)
+            return run(request)
+    return attempt
+
+
+def retrying_alias_miss_async(run, pause: float = ALIAS_RETRY_PAUSE):
+    """:func:`retrying_alias_miss` for a ``run`` that returns a coroutine."""
+
+    async def attempt(request):
+        try:
+            return await run(request)
+        except Exception as exc:
+            if not alias_cache_miss(exc):
+                raise
+            log.info("search failed with %r; sending it again once", str(exc)[:200])
+            await asyncio.sleep(pause)
+            return await run(request)
+    return attempt
 
 
 def read_stamp(client: MilvusClient, collection: str) -> Stamp:

@@ -359,3 +359,66 @@ def test_query_log_and_context_manager(lite_docs, fixture_data, tmp_path):
         plain.drop_collection("docs__ltr_querylog")
     finally:
         plain.close()
+
+
+def _failing_once(original, message):
+    """``original`` (a client class's search) failing its first call with ``message``."""
+    from pymilvus.exceptions import MilvusException
+    calls = []
+
+    def search(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MilvusException(message=message)
+        return original(self, *args, **kwargs)
+
+    async def asearch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MilvusException(message=message)
+        return await original(self, *args, **kwargs)
+
+    return (asearch if asyncio.iscoroutinefunction(original) else search), calls
+
+
+ALIAS_MISS = "can't find collection name default:docs_app"
+
+
+def test_the_alias_cache_transient_of_a_freeze_is_sent_again_once(lite_docs, fixture_data, tmp_path,
+                                                                    monkeypatch):
+    """Milvus 2.3.5 can fail one search through an alias while a freeze alters the collection's
+    properties: both clients send that request again once; other failures are raised at once."""
+    from pymilvus import AsyncMilvusClient
+    from pymilvus.exceptions import MilvusException
+    uri, _ = lite_docs
+    queries = fixture_data.queries[:1]
+    sync, aclient = clients(uri, tmp_path)
+    try:
+        expect = ids(sync.search("docs", data=queries, limit=5))
+        fake, calls = _failing_once(MilvusClient.search, ALIAS_MISS)
+        monkeypatch.setattr(MilvusClient, "search", fake)
+        assert ids(sync.search("docs", data=queries, limit=5)) == expect and len(calls) == 2
+        monkeypatch.undo()
+        fake, calls = _failing_once(MilvusClient.search, "collection not loaded")
+        monkeypatch.setattr(MilvusClient, "search", fake)
+        with pytest.raises(MilvusException, match="not loaded"):
+            sync.search("docs", data=queries, limit=5)
+        assert len(calls) == 1
+        monkeypatch.undo()
+
+        async def run():
+            fake, calls = _failing_once(AsyncMilvusClient.search, ALIAS_MISS)
+            monkeypatch.setattr(AsyncMilvusClient, "search", fake)
+            got = ids(await aclient.search("docs", data=queries, limit=5))
+            assert got == expect and len(calls) == 2
+            monkeypatch.undo()
+            fake, calls = _failing_once(AsyncMilvusClient.search, "collection not loaded")
+            monkeypatch.setattr(AsyncMilvusClient, "search", fake)
+            with pytest.raises(MilvusException, match="not loaded"):
+                await aclient.search("docs", data=queries, limit=5)
+            assert len(calls) == 1
+            monkeypatch.undo()
+            await aclient.close()
+        asyncio.run(run())
+    finally:
+        sync.close()
