@@ -216,6 +216,13 @@ def _stop(server, grace: float) -> None:
     server.stop()                      # closes the log files; the process is already reaped
 
 
+# Starts that fail because a port the package picked was taken before the server bound it
+# (its coordinators' ports are probed from fixed defaults such as 53100, inside the kernel's
+# ephemeral range, so an outgoing connection can take one in between): tried again.
+PORT_RACE = "address already in use"
+START_ATTEMPTS = 3
+
+
 def start_embedded_server(base_dir: str | Path, port: int | None = None,
                           extra_config: dict | None = None, timeout: float = 120.0,
                           executable: str | Path | None = None) -> EmbeddedServer:
@@ -224,8 +231,23 @@ def start_embedded_server(base_dir: str | Path, port: int | None = None,
     ``timeout`` bounds the whole wait. ``executable`` runs another binary in
     place of the package's ``milvus`` (tests of the failure path). On failure
     every process the start launched is stopped and :class:`OperationalError`
-    says what failed (see the module docstring).
+    says what failed (see the module docstring). A start that fails only because one of the
+    server's ports was taken meanwhile (:data:`PORT_RACE`) is tried again, up to
+    :data:`START_ATTEMPTS` times.
     """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_once(base_dir, port, extra_config, timeout, executable)
+        except OperationalError as exc:
+            if PORT_RACE not in str(exc) or attempt == START_ATTEMPTS:
+                raise
+            log.warning("embedded Milvus could not bind a port (attempt %d of %d); starting it "
+                        "again", attempt, START_ATTEMPTS)
+            time.sleep(0.5)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _start_once(base_dir, port, extra_config, timeout, executable) -> EmbeddedServer:
     try:
         from milvus import MilvusServer
     except ImportError as exc:
@@ -273,6 +295,15 @@ def start_embedded_server(base_dir: str | Path, port: int | None = None,
                           _start_args={"extra_config": extra_config, "executable": executable})
 
 
+def _port_race(log_dir: Path) -> str:
+    """``" (<the panic line>)"`` when the server's logs say it could not bind a port, else ""."""
+    for path in sorted(Path(log_dir).glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if PORT_RACE in line:
+                return f" ({line.strip()[:200]})"
+    return ""
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
@@ -289,8 +320,9 @@ def _wait_ready(server, uri: str, timeout: float, log_dir: Path) -> None:
     while True:
         code = proc.poll()
         if code is not None:
-            raise OperationalError(f"{what} exited with code {code} before serving at {uri}; "
-                                   f"logs in {log_dir}:\n{log_tail(log_dir, n_lines=8)}")
+            raise OperationalError(f"{what} exited with code {code} before serving at {uri}"
+                                   f"{_port_race(log_dir)}; logs in {log_dir}:\n"
+                                   f"{log_tail(log_dir, n_lines=8)}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise OperationalError(f"{what} did not serve at {uri} within {timeout:g} s "

@@ -116,3 +116,17 @@ def test_process_tree_finds_grandchildren_only_below_the_root(tmp_path):
         from benchmarks.embedded_server import stop_process_tree
         stop_process_tree(proc, grace=2)
     assert not alive(child) and proc.returncode is not None
+
+
+def test_a_start_that_lost_a_port_race_is_tried_again(base_dir, tmp_path):
+    """A server that panics because a port it was given was taken meanwhile is started again
+    (each attempt counted by the stand-in); any other early exit is reported at once."""
+    from benchmarks.embedded_server import START_ATTEMPTS
+    counter = tmp_path / "starts"
+    script = stand_in(tmp_path, f'echo x >> {counter}\n'
+                                'echo "panic: listen tcp :53100: bind: address already in use" >&2\n'
+                                'exit 2\n')
+    with pytest.raises(OperationalError) as err:
+        start_embedded_server(base_dir, timeout=60, executable=script)
+    assert len(counter.read_text().split()) == START_ATTEMPTS
+    assert "bind: address already in use" in str(err.value)
