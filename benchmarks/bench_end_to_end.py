@@ -462,6 +462,14 @@ def main(argv=None) -> int:
                                  "load_s": load_s, "segments": segments,
                                  "choice": choice.summary() if choice is not None else ""})
         n_parts = first.n_partitions
+        if args.coprobe_groups:     # what --storage auto would choose here (decided, not built)
+            from milvus_ltr_router.grouping import centroid_probes, choose_storage
+            from milvus_ltr_router.costs import resolve_cost_model
+            auto = choose_storage(centroid_probes(train_q[:5000], first.centroids, first.metric, 16),
+                                  np.asarray(first.sizes, float), resolve_cost_model(args.cost_model),
+                                  dim=first.dim, candidates=[args.groups] if args.groups else None)
+            storage_rows.append({"storage": "auto (decided, not built)", "partitions": auto.n_groups or 1,
+                                 "choice": auto.summary()})
         bounded, balance = None, {}
         if args.max_cluster_ratio is not None:      # same centroids, rows assigned under the bound
             from milvus_ltr_router.clustering import size_summary
