@@ -27,26 +27,27 @@ from .errors import InputError
 class CostModel:
     """Milliseconds a search request costs on one server (see the module docstring).
 
-    The defaults are the fit of ``python -m benchmarks.bench_costs --dataset large`` (embedded
-    Milvus 2.3.5, FLAT IP, 256-d, 72k-289k rows in 1-4 segments, L 538, ``_ltr_cluster in
-    [...]`` with STL_SORT; 25 interleaved rounds, median per configuration, median |error| of
-    the fit 9%) on a shared 2-core machine at load average 11-13, so absolute times are
-    inflated. The same fit on each configuration's fastest request (a quieter machine) gave
-    request 1.20 ms and row scanned 1.41e-5 ms: about half, in the same ratio, so plans - which
-    depend on ratios - hardly change. Per-row costs grow with the vector dimension (``dim``).
-    Measure your own server with that command and load the result with :meth:`read`.
+    The defaults are the fit of ``python -m benchmarks.bench_costs --dataset large --scales
+    0.25 1 --rounds 12`` (embedded Milvus 2.3.5, FLAT IP, 256-d; 72k-289k rows in 1, 2 and 4
+    segments and as 8 partitions of clusters, L 538, ``_ltr_cluster in [...]`` with STL_SORT;
+    12 interleaved rounds, median per configuration, median |error| of the fit 5.3%) on a
+    2-core machine at load average 1.9-2.2 with the server beside the client. The partitioned
+    copy resolves the per-segment cost (0.10 ms; the earlier default, fitted at load 11-13
+    without it, had none). Per-row costs grow with the vector dimension (``dim``). Measure
+    your own server with that command and load the result with :meth:`read`.
     """
 
-    request_ms: float = 2.29                # fixed, per request
-    cluster_ms: float = 0.0104              # per cluster named (a filter term, a partition)
-    segment_ms: float = 0.0                 # per sealed segment searched (not resolved: 1-4 here)
-    row_walked_ms: float = 1.16e-6          # per row of the segments searched, per filtered request
-    query_ms: float = 0.0489                # per query of a request
-    row_scanned_ms: float = 2.78e-5         # per query and row of the clusters named
-    query_row_walked_ms: float = 2.6e-7     # per query and row walked (bitset tested per query)
+    request_ms: float = 2.88                # fixed, per request
+    cluster_ms: float = 0.0137              # per cluster named (a filter term, a partition)
+    segment_ms: float = 0.102               # per sealed segment searched
+    row_walked_ms: float = 5.62e-7          # per row of the segments searched, per filtered request
+    query_ms: float = 0.0572                # per query of a request
+    row_scanned_ms: float = 1.62e-5         # per query and row of the clusters named
+    query_row_walked_ms: float = 9.44e-8    # per query and row walked (bitset tested per query)
     dim: int | None = 256
-    source: str = ("benchmarks/bench_costs.py --dataset large: Milvus v2.3.5, FLAT IP 256-d, "
-                   "N 72346-289382, L 538, 2026-12-04, load average 11.3")
+    source: str = ("benchmarks/bench_costs.py --dataset large --scales 0.25 1 --rounds 12: Milvus "
+                   "v2.3.5, FLAT IP 256-d, N 72346-289382 (1-4 segments, 8 partitions), L 538, "
+                   "2026-12-04, load average 1.9")
 
     def __post_init__(self):
         for f in fields(self):
