@@ -198,7 +198,8 @@ class StorageChoice:
         if not self.predicted_ms:
             return f"{what}, from the probes of {self.queries} logged queries"
         ranked = sorted(self.predicted_ms.items(), key=lambda kv: kv[1])
-        shown = ", ".join(f"{k} {v:.3f} ms" for k, v in ranked[:5])
+        top = ranked[:4] + [kv for kv in ranked[4:] if kv[0] == "single"]    # single always
+        shown = ", ".join(f"{k} {v:.3f} ms" for k, v in top)
         return (f"{what}, chosen by the cost model over the probes of {self.queries} logged "
                 f"queries (predicted ms a request: {shown})")
 
