@@ -385,7 +385,8 @@ class _Traffic:
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != dim:
             raise LayoutError(f"queries must be [n, {dim}] vectors of the collection's dimension, "
-                              f"got shape {q.shape}")
+                              f"got shape {q.shape} (a query log of another embedding? "
+                              f"build-layout --no-query-log ignores it)")
         q = q[np.isfinite(q).all(axis=1)]
         if not len(q):
             return None
