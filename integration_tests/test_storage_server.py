@@ -270,3 +270,30 @@ def test_auto_storage_from_logged_queries_follows_the_cost_model(client, milvus_
         assert client.list_partitions(target) == ["_default"]
     finally:
         drop_layout(client, target)
+
+
+def test_routed_search_on_an_ivf_indexed_layout_scans_its_clusters_whole(client, milvus_uri,
+                                                                         tmp_path, wordnet_source,
+                                                                         wordnet_layout,
+                                                                         fixture_data):
+    """A layout indexed IVF_FLAT (build-layout --index-type IVF_FLAT) answers routed searches
+    as the FLAT one does: the routed request visits every list (nprobe = nlist) unless the
+    caller sets nprobe itself; Milvus's default nprobe would lose most neighbours."""
+    base = wordnet_layout.layout
+    target = f"{base.collection}_ivf"
+    build_layout(client, wordnet_source, target, clusters_from=base,
+                 index={"index_type": "IVF_FLAT", "params": {"nlist": 64}})
+    held_out = np.asarray(fixture_data.queries[-20:], dtype=np.float32).tolist()
+    routed = RoutedMilvusClient(milvus_uri, model_dir=str(tmp_path / "none"), log_rate=0)
+    try:
+        a = [routed.search(target, data=[q], limit=10, nprobe=8)[0] for q in held_out]
+        b = [routed.search(base.collection, data=[q], limit=10, nprobe=8)[0] for q in held_out]
+        assert [[h["id"] for h in r] for r in a] == [[h["id"] for h in r] for r in b]
+        # the caller's own nprobe is kept: one list of 64 holds few of the probed clusters' rows
+        narrow = [routed.search(target, data=[q], limit=10, nprobe=8,
+                                search_params={"params": {"nprobe": 1}})[0] for q in held_out]
+        same = sum(len({h["id"] for h in x} & {h["id"] for h in y}) for x, y in zip(narrow, b))
+        assert same < 0.9 * 10 * len(held_out)
+    finally:
+        routed.close()
+        drop_layout(client, target)

@@ -44,7 +44,7 @@ from .async_writes import AsyncRoutedWrites
 from .layout import Layout, has_stray_partition
 from .metrics import metrics_recorder
 from .milvus_io import AuditConnection, is_milvus_lite
-from .plan import default_nprobe, merge
+from .plan import default_nprobe, merge, with_search_defaults
 from .querylog import QueryLogger
 from .registry import ModelRegistry
 from .router import BaseRouter
@@ -335,6 +335,7 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
             return await sup.search(collection_name, data, filter, limit, output_fields,
                                     search_params, timeout, partition_names, anns_field, *args,
                                     **kwargs)
+        search_params = with_search_defaults(search_params, self._routing.index_defaults(state.layout))
 
         def run(request):
             return sup.search(collection_name, data=request.take(queries).tolist(),

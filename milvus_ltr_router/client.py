@@ -29,7 +29,7 @@ from .deprecation import moved_names
 from .layout import Layout
 from .metrics import metrics_recorder
 from .milvus_io import AuditConnection, is_milvus_lite
-from .plan import default_nprobe, merge
+from .plan import default_nprobe, merge, with_search_defaults
 from .querylog import QueryLogger
 from .registry import ModelRegistry
 from .router import BaseRouter
@@ -258,6 +258,7 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
             return super().search(collection_name, data, filter, limit, output_fields, search_params,
                                   timeout, partition_names, anns_field, *args, **kwargs)
         sup = super()
+        search_params = with_search_defaults(search_params, self._routing.index_defaults(state.layout))
 
         def run(request):
             return sup.search(collection_name, data=request.take(queries).tolist(),

@@ -80,6 +80,12 @@ def count_rows(client: MilvusClient, collection: str, partition_names: list[str]
     return int(res[0]["count(*)"])
 
 
+def vector_indexes(client: MilvusClient, collection: str, field: str) -> list[dict]:
+    """``describe_index`` of every index on ``field`` of ``collection`` (empty: none)."""
+    names = client.list_indexes(collection, field_name=field) or []
+    return [client.describe_index(collection, n) or {} for n in names]
+
+
 def snapshot_timestamp() -> int:
     """A Milvus hybrid timestamp of now: reads that carry it see every write before it."""
     import time

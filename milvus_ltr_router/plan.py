@@ -151,6 +151,42 @@ def searches_layout_field(anns_field, layout) -> bool:
     return anns_field in (None, "", layout.vector_field)
 
 
+# Vector indexes that search only ``nprobe`` of their own lists: a routed request names whole
+# clusters, so on such an index it must visit every list and let the cluster filter choose.
+LIST_INDEXES = ("IVF_FLAT", "IVF_SQ8", "IVF_PQ", "IVF_SQ8H", "SCANN", "GPU_IVF_FLAT",
+                "GPU_IVF_PQ")
+
+
+def index_search_defaults(index: dict | None) -> dict:
+    """Search params a routed request needs on the laid-out collection's vector index
+    (``describe_index``'s dict; None: unknown) so that it scans its clusters whole: every list
+    of an IVF-family index (``nprobe = nlist``); nothing for FLAT, HNSW and the rest (HNSW
+    answers a filter that keeps few rows by brute force over them)."""
+    if not index or str(index.get("index_type", "")).upper() not in LIST_INDEXES:
+        return {}
+    params = index.get("params") if isinstance(index.get("params"), dict) else {}
+    nlist = index.get("nlist", params.get("nlist"))
+    try:
+        return {"nprobe": int(nlist)} if nlist is not None and int(nlist) > 0 else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def with_search_defaults(search_params: dict | None, defaults: dict) -> dict | None:
+    """The caller's ``search_params`` with ``defaults`` (:func:`index_search_defaults`) added
+    under ``params`` where the caller set none of them (at either level); never modified in
+    place."""
+    if not defaults:
+        return search_params
+    out = dict(search_params or {})
+    params = dict(out.get("params") or {})
+    for key, value in defaults.items():
+        if key not in params and key not in out:
+            params[key] = value
+    out["params"] = params
+    return out
+
+
 @dataclass(frozen=True)
 class SearchRequest:
     """One search to send: the batch's query ``rows`` (indices, in the order the request

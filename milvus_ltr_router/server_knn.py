@@ -40,8 +40,8 @@ def why_not_exact(client: MilvusClient, layout: Layout) -> str | None:
         return (f"layout of {layout.collection!r} stores one partition per cluster: search hits do "
                 f"not say which partition they came from (rebuild with --storage single or grouped)")
     try:
-        names = client.list_indexes(layout.collection, field_name=layout.vector_field) or []
-        types = {client.describe_index(layout.collection, n).get("index_type") for n in names}
+        types = {d.get("index_type") for d in vector_indexes(client, layout.collection,
+                                                             layout.vector_field)}
     except Exception as exc:   # pragma: no cover - server error
         return f"cannot read the vector index of {layout.collection!r}: {exc}"
     if not types:

@@ -31,7 +31,8 @@ from .errors import InputError
 from .layout import Layout, current_layout_id, has_stray_partition, laid_out_name, read_layout
 from .live_recall import RecallAuditor, RecallJob, RecallSampler
 from .metrics import NULL_METRICS, NullMetrics
-from .plan import QueryInputError, query_matrix
+from .milvus_io import vector_indexes
+from .plan import QueryInputError, index_search_defaults, query_matrix
 from .registry import ModelRegistry, retry_delay
 from .repair import stray_rows
 from .router import BaseRouter, CentroidRouter, MomentRouter, Router, RouterError
@@ -160,6 +161,7 @@ class RoutingTable:
         # new layout tells the table at once (:func:`.switch.layout_changed`)
         self.layout_check_interval = min(1.0, reload_interval)
         self._stamped: dict[str, float] = {}               # collection -> last layout check
+        self._index_defaults: dict[tuple[str, str], dict] = {}   # (collection, layout id) -> params
         register_table(client, self)
 
     def state(self, collection: str) -> Routing | None:
@@ -233,6 +235,7 @@ class RoutingTable:
             layout = old.layout
         else:
             layout = read_layout(self.client, collection)
+        self._read_index_defaults(layout)
         try:
             stamp = self.registry.pointer_stamp(layout.collection)
         except Exception as exc:        # model dir is a file, unreadable...: load_router reports it
@@ -241,6 +244,25 @@ class RoutingTable:
                 (not old.failures or time.monotonic() < old.retry_at):
             return old                  # unchanged; an error state is re-read after its backoff
         return self.load_router(layout, stamp, old)
+
+    def _read_index_defaults(self, layout: Layout) -> None:
+        """Read (once per layout) what routed requests need on its vector index
+        (:func:`.plan.index_search_defaults`); an unreadable index counts as needing nothing."""
+        key = (layout.collection, layout.layout_id)
+        if key in self._index_defaults:
+            return
+        try:
+            found = [index_search_defaults(d) for d in
+                     vector_indexes(self.client, layout.collection, layout.vector_field)]
+        except Exception as exc:        # pragma: no cover - server error: the search reports it
+            log.warning("cannot read the vector index of %r: %s", layout.collection, exc)
+            found = []
+        self._index_defaults[key] = next((d for d in found if d), {})
+
+    def index_defaults(self, layout: Layout) -> dict:
+        """Search params every routed request of ``layout`` needs on its vector index (read
+        when the layout is; never I/O here): ``{"nprobe": nlist}`` on an IVF-family index."""
+        return self._index_defaults.get((layout.collection, layout.layout_id), {})
 
     def _stored_layout_id(self, name: str) -> str | None:
         """The id of the layout stored in ``name``: its stamp, else its metadata row."""

@@ -364,3 +364,20 @@ def test_locate_keys_moved_from_client_with_a_warning():
     with pytest.warns(DeprecationWarning, match="import it from milvus_ltr_router.placement"):
         from milvus_ltr_router.client import locate_keys as old
     assert old is placement.locate_keys
+
+
+def test_ivf_indexes_get_every_list_and_the_callers_params_win():
+    from milvus_ltr_router.plan import index_search_defaults, with_search_defaults
+    assert index_search_defaults({"index_type": "IVF_FLAT", "nlist": "343"}) == {"nprobe": 343}
+    assert index_search_defaults({"index_type": "IVF_SQ8", "params": {"nlist": 64}}) == {"nprobe": 64}
+    for other in ({"index_type": "FLAT"}, {"index_type": "HNSW", "M": 16}, None, {},
+                  {"index_type": "IVF_FLAT"}, {"index_type": "IVF_FLAT", "nlist": "x"}):
+        assert index_search_defaults(other) == {}
+    assert with_search_defaults(None, {"nprobe": 8}) == {"params": {"nprobe": 8}}
+    caller = {"metric_type": "IP", "params": {"radius": 0.5}}
+    assert with_search_defaults(caller, {"nprobe": 8}) == \
+        {"metric_type": "IP", "params": {"radius": 0.5, "nprobe": 8}}
+    assert caller == {"metric_type": "IP", "params": {"radius": 0.5}}        # not modified
+    assert with_search_defaults({"params": {"nprobe": 2}}, {"nprobe": 8}) == {"params": {"nprobe": 2}}
+    assert with_search_defaults({"nprobe": 2}, {"nprobe": 8}) == {"nprobe": 2, "params": {}}
+    assert with_search_defaults(caller, {}) is caller

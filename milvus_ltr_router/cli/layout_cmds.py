@@ -60,7 +60,8 @@ def build_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the k-means sample and clustering")
     p.add_argument("--index-type", default="FLAT",
                    help="vector index of the laid-out collection (default FLAT: exact scans of the "
-                        "probed clusters, and what --labels milvus needs)")
+                        "probed clusters, and what --labels milvus needs). On an IVF index routed "
+                        "searches visit every list (nprobe = nlist) unless they set nprobe")
     p.add_argument("--index-params", default="{}",
                    help='index params as a JSON object, e.g. \'{"nlist": 16}\'')
     p.add_argument("--alias", help="point this alias at the new collection when done "
