@@ -223,6 +223,10 @@ PORT_RACE = "address already in use"
 START_ATTEMPTS = 3
 
 
+class PortRaceError(OperationalError):
+    """The server exited at start because a port it was given was taken meanwhile."""
+
+
 def start_embedded_server(base_dir: str | Path, port: int | None = None,
                           extra_config: dict | None = None, timeout: float = 120.0,
                           executable: str | Path | None = None) -> EmbeddedServer:
@@ -235,11 +239,13 @@ def start_embedded_server(base_dir: str | Path, port: int | None = None,
     server's ports was taken meanwhile (:data:`PORT_RACE`) is tried again, up to
     :data:`START_ATTEMPTS` times.
     """
+    deadline = time.monotonic() + timeout          # all attempts together
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            return _start_once(base_dir, port, extra_config, timeout, executable)
-        except OperationalError as exc:
-            if PORT_RACE not in str(exc) or attempt == START_ATTEMPTS:
+            return _start_once(base_dir, port, extra_config, max(1.0, deadline - time.monotonic()),
+                               executable)
+        except PortRaceError:
+            if attempt == START_ATTEMPTS or time.monotonic() >= deadline:
                 raise
             log.warning("embedded Milvus could not bind a port (attempt %d of %d); starting it "
                         "again", attempt, START_ATTEMPTS)
@@ -295,9 +301,17 @@ def _start_once(base_dir, port, extra_config, timeout, executable) -> EmbeddedSe
                           _start_args={"extra_config": extra_config, "executable": executable})
 
 
+# the package rewrites these two at every start (the process's own output, where a Go panic
+# goes); the other logs are appended to across starts
+START_LOGS = ("milvus-stderr.log", "milvus-stdout.log")
+
+
 def _port_race(log_dir: Path) -> str:
-    """``" (<the panic line>)"`` when the server's logs say it could not bind a port, else ""."""
-    for path in sorted(Path(log_dir).glob("*.log")):
+    """``" (<the panic line>)"`` when this start's output says a port could not be bound."""
+    for name in START_LOGS:
+        path = Path(log_dir) / name
+        if not path.exists():
+            continue
         for line in path.read_text(errors="replace").splitlines():
             if PORT_RACE in line:
                 return f" ({line.strip()[:200]})"
@@ -320,9 +334,10 @@ def _wait_ready(server, uri: str, timeout: float, log_dir: Path) -> None:
     while True:
         code = proc.poll()
         if code is not None:
-            raise OperationalError(f"{what} exited with code {code} before serving at {uri}"
-                                   f"{_port_race(log_dir)}; logs in {log_dir}:\n"
-                                   f"{log_tail(log_dir, n_lines=8)}")
+            race = _port_race(log_dir)
+            raise (PortRaceError if race else OperationalError)(
+                f"{what} exited with code {code} before serving at {uri}{race}; logs in "
+                f"{log_dir}:\n{log_tail(log_dir, n_lines=8)}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise OperationalError(f"{what} did not serve at {uri} within {timeout:g} s "

@@ -419,10 +419,11 @@ class AsyncRoutedMilvusClient(RoutedClientSettings, AsyncMilvusClient):
             route = plan_hybrid(state, reqs, probed, routed, n, limit,
                                 await self._stray_partition(state))
             calls = {id(r): c for r, c in zip(route.plan.requests, route.calls)}
+            defaults = self._routing.index_defaults(state.layout)
 
             def run(request):
                 call = calls[id(request)]
-                return sup.hybrid_search(collection_name, call_requests(reqs, call, n), ranker,
+                return sup.hybrid_search(collection_name, call_requests(reqs, call, n, defaults), ranker,
                                          limit, output_fields, timeout, call.partition_names,
                                          **kwargs)
             sent = time.perf_counter()

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -150,7 +151,8 @@ def build_layout(client: MilvusClient, source: str, target: str, n_clusters: int
                  clustering_key=clustering_key, clusters_from=clusters_from,
                  refine_passes=refine_passes, max_cluster_ratio=max_cluster_ratio, live=live)
     build_name = staging_name(client, target) if client.has_collection(target) else target
-    traffic = _Traffic.of(queries, probe_nprobe, cost_model, plan.info.dim)
+    traffic = _Traffic.of(queries, probe_nprobe, cost_model, plan.info.dim) \
+        if decides_from_traffic(plan.storage_asked, plan.lite) else None
 
     def build() -> BuildReport:
         return _build(client, plan, build_name, seed=seed, max_iter=max_iter, groups=groups,
@@ -180,11 +182,13 @@ def _build(client: MilvusClient, plan: _Plan, name: str, *, seed: int, max_iter:
     try:
         sample = _read_source(client, plan, spill, batch_size, readers, seed, seconds)
         centroids, names, clustering_id = _fit_clusters(plan, sample, seed, max_iter, seconds)
+        if traffic is None:
+            del sample              # up to every vector of the source: freed before the passes
         centroids = _refine(plan, spill, centroids, seconds)
         choice = None
         if traffic is not None:
             choice = _storage_from_traffic(plan, traffic, centroids, sample, groups)
-        del sample                  # up to every vector of the source
+            del sample
         layout = _new_layout(name, plan, centroids, names, clustering_id, groups, seed,
                              clustering_key, choice)
         try:
@@ -371,6 +375,12 @@ def _spilled_vectors(spill: RowSpill, vector_field: str, bar: ProgressCounter) -
 
 
 # --------------------------------------------------------------------------- 4. the layout
+def decides_from_traffic(storage: str, lite: bool) -> bool:
+    """Whether logged queries decide anything for this storage mode: the groups of
+    ``grouped``, and ``auto``'s choice on a server (on milvus-lite ``auto`` is ``partition``)."""
+    return storage == "grouped" or (storage == "auto" and not lite)
+
+
 @dataclass(frozen=True)
 class _Traffic:
     """Logged queries a build decides storage and groups from (see :func:`build_layout`)."""
@@ -390,13 +400,13 @@ class _Traffic:
         q = q[np.isfinite(q).all(axis=1)]
         if not len(q):
             return None
-        if not isinstance(nprobe, int) or nprobe < 1:
+        if isinstance(nprobe, bool) or not isinstance(nprobe, numbers.Integral) or nprobe < 1:
             raise LayoutError(f"probe_nprobe must be a positive int, got {nprobe!r}")
         try:
             model = resolve_cost_model(cost_model)
         except InputError as exc:
             raise LayoutError(str(exc)) from exc
-        return cls(q, nprobe, model)
+        return cls(q, int(nprobe), model)
 
 
 def _storage_from_traffic(plan: _Plan, traffic: _Traffic, centroids: np.ndarray,
@@ -414,7 +424,7 @@ def _storage_from_traffic(plan: _Plan, traffic: _Traffic, centroids: np.ndarray,
     probed = centroid_probes(traffic.queries, centroids, plan.metric, traffic.nprobe)
     if auto:
         choice = choose_storage(probed, sizes, traffic.cost_model, dim=plan.info.dim,
-                                candidates=[groups] if groups else None)
+                                candidates=[min(groups, plan.n_clusters)] if groups else None)
     else:
         G = groups or default_groups(plan.n_clusters)
         choice = StorageChoice("grouped", coprobe_groups(probed, sizes, min(G, plan.n_clusters)),

@@ -353,10 +353,11 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
             route = plan_hybrid(state, reqs, probed, routed, n, limit,
                                 self._routing.stray_partition(state))
             calls = {id(r): c for r, c in zip(route.plan.requests, route.calls)}
+            defaults = self._routing.index_defaults(state.layout)
 
             def run(request):
                 call = calls[id(request)]
-                return sup.hybrid_search(collection_name, call_requests(reqs, call, n), ranker,
+                return sup.hybrid_search(collection_name, call_requests(reqs, call, n, defaults), ranker,
                                          limit, output_fields, timeout, call.partition_names,
                                          **kwargs)
             sent = time.perf_counter()
@@ -407,6 +408,9 @@ class RoutedMilvusClient(RoutedClientSettings, MilvusClient):
         request = iterator_request(state, clusters, filter_text,
                                    self._routing.stray_partition(state))
         params.update(filter=request.filter, partition_names=request.partition_names)
+        defaults = self._routing.index_defaults(state.layout)
+        if defaults:
+            params["search_params"] = with_search_defaults(params.get("search_params"), defaults)
         iterator = MilvusClient.search_iterator(*bound.args, **bound.kwargs)
         # the search time recorded is the iterator's making (its first request), not its pages'
         self._telemetry.routed(state, [clusters], routed - started, time.perf_counter() - routed)

@@ -55,7 +55,8 @@ def coprobe_groups(probed, sizes, n_groups: int, *, max_group_ratio: float = 1.5
     are one, so the merge adds ``(n_g - n_gh) * r_h + (n_h - n_gh) * r_g`` (``n``: queries
     touching a group or both, ``r``: rows). No group grows past ``max_group_ratio`` times the
     mean group size while a merge within it remains (then the cap rises by 10% at a time).
-    Clusters no query probes cost nothing to merge and fill groups up. Deterministic (ties go
+    A cluster no query probes adds nothing to the rows its own queries walk, only its rows to
+    the queries of the group it joins, so such clusters go to rarely probed groups first. Deterministic (ties go
     to the lower pair); group ids follow the first cluster of each group. Work is O(L^2) per
     merge (about a second at L = 1000).
     """
@@ -205,7 +206,7 @@ class StorageChoice:
 
 
 def choose_storage(probed, sizes, model: CostModel | None = None, *, dim: int,
-                   candidates: list[int] | None = None, extra_rows: int = 0,
+                   candidates: list[int] | None = None,
                    max_group_ratio: float = 1.5) -> StorageChoice:
     """``single`` or ``grouped`` (with co-probe groups), whichever the cost model predicts
     cheapest for the sampled queries' single-query requests.
@@ -219,8 +220,7 @@ def choose_storage(probed, sizes, model: CostModel | None = None, *, dim: int,
     X, r = _check(probed, sizes)
     r = r.copy()                # StorageFacts freezes the arrays it holds
     rps = rows_per_segment(dim)
-    predicted = {"single": mean_request_ms(X, StorageFacts.single(r, rows_per_segment=rps,
-                                                                  extra_rows=extra_rows), model)}
+    predicted = {"single": mean_request_ms(X, StorageFacts.single(r, rows_per_segment=rps), model)}
     best = ("single", None, predicted["single"])
     for G in (candidates or default_group_candidates(len(r))):
         if not 2 <= G <= len(r):

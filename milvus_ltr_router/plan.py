@@ -153,8 +153,8 @@ def searches_layout_field(anns_field, layout) -> bool:
 
 # Vector indexes that search only ``nprobe`` of their own lists: a routed request names whole
 # clusters, so on such an index it must visit every list and let the cluster filter choose.
-LIST_INDEXES = ("IVF_FLAT", "IVF_SQ8", "IVF_PQ", "IVF_SQ8H", "SCANN", "GPU_IVF_FLAT",
-                "GPU_IVF_PQ")
+LIST_INDEXES = ("IVF_FLAT", "IVF_SQ8", "IVF_PQ", "IVF_SQ8H", "IVF_RABITQ", "SCANN",
+                "BIN_IVF_FLAT", "GPU_IVF_FLAT", "GPU_IVF_PQ")
 
 
 def index_search_defaults(index: dict | None) -> dict:

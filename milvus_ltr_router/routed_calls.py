@@ -28,7 +28,7 @@ from pymilvus.exceptions import MilvusException
 
 from .errors import UnsupportedServerError
 from .plan import QueryInputError, SearchPlan, SearchRequest, check_nprobe, probe_clusters, \
-    search_request
+    search_request, with_search_defaults
 from .serving import RoutedParamError, Routing, search_queries
 from .storage import server_version
 
@@ -204,8 +204,10 @@ def hybrid_queries(state: Routing, reqs, routed: Sequence[int]) -> dict:
     return queries
 
 
-def call_requests(reqs, call: HybridCall, n_queries: int) -> list:
-    """The caller's requests as ``call`` sends them: its rows of each, routed filters set."""
+def call_requests(reqs, call: HybridCall, n_queries: int, index_defaults: dict | None = None) -> list:
+    """The caller's requests as ``call`` sends them: its rows of each, routed filters set, and
+    on the routed ones the params the layout's vector index needs (``index_defaults``:
+    :func:`.plan.index_search_defaults`, where the caller set none)."""
     out = []
     for req, new_filter in zip(reqs, call.filters):
         data = take_rows(req.data, call.rows, n_queries)
@@ -216,6 +218,7 @@ def call_requests(reqs, call: HybridCall, n_queries: int) -> list:
         req._data = data
         if new_filter is not None:
             req._expr = new_filter
+            req._param = with_search_defaults(req._param, index_defaults or {})
         out.append(req)
     return out
 

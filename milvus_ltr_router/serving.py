@@ -225,6 +225,7 @@ class RoutingTable:
         with self._lock:
             self._routing.pop(collection, None)
             self._strays.clear()
+            self._index_defaults.clear()
 
     def _refresh(self, collection: str, old: Routing | None) -> Routing | None:
         name = laid_out_name(self.client, collection)      # one alias resolution per check
@@ -254,9 +255,10 @@ class RoutingTable:
         try:
             found = [index_search_defaults(d) for d in
                      vector_indexes(self.client, layout.collection, layout.vector_field)]
-        except Exception as exc:        # pragma: no cover - server error: the search reports it
-            log.warning("cannot read the vector index of %r: %s", layout.collection, exc)
-            found = []
+        except Exception as exc:        # pragma: no cover - server error: read again next check
+            log.warning("cannot read the vector index of %r (routed requests keep the caller's "
+                        "search params until it is read): %s", layout.collection, exc)
+            return
         self._index_defaults[key] = next((d for d in found if d), {})
 
     def index_defaults(self, layout: Layout) -> dict:

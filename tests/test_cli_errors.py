@@ -369,3 +369,24 @@ def test_build_layout_groups_clusters_the_logged_queries_probe_together(lite, ca
     finally:
         client.close()
         release_lite(lite)
+
+
+def test_logged_queries_of_another_dimension_fail_only_where_they_decide(lite):
+    """Queries of another embedding are refused, naming --no-query-log, where they would decide
+    the storage (grouped); where they decide nothing (partition storage) they are not read."""
+    from milvus_ltr_router.build import build_layout
+    from milvus_ltr_router.layout import drop_layout
+    wrong = np.ones((50, 8), dtype=np.float32)
+    client = MilvusClient(lite)
+    try:
+        with pytest.raises(LayoutError, match="no-query-log") as err:
+            build_layout(client, "src", "dims", n_clusters=4, storage="grouped", groups=2,
+                         queries=wrong)
+        assert "[n, 384]" in str(err.value) and not client.has_collection("dims")
+        report = build_layout(client, "src", "dims", n_clusters=4, storage="partition",
+                              queries=wrong)
+        assert report.storage_choice is None and report.layout.storage.mode == "partition"
+        drop_layout(client, "dims")
+    finally:
+        client.close()
+        release_lite(lite)

@@ -130,3 +130,18 @@ def test_a_start_that_lost_a_port_race_is_tried_again(base_dir, tmp_path):
         start_embedded_server(base_dir, timeout=60, executable=script)
     assert len(counter.read_text().split()) == START_ATTEMPTS
     assert "bind: address already in use" in str(err.value)
+
+
+def test_an_old_port_panic_in_the_logs_does_not_make_a_failure_a_port_race(base_dir, tmp_path):
+    """Only what this start logged counts: a bind panic left in an appended log by an earlier
+    start does not get an unrelated failure retried."""
+    logs = Path(base_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / "milvus.log").write_text("panic: listen tcp :53100: bind: address already in use\n")
+    counter = tmp_path / "starts"
+    script = stand_in(tmp_path, f'echo x >> {counter}\necho "stand-in milvus: bad config" >&2\n'
+                                'exit 7\n')
+    with pytest.raises(OperationalError) as err:
+        start_embedded_server(base_dir, timeout=60, executable=script)
+    assert len(counter.read_text().split()) == 1
+    assert "address already in use" not in str(err.value).split(";")[0]

@@ -165,7 +165,11 @@ def run_build_layout(args) -> int:
                 raise InputError("--keep-clusters needs a layout in use to keep: --overwrite of a "
                                  "laid-out --target, or an --alias naming one")
             clusters_from = read_layout(client, live)
-        queries = _logged_queries(client, args) if args.query_log else None
+        from ..build import decides_from_traffic
+        from ..milvus_io import is_milvus_lite
+        queries = None
+        if args.query_log and decides_from_traffic(args.storage, is_milvus_lite(client)):
+            queries = _logged_queries(client, args)
         report = build_layout(client, args.source, args.target, n_clusters=args.clusters,
                               algorithm=args.algorithm, sample_size=args.sample_size, seed=args.seed,
                               metric=args.metric, vector_field=args.field, index=index,
