@@ -20,6 +20,7 @@ from pymilvus import MilvusClient
 from .errors import InputError, OperationalError
 from .labels import Neighbours, check_metric
 from .layout import Layout
+from .milvus_io import vector_indexes
 from .progress import ProgressCounter
 
 log = logging.getLogger(__name__)
