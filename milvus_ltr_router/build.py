@@ -410,12 +410,11 @@ class _Traffic:
 
 
 def _storage_from_traffic(plan: _Plan, traffic: _Traffic, centroids: np.ndarray,
-                          sample: np.ndarray | None, groups: int | None) -> StorageChoice | None:
-    """The storage mode and groups the logged queries' co-probes call for: ``auto`` on a
-    server chooses by the cost model, ``grouped`` groups by co-probes; others keep theirs."""
-    auto = plan.storage_asked == "auto" and not plan.lite
-    if not auto and plan.mode != "grouped":
-        return None
+                          sample: np.ndarray | None, groups: int | None) -> StorageChoice:
+    """The storage mode and groups the logged queries' co-probes call for (only asked where
+    :func:`decides_from_traffic`): ``auto`` on a server chooses by the cost model, ``grouped``
+    groups by co-probes."""
+    auto = plan.storage_asked == "auto"
     if sample is not None and len(sample):
         labels = assign_clusters(sample, centroids, plan.algorithm)
         sizes = np.bincount(labels, minlength=plan.n_clusters) * (plan.n_rows / len(sample))

@@ -22,6 +22,7 @@ import numpy as np
 from .batching import probe_matrix
 from .costs import DEFAULT_COST_MODEL, CostModel, StorageFacts
 from .errors import InputError
+from .storage import renumber_by_first_use
 
 # Milvus seals a segment at dataCoord.segment.maxSize (512 MB by default on 2.3-2.5): the rows of
 # one sealed segment are about that many bytes of float32 vectors.
@@ -74,10 +75,16 @@ def coprobe_groups(probed, sizes, n_groups: int, *, max_group_ratio: float = 1.5
     owner = np.arange(L)                           # the group each cluster is in (its id: a cluster)
     cap = max_group_ratio * max(r.sum(), 1.0) / n_groups
 
-    # M[g, h]: rows walked added by merging g and h (inf: itself, a dead group, over the cap)
-    M = (n[:, None] - co) * r[None, :] + (n[None, :] - co) * r[:, None]
-    M[(r[:, None] + r[None, :]) > cap] = np.inf
-    np.fill_diagonal(M, np.inf)
+    def added_rows() -> np.ndarray:
+        # [g, h]: rows walked added by merging g and h (inf: itself, a dead group, over the cap)
+        M = (n[:, None] - co) * r[None, :] + (n[None, :] - co) * r[:, None]
+        M[(r[:, None] + r[None, :]) > cap] = np.inf
+        M[~alive, :] = np.inf
+        M[:, ~alive] = np.inf
+        np.fill_diagonal(M, np.inf)
+        return M
+
+    M = added_rows()
     row_arg = np.argmin(M, axis=1)
     row_min = M[np.arange(L), row_arg]
 
@@ -90,11 +97,7 @@ def coprobe_groups(probed, sizes, n_groups: int, *, max_group_ratio: float = 1.5
         if not np.isfinite(row_min[g]):            # every pair is over the cap: raise it
             while not np.isfinite(row_min[g]):
                 cap *= 1.1
-                M = (n[:, None] - co) * r[None, :] + (n[None, :] - co) * r[:, None]
-                M[(r[:, None] + r[None, :]) > cap] = np.inf
-                M[~alive, :] = np.inf
-                M[:, ~alive] = np.inf
-                np.fill_diagonal(M, np.inf)
+                M = added_rows()
                 row_arg[:] = np.argmin(M, axis=1)
                 row_min[:] = M[np.arange(L), row_arg]
                 g = int(np.argmin(row_min))
@@ -132,12 +135,7 @@ def coprobe_groups(probed, sizes, n_groups: int, *, max_group_ratio: float = 1.5
         for x in stale:
             if x != g:
                 refresh(int(x))
-    # renumber: group ids in order of each group's first cluster
-    _, first = np.unique(owner, return_index=True)
-    order = owner[np.sort(first)]
-    renum = np.empty(L, dtype=np.int64)
-    renum[order] = np.arange(len(order))
-    return renum[owner]
+    return renumber_by_first_use(owner)
 
 
 def centroid_probes(queries, centroids, metric: str, nprobe: int) -> np.ndarray:

@@ -163,7 +163,13 @@ def group_clusters(centroids: np.ndarray, n_groups: int, algorithm: str, seed: i
         return np.zeros(n, dtype=np.int64)
     groups = fit_centroids(np.asarray(centroids, np.float32), n_groups, algorithm, seed=seed)
     of = assign_clusters(np.asarray(centroids, np.float32), groups, algorithm).astype(np.int64)
-    # renumber so that group ids follow first use in cluster order, and drop empty groups
+    return renumber_by_first_use(of)
+
+
+def renumber_by_first_use(of: np.ndarray) -> np.ndarray:
+    """Group labels (any ints >= 0) renumbered 0, 1, ... in order of each group's first cluster;
+    labels no cluster uses disappear."""
+    of = np.asarray(of, dtype=np.int64)
     _, first = np.unique(of, return_index=True)
     rank = np.empty(of.max() + 1, dtype=np.int64)
     rank[of[np.sort(first)]] = np.arange(len(first))
